@@ -1,0 +1,1 @@
+"""What the router, the agent and the dashboard share: config loading, errors, metrics parsing."""
