@@ -132,7 +132,7 @@ def run_sim(
 ) -> Iterator[Sim]:
     """Start `mvllm sim serve MODEL` on a free port and wait until /health answers 200."""
     port = port or free_port()
-    log = tmp_path / f"sim-{model}-{port}.log"
+    log = tmp_path / f"sim-{model.replace('/', '_')}-{port}.log"  # HF ids contain a slash
     proc = Proc(["sim", "serve", model, "--host", "127.0.0.1", "--port", str(port), *extra], log, env or {})
     proc.start()
     try:

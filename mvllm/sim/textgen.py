@@ -1,0 +1,105 @@
+"""Deterministic output text: the same seed, prompt and choice index always give the same tokens.
+
+Each generated token is one piece of text that the toy tokenizer also counts as exactly one token
+(a word of at most six letters with its leading space, or a punctuation mark), so usage counts and
+`/tokenize` of the output agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+# Short, common words (<= 6 letters each, so each is a single token).
+_WORDS = (
+    "the of and to in is it that for you was with on as have be at one this from by hot word but "
+    "what some we can out other were all there when up use your how said an each she which do "
+    "their time if will way about many then them write would like so these her long make thing "
+    "see him two has look more day could go come did number sound no most people my over know "
+    "water than call first who may down side been now find any new work part take get place made "
+    "live where after back little only round man year came show every good me give our under name "
+    "very through just form great think say help low line differ turn cause much mean before move "
+    "right boy old too same tell does set three want air well also play small end put home read "
+    "hand port large spell add even land here must big high such follow act why ask men change went "
+    "light kind off need house try us again animal point mother world near build self earth father "
+    "head stand own page should found answer school grow study still learn plant cover food sun "
+    "four state keep eye never last let though tree cross farm hard start might story saw far sea "
+    "draw left late run while press close night real life few north open seem"
+).split()
+_WORDS = tuple(w for w in _WORDS if len(w) <= 6)
+_PUNCT_AFTER = (",", ",", ";", ":")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The planned output of one choice: token pieces, final text, why it ended."""
+
+    pieces: tuple[str, ...]  # text of each generated token, already cut at a stop string
+    text: str
+    finish_reason: str  # "stop" | "length"
+    stop_reason: str | None  # the stop string that ended it, else None
+
+
+def stable_rng(*parts: object) -> random.Random:
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "big"))
+
+
+def natural_length(seed: int, prompt: str, index: int, default_max: int) -> int:
+    """How many tokens the simulated model writes before its end-of-sequence token:
+    uniform in [ceil(default_max / 2), default_max], fixed by seed, prompt and choice index."""
+    low = max(1, (default_max + 1) // 2)
+    return stable_rng("len", seed, prompt, index).randint(low, max(low, default_max))
+
+
+def generate_pieces(
+    seed: int, prompt: str, index: int, n_tokens: int, salt: str = "", *, leading_space: bool = False
+) -> list[str]:
+    """`n_tokens` token pieces forming sentences, deterministic in (seed, prompt, index, salt).
+    `leading_space` starts with a space, as a completion that continues its prompt does."""
+    rng = stable_rng("txt", seed, prompt, index, salt)
+    pieces: list[str] = []
+    sentence_left = rng.randint(5, 14)
+    start_of_sentence = True
+    while len(pieces) < n_tokens:
+        if sentence_left == 0:
+            pieces.append(".")
+            sentence_left = rng.randint(5, 14)
+            start_of_sentence = True
+            continue
+        word = rng.choice(_WORDS)
+        if start_of_sentence:
+            word = word.capitalize()
+        pieces.append(word if not pieces and not leading_space else " " + word)
+        start_of_sentence = False
+        sentence_left -= 1
+        if sentence_left > 1 and rng.random() < 0.06 and len(pieces) < n_tokens:
+            pieces.append(rng.choice(_PUNCT_AFTER))
+    return pieces
+
+
+def plan_completion(pieces: list[str], stop: list[str], finish_if_complete: str) -> Completion:
+    """Apply stop strings to generated pieces the way vLLM does: the output ends at the token that
+    completes the earliest stop string, and the text is cut before that string (stop string not
+    included). Without a match, the finish reason is `finish_if_complete`."""
+    text = "".join(pieces)
+    best: tuple[int, str] | None = None
+    for s in stop:
+        if not s:
+            continue
+        at = text.find(s)
+        if at >= 0 and (best is None or at + len(s) < best[0] + len(best[1])):
+            best = (at, s)
+    if best is None:
+        return Completion(tuple(pieces), text, finish_if_complete, None)
+    cut_at, stop_str = best
+    stop_end = cut_at + len(stop_str)
+    kept: list[str] = []
+    pos = 0
+    for piece in pieces:  # keep tokens up to the one that completes the stop string
+        start, pos = pos, pos + len(piece)
+        kept.append(piece[: max(0, cut_at - start)] if pos > cut_at else piece)
+        if pos >= stop_end:
+            break
+    return Completion(tuple(kept), text[:cut_at], "stop", stop_str)

@@ -1,0 +1,174 @@
+"""Sleep mode of the simulated engine, as vLLM 0.25 with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode."""
+
+import asyncio
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mvllm.sim.config import GIB, SLEEP_RESIDUAL_BYTES, SimConfig
+from mvllm.sim.inprocess import start_sim
+
+FAST = {"ttft_ms": 2.0, "itl_ms": 1.0, "prefill_ms_per_token": 0.0, "wake_ms": 0.0}
+MSG = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+@pytest.fixture
+async def start():
+    sims = []
+
+    async def _start(**kw):
+        cfg = {"model": "sim-model", "dev_mode": True, "enable_sleep_mode": True, "weights_gib": 10.0,
+               "gpu_memory_utilization": 0.5, **FAST, **kw}
+        sim = await start_sim(SimConfig(**cfg))
+        sims.append(sim)
+        return sim
+
+    yield _start
+    for sim in sims:
+        await sim.close()
+
+
+async def call(session, method, url):
+    async with session.request(method, url) as r:
+        return r.status, await r.read()
+
+
+async def sleep_state(session, sim):
+    async with session.get(sim.url + "/metrics") as r:
+        fams = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    return {s.labels["sleep_state"]: s.value for s in fams["vllm:engine_sleep_state"].samples}
+
+
+async def sim_state(session, sim):
+    async with session.get(sim.url + "/sim/state") as r:
+        return await r.json()
+
+
+async def chat_text(c, max_tokens=8):
+    r = await c.chat.completions.create(model="sim-model", messages=MSG, max_tokens=max_tokens)
+    return r.choices[0].message.content, r.usage.completion_tokens
+
+
+async def test_level_1_frees_memory_queues_requests_and_wakes_identical(start):
+    sim = await start()
+    c = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    before, _ = await chat_text(c)
+    async with aiohttp.ClientSession() as s:
+        assert (await sim_state(s, sim))["memory_bytes"] == 40 * GIB  # 0.5 * 80 GiB
+        assert await call(s, "POST", sim.url + "/sleep?level=1") == (200, b"")
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":true}')
+        assert await sleep_state(s, sim) == {"awake": 0.0, "weights_offloaded": 1.0, "discard_all": 0.0}
+        st = await sim_state(s, sim)
+        assert st["memory_bytes"] == SLEEP_RESIDUAL_BYTES and st["sleep_level"] == 1
+        assert (await call(s, "GET", sim.url + "/health"))[0] == 200  # a sleeping vLLM is still healthy
+        pending = asyncio.create_task(chat_text(c))
+        await asyncio.sleep(0.3)
+        assert not pending.done()  # queued until the engine is awake
+        assert (await sim_state(s, sim))["waiting"] == 1
+        assert await call(s, "POST", sim.url + "/wake_up") == (200, b"")
+        assert await asyncio.wait_for(pending, 10) == (before, 8)
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":false}')
+        assert await sleep_state(s, sim) == {"awake": 1.0, "weights_offloaded": 0.0, "discard_all": 0.0}
+        assert (await sim_state(s, sim))["memory_bytes"] == 40 * GIB
+
+
+async def test_level_2_answers_empty_until_reload_weights(start):
+    sim = await start()
+    c = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    before, _ = await chat_text(c)
+    async with aiohttp.ClientSession() as s:
+        assert await call(s, "POST", sim.url + "/sleep?level=2&mode=wait") == (200, b"")
+        assert await sleep_state(s, sim) == {"awake": 0.0, "weights_offloaded": 0.0, "discard_all": 1.0}
+        # vLLM's level-2 wake sequence: weights, reload, kv cache.
+        assert (await call(s, "POST", sim.url + "/wake_up?tags=weights"))[0] == 200
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":true}')
+        # As observed on vLLM 0.25: the gauge already says awake after a partial wake.
+        assert (await sleep_state(s, sim))["awake"] == 1.0
+        assert (await sim_state(s, sim))["memory_bytes"] == 10 * GIB  # weights back, KV still away
+        assert (await call(s, "POST", sim.url + "/wake_up?tags=kv_cache"))[0] == 200
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":false}')
+        # Woken without reloading: tokens are produced but carry no text, as on real vLLM.
+        assert await chat_text(c) == ("", 8)
+        async with s.post(sim.url + "/collective_rpc", json={"method": "reload_weights"}) as r:
+            assert r.status == 200 and await r.json() == {"results": [None]}
+        assert await chat_text(c) == (before, 8)
+        async with s.post(sim.url + "/collective_rpc", json={}) as r:
+            assert r.status == 400 and (await r.json())["error"]["message"] == "Missing 'method' in request body"
+        assert (await call(s, "POST", sim.url + "/reset_prefix_cache"))[0] == 200
+
+
+async def test_level_2_without_reload_never_stops_on_its_own(start):
+    # Observed on vLLM 0.25: discarded weights write empty tokens and no end-of-sequence token.
+    sim = await start(max_model_len=128)
+    c = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    async with aiohttp.ClientSession() as s:
+        await call(s, "POST", sim.url + "/sleep?level=2")
+        await call(s, "POST", sim.url + "/wake_up")
+    r = await c.chat.completions.create(model="sim-model", messages=MSG)
+    assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "length"
+    assert r.usage.total_tokens == 128
+
+
+async def test_sleep_modes_abort_wait_keep(start):
+    sim = await start(itl_ms=10.0)
+    c = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    async with aiohttp.ClientSession() as s:
+        # abort (the default): the running request ends at once with finish_reason "abort".
+        running = asyncio.create_task(c.chat.completions.create(model="sim-model", messages=MSG, max_tokens=300))
+        await asyncio.sleep(0.2)
+        assert (await call(s, "POST", sim.url + "/sleep?level=1"))[0] == 200
+        aborted = await asyncio.wait_for(running, 5)
+        assert aborted.choices[0].finish_reason == "abort" and 0 < aborted.usage.completion_tokens < 300
+        await call(s, "POST", sim.url + "/wake_up")
+        # wait: the in-flight request finishes normally before the engine sleeps.
+        running = asyncio.create_task(c.chat.completions.create(model="sim-model", messages=MSG, max_tokens=20))
+        await asyncio.sleep(0.05)
+        assert (await call(s, "POST", sim.url + "/sleep?level=1&mode=wait"))[0] == 200
+        assert running.done()
+        finished = running.result()
+        assert finished.choices[0].finish_reason == "length" and finished.usage.completion_tokens == 20
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":true}')
+        async with s.post(sim.url + "/sleep?level=abc") as r:
+            assert r.status == 400
+        await call(s, "POST", sim.url + "/wake_up")
+        # keep: the running request freezes where it is and resumes on wake.
+        running = asyncio.create_task(c.chat.completions.create(model="sim-model", messages=MSG, max_tokens=30))
+        await asyncio.sleep(0.1)
+        assert (await call(s, "POST", sim.url + "/sleep?level=1&mode=keep"))[0] == 200
+        await asyncio.sleep(0.5)  # 30 tokens take about 0.3 s when awake
+        assert not running.done() and (await sim_state(s, sim))["running"] == 1
+        await call(s, "POST", sim.url + "/wake_up")
+        kept = await asyncio.wait_for(running, 5)
+        assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 30
+
+
+async def test_level_0_pauses_without_freeing_memory(start):
+    sim = await start()
+    async with aiohttp.ClientSession() as s:
+        assert (await call(s, "POST", sim.url + "/sleep?level=0"))[0] == 200
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":true}')
+        assert (await sleep_state(s, sim))["awake"] == 1.0  # vLLM reports level 0 as awake
+        assert (await sim_state(s, sim))["memory_bytes"] == 40 * GIB
+        await call(s, "POST", sim.url + "/wake_up")
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":false}')
+
+
+async def test_sleep_routes_need_dev_mode(start):
+    sim = await start(dev_mode=False)
+    async with aiohttp.ClientSession() as s:
+        for method, path in (("POST", "/sleep?level=1"), ("POST", "/wake_up"), ("GET", "/is_sleeping"),
+                             ("POST", "/collective_rpc"), ("POST", "/reset_prefix_cache")):
+            status, body = await call(s, method, sim.url + path)
+            assert status == 404 and body == b'{"detail":"Not Found"}', path
+
+
+async def test_without_enable_sleep_mode_sleep_pauses_but_frees_nothing(start):
+    sim = await start(enable_sleep_mode=False)
+    async with aiohttp.ClientSession() as s:
+        assert await call(s, "POST", sim.url + "/sleep?level=1") == (200, b"")
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":true}')
+        assert (await sim_state(s, sim))["memory_bytes"] == 40 * GIB
+        await call(s, "POST", sim.url + "/wake_up")
+        assert await call(s, "GET", sim.url + "/is_sleeping") == (200, b'{"is_sleeping":false}')
