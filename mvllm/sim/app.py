@@ -28,6 +28,11 @@ from mvllm.sim.metrics import SimMetrics
 from mvllm.sim.protocol import ApiError, GenRequest
 
 GUARDED_PREFIXES = ("/v1", "/v2", "/inference")  # what --api-key protects, as vLLM's middleware
+# vLLM 0.25 with --enable-lora: reload_weights after a level-2 sleep fails in the weight loader
+# (the LoRA-wrapped model no longer has the names the checkpoint uses) and the engine core dies.
+LORA_RELOAD_ERROR = "There is no module or parameter named 'embed_tokens.weight'"
+ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+DEAD_EXIT_S = 1.0  # a dead engine answers 500 (health 503) this long, then the process exits 1
 
 
 @dataclass
@@ -38,6 +43,7 @@ class SimState:
     faults: FaultInjector = field(default_factory=FaultInjector)
     in_flight: int = 0  # requests being served (for /load)
     crash: Callable[[], None] = field(default=lambda: os._exit(1))
+    dead: str | None = None  # why the engine core died; the server then only answers errors
 
 
 CONFIG = web.AppKey("sim_config", SimConfig)
@@ -76,7 +82,9 @@ def build_app(config: SimConfig, *, crash: Callable[[], None] | None = None) -> 
     if crash is not None:
         state.crash = crash
     api = _Api(config, engine, metrics, state)
-    app = web.Application(middlewares=[api.observe_middleware, api.auth_middleware], client_max_size=64 << 20)
+    app = web.Application(
+        middlewares=[api.observe_middleware, api.dead_middleware, api.auth_middleware], client_max_size=64 << 20
+    )
     app[CONFIG] = config
     app[ENGINE] = engine
     app[METRICS] = metrics
@@ -130,6 +138,15 @@ class _Api:
             name = "none"
         self.metrics.count_http(name, request.method, resp.status)
         return resp
+
+    @web.middleware
+    async def dead_middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable]) -> web.StreamResponse:
+        """After the engine core died: /health 503 (as vLLM's EngineDeadError), everything else 500."""
+        if self.state.dead is None or request.path.startswith("/sim/"):
+            return await handler(request)
+        if request.path in ("/health", "/ping"):
+            return web.Response(status=503)
+        return _error(ApiError(500, ENGINE_DEAD_MESSAGE, "InternalServerError"))
 
     @web.middleware
     async def auth_middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable]) -> web.StreamResponse:
@@ -473,8 +490,23 @@ class _Api:
             # The simulator implements only reload_weights; vLLM's answer for a method it lacks.
             return _error(ApiError(500, f"Call to collective_rpc method failed: Method '{method}' is not "
                                         "implemented.", "InternalServerError"))
+        if self.cfg.enable_lora and not self.engine.weights_valid:
+            return self._die(LORA_RELOAD_ERROR)
         self.engine.reload_weights()
         return json_response({"results": [None] * self.cfg.tensor_parallel_size})
+
+    def _die(self, why: str) -> web.Response:
+        """The engine core failed inside a collective_rpc: answer 500, fail everything after, exit 1."""
+        print(f"ERROR mvllm sim: EngineCore failed in collective_rpc: ValueError: {why}", file=sys.stderr, flush=True)
+        self.state.dead = why
+        self.engine.abort_all("error")
+        asyncio.get_running_loop().call_later(DEAD_EXIT_S, self._exit_dead)
+        return _error(ApiError(500, f"Call to collective_rpc method failed: {why}", "InternalServerError"))
+
+    def _exit_dead(self) -> None:
+        print("ERROR mvllm sim: engine core dead, shutting down (exit code 1)", file=sys.stderr, flush=True)
+        with contextlib.suppress(RuntimeError):  # in-process sims raise instead of exiting
+            self.state.crash()
 
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         self.engine.reset_prefix_cache()
@@ -524,6 +556,7 @@ class _Api:
             "is_sleeping": self.engine.is_sleeping,
             "asleep_tags": sorted(self.engine.asleep_tags),
             "weights_valid": self.engine.weights_valid,
+            "dead": self.state.dead,
             "running": snap.running,
             "waiting": snap.waiting,
             "kv_cache_usage": snap.kv_usage,

@@ -1,6 +1,10 @@
 """Sleep mode of the simulated engine, as vLLM 0.25 with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode."""
 
 import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
 
 import aiohttp
 import openai
@@ -9,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mvllm.sim.config import GIB, SLEEP_RESIDUAL_BYTES, SimConfig
 from mvllm.sim.inprocess import start_sim
+from tests.procs import http_get, run_sim
 
 FAST = {"ttft_ms": 2.0, "itl_ms": 1.0, "prefill_ms_per_token": 0.0, "wake_ms": 0.0}
 MSG = [{"role": "user", "content": "Hello there, how are you?"}]
@@ -97,6 +102,42 @@ async def test_level_2_answers_empty_until_reload_weights(start):
         async with s.post(sim.url + "/collective_rpc", json={}) as r:
             assert r.status == 400 and (await r.json())["error"]["message"] == "Missing 'method' in request body"
         assert (await call(s, "POST", sim.url + "/reset_prefix_cache"))[0] == 200
+
+
+def test_lora_level_2_reload_weights_kills_the_engine_as_vllm_0_25(tmp_path):
+    # Seen on real vLLM 0.25.0 with --enable-lora: reload_weights after a level-2 sleep answers 500,
+    # every later request fails, then the process exits non-zero. Level 1 is unaffected.
+    def post(path, body=None):
+        req = urllib.request.Request(sim.url + path, data=json.dumps(body or {}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    args = ["--enable-sleep-mode", "--enable-lora", "--sim-ttft-ms", "2", "--sim-itl-ms", "1"]
+    with run_sim(tmp_path, "m", args, env=env) as sim:
+        c = openai.OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0, timeout=10)
+        before = c.completions.create(model="m", prompt="hi", max_tokens=4).choices[0].text
+        assert post("/sleep?level=1") == (200, b"") and post("/wake_up") == (200, b"")
+        assert c.completions.create(model="m", prompt="hi", max_tokens=4).choices[0].text == before
+        assert post("/collective_rpc", {"method": "reload_weights"}) == (200, b'{"results":[null]}')
+        assert post("/sleep?level=2") == (200, b"") and post("/wake_up?tags=weights") == (200, b"")
+        status, body = post("/collective_rpc", {"method": "reload_weights"})
+        assert status == 500
+        err = json.loads(body)["error"]
+        assert err["message"] == ("Call to collective_rpc method failed: "
+                                  "There is no module or parameter named 'embed_tokens.weight'")
+        assert err["type"] == "InternalServerError" and err["code"] == 500
+        assert http_get(sim.url + "/health")[0] == 503
+        with pytest.raises(openai.InternalServerError):
+            c.completions.create(model="m", prompt="hi", max_tokens=4)
+        t0 = time.monotonic()
+        assert sim.proc.popen.wait(10) == 1  # "shortly after": DEAD_EXIT_S (1 s) in the simulator
+        assert time.monotonic() - t0 < 8
+    assert "embed_tokens.weight" in sim.proc.log()
 
 
 async def test_level_2_without_reload_never_stops_on_its_own(start):

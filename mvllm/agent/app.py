@@ -1,0 +1,308 @@
+"""The agent's HTTP API: bearer-token middleware, lifecycle routes, /state, /metrics, and the /v1 gatekeeper.
+
+The supervisor and its loops (crash checks and idle timers, GPU and metrics polling) are owned by
+a `cleanup_ctx`, so leaving the app (SIGTERM, SIGINT) stops every engine before the process ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from mvllm.agent import engine_metrics, procs, report
+from mvllm.agent.config import AgentConfig
+from mvllm.agent.engine import read_log_tail
+from mvllm.agent.errors import AgentError, BadRequest, Busy
+from mvllm.agent.gpu import GpuBackend, NvmlBackend, SimBackend
+from mvllm.agent.metrics import AgentMetrics
+from mvllm.agent.proxy import Gatekeeper
+from mvllm.agent.supervisor import Supervisor
+from mvllm.common.errors import error_response
+
+log = logging.getLogger("mvllm.agent")
+
+CONFIG = web.AppKey("config", AgentConfig)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+GATEKEEPER = web.AppKey("gatekeeper", Gatekeeper)
+METRICS = web.AppKey("metrics", AgentMetrics)
+REAP_STALE = web.AppKey("reap_stale", bool)
+
+_TICK_S = 0.25
+_OPEN_PATHS = frozenset({"/health"})
+# vLLM's un-versioned aliases, relayed like /v1/*.
+_ALIASES = ("/tokenize", "/detokenize", "/rerank", "/score", "/pooling", "/classify", "/invocations")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _auth_middleware(token: str | None) -> Any:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if "/." in request.path and any(seg in (".", "..") for seg in request.path.split("/")):
+            # The engine URL is built from the path: /v1/../sleep would reach the engine's /sleep.
+            return error_response(400, "invalid request path: '.' or '..' segments", code="invalid_path")
+        if expected is not None and request.path not in _OPEN_PATHS:
+            # surrogateescape: a header that is not UTF-8 compares as its raw bytes (a 401, not a 500).
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                return error_response(
+                    401, "invalid or missing bearer token", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+                )
+        return await handler(request)
+
+    return auth
+
+
+@web.middleware
+async def _http_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (unknown route, wrong method, body too large) in OpenAI form too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.text or exc.reason)
+
+
+def _error(exc: AgentError) -> web.Response:
+    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
+    return error_response(exc.status, exc.message, headers=headers)
+
+
+def _api(fn: Handler) -> Handler:
+    """Lifecycle handlers raise AgentError; answer it in OpenAI form."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await fn(request)
+        except AgentError as exc:
+            return _error(exc)
+        except asyncio.TimeoutError:
+            return _error(Busy(f"not done within load_timeout ({request.app[CONFIG].load_timeout:g} s); see GET /state"))
+
+    return wrapped
+
+
+async def _json_body(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        data = await request.json()
+    except ValueError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+# ------------------------------------------------------------------ handlers
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def state(request: web.Request) -> web.Response:
+    return web.json_response(report.snapshot(request.app[SUPERVISOR]).to_dict())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    own = request.app[METRICS].render()
+    texts = {i.name: i.metrics_text for i in sup.instances.values() if i.metrics_text}
+    body = own + engine_metrics.merge(texts).encode()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _instance_json(request: web.Request, name: str) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    return web.json_response(report.instance_state(sup, sup.get(name)).to_dict())
+
+
+@_api
+async def model_get(request: web.Request) -> web.Response:
+    return _instance_json(request, request.match_info["name"])
+
+
+@_api
+async def model_load(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    name = request.match_info["name"]
+    sup.get(name)
+    wait = request.query.get("wait", "true").lower() not in ("0", "false", "no")
+    task = asyncio.ensure_future(sup.load(name))
+    if not wait:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return web.json_response(report.instance_state(sup, sup.get(name)).to_dict(), status=202)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), request.app[CONFIG].load_timeout)
+    except asyncio.TimeoutError:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return web.json_response(report.instance_state(sup, sup.get(name)).to_dict(), status=202)
+    return _instance_json(request, name)
+
+
+@_api
+async def model_unload(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await request.app[SUPERVISOR].unload(name)
+    return _instance_json(request, name)
+
+
+@_api
+async def model_sleep(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    name = request.match_info["name"]
+    inst = sup.get(name)
+    body = await _json_body(request)
+    raw = request.query.get("level", body.get("level", inst.spec.sleep_level_on_idle or 1))
+    try:
+        level = int(raw)
+    except (TypeError, ValueError):
+        raise BadRequest(f"level must be 1 or 2, got {raw!r}") from None
+    await sup.sleep(name, level)
+    return _instance_json(request, name)
+
+
+@_api
+async def model_wake(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    sup = request.app[SUPERVISOR]
+    await asyncio.wait_for(sup.wake(name), request.app[CONFIG].load_timeout)
+    return _instance_json(request, name)
+
+
+@_api
+async def model_lora(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    name = request.match_info["name"]
+    inst = sup.get(name)
+    body = await _json_body(request)
+    action = body.get("action", "load")
+    lname = body.get("lora_name")
+    if action not in ("load", "unload"):
+        raise BadRequest("action must be 'load' or 'unload'")
+    if not isinstance(lname, str) or not lname:
+        raise BadRequest("lora_name is required")
+    owner = sup.resolve(lname)
+    if owner is not None and (owner[0] is not inst or owner[1] is None):
+        raise BadRequest(f"{lname!r} already names another model of this agent")
+    if action == "load":
+        path = body.get("lora_path")
+        if path is not None and not isinstance(path, str):
+            raise BadRequest("lora_path must be a string")
+        await sup.load_lora(inst, lname, path)
+    else:
+        await sup.unload_lora(inst, lname)
+    return _instance_json(request, name)
+
+
+@_api
+async def model_logs(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    inst = sup.get(request.match_info["name"])
+    try:
+        tail = int(request.query.get("tail", "100"))
+    except ValueError:
+        raise BadRequest("tail must be an integer") from None
+    tail = max(0, min(tail, 10000))
+    lines = await asyncio.to_thread(read_log_tail, sup.log_path(inst), tail)
+    return web.Response(text="\n".join(lines) + ("\n" if lines else ""), content_type="text/plain")
+
+
+async def relay(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEKEEPER].relay(request)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return await request.app[GATEKEEPER].list_models(request)
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return await request.app[GATEKEEPER].get_model(request)
+
+
+# ------------------------------------------------------------------ lifetime
+
+
+async def _loop(name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s loop iteration failed", name)
+        await asyncio.sleep(interval)
+
+
+async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        auto_decompress=False,  # relay bytes as the engine sent them
+    )
+    backend: GpuBackend = SimBackend(cfg.sim_gpus, session) if cfg.engine == "sim" else NvmlBackend()
+    metrics_ = AgentMetrics()
+    sup = Supervisor(cfg, backend, session, metrics_, procs.agent_id())
+    metrics_.watch(lambda: report.snapshot(sup))
+    app[SUPERVISOR] = sup
+    app[METRICS] = metrics_
+    app[GATEKEEPER] = Gatekeeper(sup, session, metrics_, cfg.load_timeout, cfg.max_queue)
+    await sup.start(reap_stale=app[REAP_STALE])
+
+    async def tick() -> None:
+        await sup.check_crashes()
+        sup.check_idle()
+
+    loops = [
+        asyncio.create_task(_loop("supervise", _TICK_S, tick)),
+        asyncio.create_task(_loop("poll", cfg.poll_interval, sup.poll)),
+    ]
+    log.info("agent ready: %d catalog model(s), engine %s", len(cfg.models), cfg.engine)
+    try:
+        yield
+    finally:
+        for t in loops:
+            t.cancel()
+        for t in loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await sup.close()
+        await session.close()
+        backend.close()
+        log.info("agent stopped; no engine left running")
+
+
+def create_app(cfg: AgentConfig, *, reap_stale: bool = False) -> web.Application:
+    app = web.Application(middlewares=[_auth_middleware(cfg.token), _http_errors], client_max_size=64 * 1024**2)
+    app[CONFIG] = cfg
+    app[REAP_STALE] = reap_stale
+    app.cleanup_ctx.append(_agent_ctx)
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/state", state)
+    r.add_get("/metrics", metrics)
+    r.add_get("/models/{name}", model_get)
+    r.add_post("/models/{name}/load", model_load)
+    r.add_post("/models/{name}/unload", model_unload)
+    r.add_post("/models/{name}/sleep", model_sleep)
+    r.add_post("/models/{name}/wake", model_wake)
+    r.add_post("/models/{name}/lora", model_lora)
+    r.add_get("/models/{name}/logs", model_logs)
+    r.add_get("/v1/models", list_models)
+    r.add_get("/v1/models/{model}", get_model)
+    r.add_route("*", "/v1/{tail:.*}", relay)
+    for path in _ALIASES:
+        r.add_post(path, relay)
+    return app

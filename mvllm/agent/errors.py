@@ -1,0 +1,61 @@
+"""Why a lifecycle operation failed, each with the HTTP status the agent answers with."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    status = 500
+    retry_after: float | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownModel(AgentError):
+    status = 404
+
+
+class BadRequest(AgentError):
+    status = 400
+
+
+class Conflict(AgentError):
+    """The operation does not apply to the instance's state (sleep a stopped model, ...)."""
+
+    status = 409
+
+
+class NoRoom(AgentError):
+    """Not enough GPU memory even after evicting every idle, unpinned model."""
+
+    status = 503
+    retry_after = 10.0
+
+
+class LoadFailed(AgentError):
+    """The engine did not come up (crashed, timed out, or the model is `failed`)."""
+
+    status = 503
+    retry_after = 30.0
+
+
+class Busy(AgentError):
+    """Too many requests already wait for this model, or the load outlasted load_timeout."""
+
+    status = 503
+    retry_after = 5.0
+
+
+class EngineError(AgentError):
+    """The engine answered a control call (sleep, wake, LoRA) with an error."""
+
+    status = 502
+
+
+class EngineExited(Exception):
+    """The engine process ended while we waited for it (a crash during start)."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"engine exited with code {code}")
+        self.code = code

@@ -1,0 +1,721 @@
+"""The engines of one agent: on-demand loads and wakes, placement with eviction, crash restarts, idle timers.
+
+Locking: an operation that changes GPU memory (start, wake, sleep, stop) holds the locks of the
+GPUs it touches, taken in index order, then the instance's own lock. A start or wake also locks
+the GPUs of every instance that shares one with it, since those are the ones it may evict; so
+locks are always taken GPUs first, in one order, and never while holding an instance lock. Starts
+on one GPU are serialised on purpose: vLLM profiles free memory at start and fails if another
+process frees or takes memory meanwhile.
+
+Requests take the fast path (`state == ready` and no operation under way, checked and counted
+without yielding); anything else waits on the instance's one shared `ready_task`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from mvllm.agent import engine, engine_metrics, placement, procs
+from mvllm.agent.config import AgentConfig, ModelSpec
+from mvllm.agent.engine import EngineClient, Instance
+from mvllm.agent.errors import (
+    AgentError,
+    BadRequest,
+    Busy,
+    Conflict,
+    EngineError,
+    EngineExited,
+    LoadFailed,
+    NoRoom,
+    UnknownModel,
+)
+from mvllm.agent.gpu import EngineRef, GpuBackend, GpuSample
+from mvllm.agent.launch import launch_plan
+from mvllm.agent.metrics import AgentMetrics
+from mvllm.agent.states import IDLE_SLEEP, RestartPolicy, idle_action
+from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, STOPPING, StaleEngine
+
+log = logging.getLogger("mvllm.agent")
+
+_GPU_RELEASE_WAIT_S = 15.0
+_READY_POLL_S = 0.2
+FAILED_TAIL_LINES = 40  # log lines kept in /state for a failed model
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        gpus: GpuBackend,
+        session: aiohttp.ClientSession,
+        metrics: AgentMetrics,
+        agent_id: str,
+    ) -> None:
+        self.cfg = cfg
+        self.gpus = gpus
+        self.session = session
+        self.engines = EngineClient(session)
+        self.metrics = metrics
+        self.agent_id = agent_id
+        self.started_at = time.time()
+        self.host = socket.gethostname()
+        self.instances: dict[str, Instance] = {
+            name: Instance(
+                spec,
+                restart=RestartPolicy(cfg.restart_max, cfg.restart_window, cfg.restart_backoff, cfg.restart_backoff_max),
+            )
+            for name, spec in cfg.models.items()
+        }
+        self.sample = GpuSample()
+        self.stale: list[StaleEngine] = []
+        self._gpu_locks: dict[int, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._seq = 0
+        self._closing = False
+        cfg.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----------------------------------------------------------------- lookup
+
+    def get(self, name: str) -> Instance:
+        inst = self.instances.get(name)
+        if inst is None:
+            raise UnknownModel(f"no model named {name!r} in this agent's catalog")
+        return inst
+
+    def resolve(self, model: str) -> tuple[Instance, str | None] | None:
+        """The instance serving `model` (a served name or a LoRA name), and the adapter if it is one."""
+        found = self.cfg.model_for(model)
+        if found is not None:
+            return self.instances[found[0].name], found[1]
+        for inst in self.instances.values():
+            if model in inst.extra_loras:
+                return inst, model
+        return None
+
+    def routable(self) -> list[tuple[str, Instance, str | None]]:
+        """(name a client may send, its instance, the LoRA adapter it is or None)."""
+        out = []
+        for inst in self.instances.values():
+            out += [(n, inst, None) for n in inst.spec.served_model_names]
+            out += [(n, inst, n) for n in [*inst.spec.lora_adapters, *inst.extra_loras]]
+        return out
+
+    def log_path(self, inst: Instance) -> Path:
+        return self.cfg.log_dir / f"{inst.name}.log"
+
+    # --------------------------------------------------------- agent lifetime
+
+    async def start(self, reap_stale: bool = False) -> None:
+        """Report (and with `reap_stale`, stop) stale engines, measure the GPUs, start preloads."""
+        found = await asyncio.to_thread(procs.find_stale, self.agent_id)
+        reap = bool(found) and (reap_stale or self.cfg.reap_stale)
+        for s in found:
+            log.warning("stale engine process %d%s: %s", s.pid, f" (model {s.instance})" if s.instance else "", s.cmdline)
+        if reap:
+            await asyncio.to_thread(procs.reap, found, min(self.cfg.stop_timeout, 10.0))
+            log.warning("reaped %d stale engine process(es)", len(found))
+        elif found:
+            log.warning("%d stale engine process(es) left alone; start with --reap-stale to stop them", len(found))
+        self.stale = [StaleEngine(s.pid, s.cmdline, s.instance, reap) for s in found]
+        await self.refresh_gpus()
+        for inst in self.instances.values():
+            if inst.spec.preload:
+                self._ensure_task(inst)
+
+    async def close(self) -> None:
+        """Agent shutdown: cancel pending work, then stop every engine, last started first, and wait."""
+        self._closing = True
+        pending = [t for t in self._tasks if not t.done()]
+        pending += [i.ready_task for i in self.instances.values() if i.ready_task and not i.ready_task.done()]
+        for t in pending:
+            t.cancel()
+        for t in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        live = sorted((i for i in self.instances.values() if i.popen), key=lambda i: i.start_seq, reverse=True)
+        for inst in live:
+            log.info("shutdown: stopping %s (pid %s)", inst.name, inst.pid)
+            try:
+                await self._stop_process(inst, reason="shutdown")
+            except Exception:
+                log.exception("shutdown: stopping %s failed", inst.name)
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if isinstance(exc, AgentError):
+            log.warning("%s", exc)
+        else:
+            log.error("background task failed", exc_info=exc)
+
+    # ------------------------------------------------------------- measuring
+
+    async def refresh_gpus(self) -> GpuSample:
+        refs = [EngineRef(i.name, i.pid, i.url, tuple(i.spec.devices)) for i in self.instances.values() if i.popen]
+        sample = await self.gpus.sample(refs)
+        self.sample = sample
+        for inst in self.instances.values():
+            inst.memory = dict(sample.by_instance.get(inst.name, {})) if inst.popen is not None else {}
+        return sample
+
+    async def poll(self) -> None:
+        """Periodic refresh: GPU memory and every awake or sleeping engine's metrics."""
+        await self.refresh_gpus()
+        targets = [i for i in self.instances.values() if i.state in (READY, SLEEPING) and i.url]
+        texts = await asyncio.gather(*(engine_metrics.fetch(self.session, i.url) for i in targets))
+        for inst, text in zip(targets, texts, strict=True):
+            inst.metrics_text = text
+            if text is not None:
+                inst.running, inst.waiting = engine_metrics.load_signal(text)
+
+    def gpu_map(self) -> dict[int, placement.Gpu]:
+        return {g.index: placement.Gpu(g.index, g.memory_total_bytes, g.memory_used_bytes) for g in self.sample.gpus}
+
+    def need(self, spec: ModelSpec) -> dict[int, int]:
+        """Budget per GPU of `spec`; GPUs we know nothing of are left out (no placement check there)."""
+        gpus = self.gpu_map()
+        est = spec.memory_estimate  # no budget given: estimated from its shape (None: 0.9 of the GPU)
+        return {
+            d: placement.need_bytes(spec.memory_gib, spec.gpu_memory_utilization, gpus[d].total, est and est.bytes)
+            for d in spec.devices
+            if d in gpus
+        }
+
+    def _held(self, inst: Instance) -> dict[int, int]:
+        """What `inst` holds per GPU: measured, or (NVML pids not ours to see, as in a container
+        without the host's PID namespace) estimated from its budget and state."""
+        if inst.memory:
+            return dict(inst.memory)
+        if inst.state == SLEEPING:
+            return {d: min(n, placement.SLEEP_RESIDUAL) for d, n in self.need(inst.spec).items()}
+        if inst.state == READY:
+            return self.need(inst.spec)
+        return {}
+
+    def _residents(self) -> list[placement.Resident]:
+        return [
+            placement.Resident(
+                name=i.name,
+                state=i.state,
+                memory=self._held(i),
+                last_used=i.last_used,
+                in_flight=i.in_flight,
+                busy=i.op is not None,
+                pinned=i.spec.pinned,
+                sleep_level_on_idle=i.spec.sleep_level_on_idle,
+                lora_enabled=i.spec.lora_enabled,
+            )
+            for i in self.instances.values()
+            if i.popen is not None
+        ]
+
+    def _pending(self, exclude: str) -> dict[int, int]:
+        """Memory that starting engines (other than `exclude`) will take and do not hold yet."""
+        out: dict[int, int] = {}
+        for i in self.instances.values():
+            if i.name == exclude or i.state != STARTING or i.popen is None:
+                continue
+            for d, n in self.need(i.spec).items():
+                out[d] = out.get(d, 0) + max(0, n - i.memory.get(d, 0))
+        return out
+
+    def plan_for(self, inst: Instance) -> placement.Plan:
+        need = self.need(inst.spec)
+        if inst.state == SLEEPING:
+            held = self._held(inst)
+            need = {d: max(0, n - held.get(d, 0)) for d, n in need.items()}
+        return placement.plan(
+            inst.name, need, self.gpu_map(), self._residents(), self.cfg.reserve_bytes, self._pending(inst.name)
+        )
+
+    # ------------------------------------------------------------------ locks
+
+    def _gpu_lock(self, d: int) -> asyncio.Lock:
+        return self._gpu_locks.setdefault(d, asyncio.Lock())
+
+    def _lock_set(self, inst: Instance, *, neighbours: bool) -> list[int]:
+        devs = set(inst.spec.devices)
+        if neighbours:
+            for other in self.instances.values():
+                if devs & set(other.spec.devices):
+                    devs |= set(other.spec.devices)
+        return sorted(devs)
+
+    def _locks_free(self, inst: Instance) -> bool:
+        return not inst.lock.locked() and not any(self._gpu_lock(d).locked() for d in inst.spec.devices)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, inst: Instance, *, neighbours: bool) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for d in self._lock_set(inst, neighbours=neighbours):
+                await stack.enter_async_context(self._gpu_lock(d))
+            await stack.enter_async_context(inst.lock)
+            yield
+
+    async def _wait_no_op(self, inst: Instance) -> None:
+        deadline = time.monotonic() + self.cfg.load_timeout
+        while inst.op is not None:
+            if time.monotonic() >= deadline:
+                raise Busy(f"model {inst.name}: {inst.op} still under way after {self.cfg.load_timeout:g} s")
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------- ready on demand
+
+    def _ensure_task(self, inst: Instance, delay: float = 0.0) -> asyncio.Task:
+        task = inst.ready_task
+        if task is None or task.done():
+            task = inst.ready_task = asyncio.create_task(self._make_ready(inst, delay))
+            # Waiters get the exception; this only keeps asyncio from calling it never retrieved.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def ensure_ready(self, inst: Instance, lora: str | None = None) -> None:
+        """Return once `inst` can take a request (with adapter `lora` loaded), loading or waking it.
+
+        Concurrent callers share one load. The caller bounds the wait (load_timeout).
+        """
+        for _ in range(8):  # each turn waits for one operation; a handful covers any interleaving
+            if inst.can_serve_now(lora):
+                return
+            if self._closing:
+                raise LoadFailed("the agent is shutting down")
+            if inst.state == FAILED and (inst.ready_task is None or inst.ready_task.done()):
+                raise LoadFailed(f"model {inst.name} failed: {inst.error}; POST /models/{inst.name}/load to retry")
+            if inst.state == READY and inst.op is None and lora is not None:
+                await self.load_lora(inst, lora, None)
+                continue
+            await asyncio.shield(self._ensure_task(inst))
+        if not inst.can_serve_now(lora):
+            raise LoadFailed(f"model {inst.name} did not become ready ({inst.state})")
+
+    async def _make_ready(self, inst: Instance, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        while True:
+            if inst.retired:
+                raise LoadFailed(f"instance {inst.name} was removed")
+            if inst.pending_spec is not None and inst.popen is None:
+                # An assignment made while it ran (mvllm.agent.assign) takes effect at this start;
+                # swapped before the locks are taken, so they cover its new devices.
+                inst.spec, inst.pending_spec = inst.pending_spec, None
+            try:
+                async with self._locked(inst, neighbours=True):
+                    if inst.state == READY and inst.process_alive:
+                        return
+                    if inst.state == SLEEPING and inst.process_alive:
+                        try:
+                            await self._wake_locked(inst)
+                            return
+                        except EngineError as exc:
+                            log.error("%s: wake failed (%s); restarting the engine", inst.name, exc)
+                            await self._stop_process(inst, reason="wake_failed")
+                    await self._start_locked(inst)
+                    return
+            except EngineExited as exc:
+                delay = self._after_crash(inst, str(exc))
+                if delay is None:
+                    raise LoadFailed(f"model {inst.name} failed: {inst.error}") from None
+                await asyncio.sleep(delay)
+
+    # -------------------------------------------------------------- placement
+
+    async def _make_room(self, inst: Instance) -> None:
+        """Evict idle models, one step at a time, measuring after each, until `inst` fits."""
+        for _ in range(2 * len(self.instances) + 2):
+            await self.refresh_gpus()
+            plan = self.plan_for(inst)
+            if plan.fits:
+                return
+            if not plan.feasible:
+                short = ", ".join(f"GPU {d}: {b / placement.GIB:.1f} GiB short" for d, b in plan.short.items())
+                raise NoRoom(
+                    f"not enough GPU memory for {inst.name} ({short}) even after evicting every idle, unpinned model"
+                )
+            step = plan.steps[0]
+            victim = self.instances[step.name]
+            # Checked and claimed without yielding: no request can start on it from here on.
+            if victim.in_flight or victim.op is not None or victim.state not in (READY, SLEEPING):
+                await asyncio.sleep(0.05)
+                continue
+            level = f" level {step.level}" if step.action == placement.ACTION_SLEEP else ""
+            log.warning("evicting %s (%s%s) to make room for %s", victim.name, step.action, level, inst.name)
+            victim.op = step.action
+            try:
+                async with victim.lock:
+                    if step.action == placement.ACTION_SLEEP:
+                        await self._sleep_locked(victim, step.level, reason="evict")
+                    else:
+                        await self._stop_process(victim, reason="evict")
+            finally:
+                victim.op = None
+        await self.refresh_gpus()
+        if not self.plan_for(inst).fits:
+            raise NoRoom(f"could not make room for {inst.name}")
+
+    # ------------------------------------------------------------------ start
+
+    def _free_port(self) -> int:
+        used = {i.port for i in self.instances.values() if i.port is not None}
+        first, last = self.cfg.engine_port_range
+        for port in range(first, last + 1):
+            if port in used:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                # As servers bind (aiohttp, uvicorn): a port in TIME_WAIT from a stopped engine is free.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise NoRoom(f"no free port in engine_port_range {first}-{last}")
+
+    def _launch_utilization(self, spec: ModelSpec) -> tuple[float | None, int | None]:
+        """(--gpu-memory-utilization, total bytes of its first GPU) from the memory free now."""
+        gpus = self.gpu_map()
+        known = [d for d in spec.devices if d in gpus]
+        if not known:
+            return spec.gpu_memory_utilization, None  # no NVML: the configured fraction, if any
+        first = gpus[known[0]]
+        need = self.need(spec)[first.index]
+        free = min(gpus[d].total - gpus[d].used for d in known)
+        return placement.launch_utilization(need, first.total, free, self.cfg.reserve_bytes), first.total
+
+    async def _start_locked(self, inst: Instance) -> None:
+        inst.op = "start"
+        try:
+            try:
+                await self._make_room(inst)
+            except BaseException:
+                if inst.state == STARTING and inst.popen is None:
+                    inst.life.to(STOPPED)  # a crash restart that found no room: nothing runs
+                raise
+            if inst.popen is not None:
+                # It died and the supervision tick has not seen it yet: clear what is left of it.
+                await engine.kill_leftovers(inst.popen)
+                inst.forget_process()
+            spec = inst.spec
+            util, total = self._launch_utilization(spec)
+            inst.port = self._free_port()
+            plan = launch_plan(self.cfg, spec, inst.port, util, total, self.agent_id, os.environ)
+            header = f"\n=== mvllm agent {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: {' '.join(plan.argv)}\n"
+            if inst.state != STARTING:
+                inst.life.to(STARTING)
+            inst.popen = await asyncio.to_thread(engine.spawn, plan, self.log_path(inst), header, self.cfg.log_dir)
+            inst.expect_exit = False
+            inst.utilization = util
+            inst.loras.clear()
+            inst.memory = {}
+            self._seq += 1
+            inst.start_seq = self._seq
+            inst.started_at = time.time()
+            inst.loads += 1
+            log.info("%s: started pid %d on port %d (utilization %s)", spec.name, inst.popen.pid, inst.port, util)
+            t0 = time.monotonic()
+            try:
+                await self._wait_ready(inst)
+            except EngineExited:
+                self.metrics.loads.labels(spec.name, "crashed").inc()
+                await engine.kill_leftovers(inst.popen)
+                inst.forget_process()
+                raise
+            except BaseException:
+                self.metrics.loads.labels(spec.name, "failed").inc()
+                await self._stop_process(inst, reason="start_failed")
+                raise
+            inst.life.to(READY)
+            inst.ready_at = time.time()
+            inst.error = None
+            inst.touch()
+            self.metrics.loads.labels(spec.name, "ok").inc()
+            self.metrics.load_seconds.labels(spec.name).observe(time.monotonic() - t0)
+            log.info("%s: ready in %.1f s", spec.name, time.monotonic() - t0)
+            for lname, lpath in {**spec.lora_adapters, **inst.extra_loras}.items():
+                try:
+                    await self.engines.load_lora(inst, lname, lpath)
+                except EngineError as exc:
+                    log.error("%s: LoRA %s not loaded: %s", inst.name, lname, exc)
+            await self.refresh_gpus()
+        finally:
+            inst.op = None
+
+    async def _wait_ready(self, inst: Instance) -> None:
+        deadline = time.monotonic() + self.cfg.ready_timeout
+        while time.monotonic() < deadline:
+            if await self.engines.ready(inst):
+                return
+            await asyncio.sleep(_READY_POLL_S)
+        raise LoadFailed(f"{inst.name}: not ready within ready_timeout ({self.cfg.ready_timeout:g} s)")
+
+    # ------------------------------------------------------------------ crash
+
+    def _fail(self, inst: Instance) -> None:
+        if inst.state != FAILED:
+            inst.life.to(FAILED)
+        inst.log_tail = []
+        self._spawn_task(self._capture_tail(inst))
+
+    async def _capture_tail(self, inst: Instance) -> None:
+        inst.log_tail = await asyncio.to_thread(engine.read_log_tail, self.log_path(inst), FAILED_TAIL_LINES)
+
+    def _after_crash(self, inst: Instance, why: str, *, restart: bool = True) -> float | None:
+        """Record a crash; the delay before restarting, or None when the model is now failed."""
+        self.metrics.crashes.labels(inst.name).inc()
+        inst.error = why
+        delay = inst.restart.on_crash(time.monotonic())
+        if delay is None:
+            self._fail(inst)
+            log.error("%s: %s; crashed too often, now failed", inst.name, why)
+        elif restart:
+            inst.restarts += 1
+            log.warning("%s: %s; restarting in %.1f s", inst.name, why, delay)
+        else:
+            log.warning("%s: %s; it loads again on its next request", inst.name, why)
+        return delay
+
+    async def check_crashes(self) -> None:
+        for inst in self.instances.values():
+            if inst.popen is None or inst.expect_exit or inst.op is not None:
+                continue  # an operation under way watches its own process
+            code = inst.popen.poll()
+            if code is None:
+                continue
+            was = inst.state
+            await engine.kill_leftovers(inst.popen)
+            inst.forget_process()
+            delay = self._after_crash(inst, f"engine exited with code {code} while {was}", restart=was != SLEEPING)
+            if delay is None:
+                continue
+            if was == SLEEPING:
+                # It held nothing worth restarting for; it loads again on its next request.
+                inst.life.to(STOPPING)
+                inst.life.to(STOPPED)
+                continue
+            if inst.state != STARTING:
+                inst.life.to(STARTING)
+            self._ensure_task(inst, delay)
+
+    # ------------------------------------------------------------------- stop
+
+    async def _stop_process(self, inst: Instance, *, reason: str) -> None:
+        """SIGTERM the engine's group, wait, SIGKILL the group, then confirm no member holds GPU memory."""
+        popen = inst.popen
+        if popen is None:
+            if inst.state not in (STOPPED, FAILED):
+                inst.life.to(STOPPING)
+                inst.life.to(STOPPED)
+            return
+        inst.expect_exit = True
+        if inst.state != STOPPING:
+            inst.life.to(STOPPING)
+        members = set(await asyncio.to_thread(procs.session_members, popen.pid)) | {popen.pid}
+        t0 = time.monotonic()
+        gone = await engine.terminate(popen, self.cfg.stop_timeout)
+        port = inst.port
+        inst.forget_process()
+        held = await self._gpu_pids_of(members)
+        self.metrics.stops.labels(inst.name, reason).inc()
+        if not gone or held:
+            inst.error = f"engine group {popen.pid} did not exit" if not gone else f"GPU memory still held by pids {sorted(held)}"
+            log.error("%s: %s after stop", inst.name, inst.error)
+            self._fail(inst)
+            return
+        inst.life.to(STOPPED)
+        log.info("%s: stopped (%s) in %.1f s; port %s free", inst.name, reason, time.monotonic() - t0, port)
+
+    async def _gpu_pids_of(self, pids: set[int]) -> set[int]:
+        """Pids of `pids` that NVML (or the sim GPUs) still lists, after waiting a little for release."""
+        deadline = time.monotonic() + _GPU_RELEASE_WAIT_S
+        while True:
+            held = (await self.refresh_gpus()).gpu_pids() & pids
+            if not held or time.monotonic() >= deadline:
+                return held
+            await asyncio.sleep(0.25)
+
+    # ------------------------------------------------------------ sleep / wake
+
+    async def _drain(self, inst: Instance) -> None:
+        if inst.in_flight > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(inst.idle.wait(), self.cfg.drain_timeout)
+
+    def effective_level(self, inst: Instance, level: int) -> int:
+        """The sleep level carried out for `level`: 2 becomes 1 for a LoRA engine (warned once)."""
+        effective = placement.effective_sleep_level(level, inst.spec.lora_enabled)
+        if effective != level and not inst.lora_level_warned:
+            inst.lora_level_warned = True
+            log.warning(
+                "%s: sleeping at level %d instead of %d: it runs with --enable-lora, and vLLM 0.25 cannot "
+                "reload its weights after a level-2 sleep (reload_weights fails, then the engine dies)",
+                inst.name, effective, level,
+            )
+        return effective
+
+    async def _sleep_locked(self, inst: Instance, level: int, *, reason: str) -> None:
+        # Every sleep (API, idle timer, eviction) comes here: never level 2 for a LoRA engine.
+        level = self.effective_level(inst, level)
+        before = sum(inst.memory.values())
+        await self._drain(inst)
+        t0 = time.monotonic()
+        await self.engines.sleep(inst, level)
+        dt = time.monotonic() - t0
+        try:
+            # Measured before /state says sleeping, so it never shows a sleeping model with its awake
+            # memory (callers hold `inst.op`: no request takes the fast path meanwhile).
+            await self.refresh_gpus()
+        finally:
+            inst.life.to(SLEEPING, level=level)
+        after = sum(inst.memory.values())
+        self.metrics.sleeps.labels(inst.name, str(level), reason).inc()
+        log.info(
+            "%s: asleep at level %d (%s) in %.2f s; GPU memory %.2f -> %.2f GiB",
+            inst.name, level, reason, dt, before / placement.GIB, after / placement.GIB,
+        )
+
+    async def _wake_locked(self, inst: Instance) -> None:
+        inst.op = "wake"
+        try:
+            await self._make_room(inst)
+            level = inst.life.sleep_level
+            t0 = time.monotonic()
+            await self.engines.wake(inst, level)
+            inst.life.to(READY)
+            inst.touch()
+            dt = time.monotonic() - t0
+            self.metrics.wakes.labels(inst.name, str(level)).inc()
+            self.metrics.wake_seconds.labels(inst.name, str(level)).observe(dt)
+            await self.refresh_gpus()
+            log.info(
+                "%s: awake from level %d in %.2f s; GPU memory %.2f GiB",
+                inst.name, level, dt, sum(inst.memory.values()) / placement.GIB,
+            )
+        finally:
+            inst.op = None
+
+    # ---------------------------------------------------------- lifecycle API
+
+    async def load(self, name: str) -> Instance:
+        inst = self.get(name)
+        if inst.state == FAILED:
+            inst.restart.reset()
+        await asyncio.shield(self._ensure_task(inst))
+        return inst
+
+    async def sleep(self, name: str, level: int, *, reason: str = "api") -> Instance:
+        inst = self.get(name)
+        if level not in (1, 2):
+            raise BadRequest(f"level must be 1 or 2, got {level}")
+        await self._wait_no_op(inst)
+        if inst.state == SLEEPING and inst.life.sleep_level == placement.effective_sleep_level(
+            level, inst.spec.lora_enabled
+        ):
+            return inst
+        if inst.state != READY:
+            raise Conflict(f"model {name} is {inst.state}; only a ready model can sleep")
+        # Claimed before taking the locks, without yielding: new requests wait for the wake.
+        inst.op = "sleep"
+        try:
+            async with self._locked(inst, neighbours=False):
+                if inst.state != READY or not inst.process_alive:
+                    raise Conflict(f"model {name} is {inst.state}; only a ready model can sleep")
+                await self._sleep_locked(inst, level, reason=reason)
+        finally:
+            inst.op = None
+        return inst
+
+    async def wake(self, name: str) -> Instance:
+        inst = self.get(name)
+        if inst.state not in (SLEEPING, READY):
+            raise Conflict(f"model {name} is {inst.state}; POST /models/{name}/load starts it")
+        await self.ensure_ready(inst)
+        return inst
+
+    async def unload(self, name: str, *, reason: str = "api") -> Instance:
+        inst = self.get(name)
+        if inst.ready_task is not None and not inst.ready_task.done():
+            inst.ready_task.cancel()  # a load under way stops its own engine when cancelled
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await inst.ready_task
+        await self._wait_no_op(inst)
+        inst.op = "stop"
+        try:
+            async with self._locked(inst, neighbours=False):
+                await self._drain(inst)
+                await self._stop_process(inst, reason=reason)
+        finally:
+            inst.op = None
+        return inst
+
+    async def load_lora(self, inst: Instance, lname: str, lpath: str | None) -> None:
+        path = lpath or inst.spec.lora_adapters.get(lname) or inst.extra_loras.get(lname)
+        if path is None:
+            raise BadRequest(f"LoRA {lname!r} is not in the catalog of {inst.name}: give its lora_path")
+        if not inst.spec.lora_adapters:
+            raise Conflict(f"model {inst.name} runs without LoRA support (no lora_adapters in its catalog entry)")
+        async with inst.lock:
+            if lname not in inst.spec.lora_adapters:
+                inst.extra_loras[lname] = path
+            if inst.state == READY:
+                await self.engines.load_lora(inst, lname, path)
+            # Otherwise it is loaded when the engine is next ready.
+
+    async def unload_lora(self, inst: Instance, lname: str) -> None:
+        async with inst.lock:
+            inst.extra_loras.pop(lname, None)
+            if inst.state == READY and lname in inst.loras:
+                await self.engines.unload_lora(inst, lname)
+            inst.loras.discard(lname)
+
+    # ------------------------------------------------------------ idle timers
+
+    def check_idle(self) -> None:
+        now = time.monotonic()
+        for inst in self.instances.values():
+            spec = inst.spec
+            action = idle_action(
+                state=inst.state,
+                in_flight=inst.in_flight,
+                busy=inst.op is not None or (inst.ready_task is not None and not inst.ready_task.done()),
+                pinned=spec.pinned,
+                idle_for=now - inst.last_used,
+                idle_timeout=spec.idle_timeout,
+                unload_timeout=spec.unload_timeout,
+                sleep_level_on_idle=spec.sleep_level_on_idle,
+            )
+            # Never wait behind a start on the same GPU (the model could not serve meanwhile):
+            # try again on the next tick.
+            if action is None or not self._locks_free(inst):
+                continue
+            inst.op = "sleep" if action == IDLE_SLEEP else "stop"
+            self._spawn_task(self._idle(inst, action))
+
+    async def _idle(self, inst: Instance, action: str) -> None:
+        try:
+            async with self._locked(inst, neighbours=False):
+                if inst.in_flight or not inst.process_alive:
+                    return
+                if action == IDLE_SLEEP and inst.state == READY:
+                    await self._sleep_locked(inst, inst.spec.sleep_level_on_idle, reason="idle")
+                elif action != IDLE_SLEEP and inst.state in (READY, SLEEPING):
+                    await self._stop_process(inst, reason="idle")
+        finally:
+            inst.op = None

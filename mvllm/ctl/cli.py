@@ -1,0 +1,222 @@
+"""Operator commands against a running router's admin API: `mvllm ps`, `status`, `drain`,
+`undrain`, `reload`, `load`, `unload`, `sleep`, `wake` and `top` (the dashboard of a remote router).
+
+`--router URL` (env MVLLM_ROUTER, default http://127.0.0.1:8888) picks the router; `--key`
+(env MVLLM_ADMIN_KEY) is sent as `Authorization: Bearer`. Exit status: 0 done, 1 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+from mvllm.ctl.client import RouterClient, RouterError, RouterUnreachable, default_key, default_router
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_NO_HEALTHY_NODE = 2
+
+
+def _common(json_output: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--router",
+        metavar="URL",
+        default=None,
+        help="the router's base URL (default: $MVLLM_ROUTER, else http://127.0.0.1:8888)",
+    )
+    p.add_argument("--key", default=None, help="admin key, sent as a bearer token (default: $MVLLM_ADMIN_KEY)")
+    if json_output:
+        p.add_argument("--json", action="store_true", help="print the router's JSON answer instead of a table")
+    return p
+
+
+def register(subparsers: Any) -> None:
+    common = _common()
+    ps = subparsers.add_parser("ps", parents=[common], help="nodes and models of a running router, as tables")
+    ps.set_defaults(func=lambda a: _main(a, _ps))
+
+    st = subparsers.add_parser("status", parents=[common], help="is the router up, how many nodes are healthy")
+    st.set_defaults(func=lambda a: _main(a, _status))
+
+    for name, what in (("drain", "take no new requests (in-flight ones finish)"), ("undrain", "take requests again")):
+        p = subparsers.add_parser(name, parents=[common], help=f"{what}: a node, at run time")
+        p.add_argument("node", help="node name, as `mvllm ps` shows it")
+        if name == "drain":
+            p.add_argument("--wait", action="store_true", help="wait until the node has no request in flight")
+            p.add_argument("--timeout", type=float, default=300.0, help="limit of --wait, seconds (default 300)")
+        p.set_defaults(func=lambda a, name=name: _main(a, _drain if name == "drain" else _undrain))
+
+    rl = subparsers.add_parser("reload", parents=[common], help="re-read servers.toml now (an invalid file is refused)")
+    rl.set_defaults(func=lambda a: _main(a, _reload))
+
+    helps = {
+        "load": "load a model on an agent and wait until it is ready",
+        "unload": "stop a model's engine on an agent",
+        "sleep": "put a model to sleep on an agent (vLLM sleep mode)",
+        "wake": "wake a sleeping model",
+    }
+    for action, text in helps.items():
+        p = subparsers.add_parser(action, parents=[common], help=text)
+        p.add_argument("model", help="model name, as clients send it")
+        p.add_argument("--node", help="the agent to act on (default: the router picks)")
+        if action == "sleep":
+            p.add_argument("--level", type=int, choices=(1, 2), default=1, help="1: weights to CPU RAM; 2: discarded")
+        p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
+        p.set_defaults(func=lambda a, action=action: _main(a, _model_action(action)))
+
+    top = subparsers.add_parser("top", parents=[_common(json_output=False)], help="the full-screen dashboard of a running router")
+    top.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds (default 1)")
+    top.set_defaults(func=_top)
+
+
+def _client(args: argparse.Namespace) -> RouterClient:
+    return RouterClient(args.router or default_router(), args.key or default_key())
+
+
+def _main(args: argparse.Namespace, command: Callable[[RouterClient, argparse.Namespace], Awaitable[int]]) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            try:
+                return await command(client, args)
+            except RouterUnreachable as exc:
+                _err(str(exc))
+            except RouterError as exc:
+                _err(_explain(exc))
+            return EXIT_ERROR
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130
+
+
+def _explain(exc: RouterError) -> str:
+    if exc.status == 401:
+        return f"{exc.message} (give an admin key with --key or MVLLM_ADMIN_KEY)"
+    if exc.status == 403:
+        return f"{exc.message} (this key is not an admin key, or the router takes admin calls from its own host only)"
+    return exc.message
+
+
+def _err(message: str) -> None:
+    print(f"mvllm: error: {message}", file=sys.stderr)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+async def _ps(client: RouterClient, args: argparse.Namespace) -> int:
+    from mvllm.ctl.fleet import build_fleet
+    from mvllm.ctl.render import ps_text
+
+    doc = await client.nodes()
+    fleet = build_fleet(doc)
+    if args.json:
+        _print_json({"router": doc.get("router"), "nodes": doc.get("nodes"), "models": [asdict(m) for m in fleet.models]})
+    else:
+        print(ps_text(fleet))
+    return EXIT_OK
+
+
+async def _status(client: RouterClient, args: argparse.Namespace) -> int:
+    from mvllm.ctl.fleet import build_fleet
+    from mvllm.ctl.render import status_text
+
+    health = await client.health()
+    doc: dict[str, Any] | None
+    try:
+        doc = await client.nodes()
+    except RouterError:
+        doc = None  # no admin rights: /health alone still answers "is it up"
+    if args.json:
+        _print_json({"url": client.base_url, "health": health, "router": doc.get("router") if doc else None})
+    else:
+        print(status_text(client.base_url, health, build_fleet(doc) if doc else None))
+    if health.get("nodes") and not health.get("healthy_nodes"):
+        return EXIT_NO_HEALTHY_NODE
+    return EXIT_OK
+
+
+async def _drain(client: RouterClient, args: argparse.Namespace) -> int:
+    entry = await client.drain(args.node)
+    if args.wait:
+        deadline = time.monotonic() + args.timeout
+        while entry.get("in_flight", 0) > 0:
+            if time.monotonic() > deadline:
+                _err(f"node {args.node} still has {entry['in_flight']} request(s) in flight after {args.timeout:.0f}s")
+                return EXIT_ERROR
+            await asyncio.sleep(0.5)
+            doc = await client.nodes()
+            entry = next((n for n in doc["nodes"] if n["name"] == args.node), {"in_flight": 0})
+    if args.json:
+        _print_json(entry)
+    else:
+        left = entry.get("in_flight", 0)
+        tail = f"; {left} request(s) in flight finish there" if left else "; no request in flight"
+        print(f"node {args.node} drained: no new requests go there{tail}")
+    return EXIT_OK
+
+
+async def _undrain(client: RouterClient, args: argparse.Namespace) -> int:
+    entry = await client.undrain(args.node)
+    if args.json:
+        _print_json(entry)
+    else:
+        print(f"node {args.node} undrained: it takes requests again")
+    return EXIT_OK
+
+
+async def _reload(client: RouterClient, args: argparse.Namespace) -> int:
+    result = await client.reload()
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"config {result.get('config')} applied: {result.get('message')}")
+    return EXIT_OK
+
+
+def _model_action(action: str) -> Callable[[RouterClient, argparse.Namespace], Awaitable[int]]:
+    async def command(client: RouterClient, args: argparse.Namespace) -> int:
+        from mvllm.ctl.progress import Progress, run_model_action
+
+        outcome = await run_model_action(
+            client,
+            action,
+            args.model,
+            node=args.node,
+            level=getattr(args, "level", None) if action == "sleep" else None,
+            timeout=args.timeout,
+            progress=None if args.json else Progress(sys.stderr),
+        )
+        if args.json:
+            _print_json({"ok": outcome.ok, "message": outcome.message, "elapsed_s": round(outcome.elapsed, 3),
+                         "result": outcome.result, "log_tail": outcome.log_tail})  # fmt: skip
+        elif outcome.ok:
+            print(outcome.message)
+        else:
+            _err(outcome.message)
+            if outcome.log_tail:
+                print("--- engine log (last lines) ---", file=sys.stderr)
+                print("\n".join(outcome.log_tail), file=sys.stderr)
+        return EXIT_OK if outcome.ok else EXIT_ERROR
+
+    return command
+
+
+def _top(args: argparse.Namespace) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        _err("mvllm top needs a terminal; `mvllm ps` prints the same facts as tables")
+        return EXIT_ERROR
+    from mvllm.tui.app import DashboardApp
+
+    app = DashboardApp(args.router or default_router(), key=args.key or default_key(), refresh_interval=args.interval)
+    app.run()
+    return EXIT_OK

@@ -1,0 +1,328 @@
+"""The router's aiohttp application: routes, the middleware list, and the background loops
+(pooled session, scraper, config watcher) owned by cleanup_ctx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from mvllm import __version__
+from mvllm.common.errors import error_response
+from mvllm.router.agents import AgentNode, agent_stats
+from mvllm.router.auth import API_KEY, GATE_KEY, auth_middleware, visible_models
+from mvllm.router.config import RouterConfig
+from mvllm.router.guard import guard_middleware
+from mvllm.router.metrics import CONTENT_TYPE
+from mvllm.router.proxy import (
+    NODE_HEADER,
+    PROXIED_ALIASES,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_KEY,
+    Proxy,
+    new_request_id,
+)
+from mvllm.router.registry import Health
+from mvllm.router.reload import ConfigWatcher
+from mvllm.router.scraper import Scraper
+from mvllm.router.state import RouterState
+
+log = logging.getLogger("mvllm.router.app")
+
+STATE_KEY = web.AppKey("mvllm_router_state", RouterState)
+SCRAPER_KEY = web.AppKey("mvllm_router_scraper", Scraper)
+CONFIG_PATH_KEY = web.AppKey("mvllm_router_config_path", str)
+
+# How long the first look at the nodes (health, models, load) may hold up the start.
+_STARTUP_PROBE_TIMEOUT = 5.0
+# In-flight requests get this long to finish when the router stops.
+SHUTDOWN_TIMEOUT = 10.0
+_MAX_REQUEST_ID = 128
+
+
+# -- middlewares ------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every answer carries x-request-id (the client's own, if it sent a sane one) and x-mvllm-node
+    ("-" when the router answered by itself)."""
+    rid = request.headers.get(REQUEST_ID_HEADER)
+    if not rid or len(rid) > _MAX_REQUEST_ID or not rid.isprintable():
+        rid = new_request_id()
+    request[REQUEST_ID_KEY] = rid
+    resp = await handler(request)
+    if not resp.prepared:
+        resp.headers.setdefault(REQUEST_ID_HEADER, rid)
+        resp.headers.setdefault(NODE_HEADER, "-")
+    return resp
+
+
+@web.middleware
+async def openai_errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Errors raised by aiohttp itself (405, 404 ...) and unexpected ones, in OpenAI form."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        if exc.status == 404:
+            message = f"{request.method} {request.path} is not served by this router"
+        else:
+            message = f"{exc.reason}: {request.method} {request.path}"
+        return error_response(exc.status, message, headers=headers)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        if request.writer is not None and request.writer.output_size > 0:
+            raise
+        return error_response(500, "internal error in the router (see its log)")
+
+
+# The one list of middlewares, outermost first. Request hygiene, then auth and rate limits
+# (auth.py) come right after the request id and the error form, so that their rejections carry both.
+MIDDLEWARES = (request_id_middleware, openai_errors_middleware, guard_middleware, auth_middleware)
+
+
+# -- routes of the router itself ----------------------------------------------------------------------
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    nodes = state.registry.nodes()
+    return _json(
+        {
+            "status": "ok",
+            "nodes": len(nodes),
+            "healthy_nodes": state.registry.healthy_count(time.monotonic()),
+            "models": len(state.registry.models()),
+        }
+    )
+
+
+async def load_stats(request: web.Request) -> web.Response:
+    return _json(load_stats_snapshot(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY)))
+
+
+def load_stats_snapshot(state: RouterState, config_path: str | None = None) -> dict[str, Any]:
+    """The JSON snapshot behind /load-stats (also what the dashboard reads)."""
+    now = time.monotonic()
+    policy = state.policy
+    nodes = []
+    for n in state.registry.iter_all():
+        score = policy.score(n)
+        entry = {
+            "name": n.name,
+            "url": n.url,
+            "kind": n.kind,
+            "models": sorted(n.models),
+            "running": round(n.running, 3),
+            "waiting": round(n.waiting, 3),
+            "in_flight": n.in_flight,
+            "capacity": n.capacity,
+            "weight": n.weight,
+            "score": round(score, 4) if score != float("inf") else None,
+            "healthy": n.routable(now),
+            "health": n.health.value,
+            "breaker": n.breaker.state.value,
+            "draining": n.draining,
+            "removed": n.retired,
+            "last_scrape_age_s": round(now - n.last_scrape, 3) if n.last_scrape is not None else None,
+            "scrape_error": n.scrape_error,
+            "health_error": n.health_error if n.health is not Health.UP else None,
+        }
+        if isinstance(n, AgentNode):
+            entry.update(agent_stats(n, policy, now))  # error, and the agent's GPUs, engines, catalog
+        nodes.append(entry)
+    return {
+        "router": {
+            "version": __version__,
+            "uptime_s": round(time.time() - state.started_at, 1),
+            "policy": policy.type,
+            "config": config_path,
+            "last_reload": state.last_reload.as_dict() if state.last_reload else None,
+        },
+        "nodes": nodes,
+        "models": {m: [n.name for n in state.registry.nodes_for(m)] for m in sorted(state.registry.models())},
+        "auth": state.gate.snapshot(),
+    }
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    doc = request.app[STATE_KEY].registry.models_document()
+    key = request.get(API_KEY)
+    if key is not None:  # a key sees only the models it may use
+        doc = {**doc, "data": visible_models(key, doc["data"])}
+    return _json(doc)
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model = request.match_info["model"]
+    cards = visible_models(request.get(API_KEY), request.app[STATE_KEY].registry.models_document()["data"])
+    for card in cards:
+        if card.get("id") == model:
+            return _json(card)
+    return error_response(404, f"The model `{model}` does not exist.", code="model_not_found")
+
+
+# -- background work ------------------------------------------------------------------------------------
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE_KEY]
+    # One pool for every node: keep-alive connections, no limit of our own (the engines queue),
+    # TCP_NODELAY is set by aiohttp on every connection. No cookie jar: cookies of one client must
+    # never travel with another's request. No automatic Accept-Encoding: bodies are relayed as is.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=60)
+    state.session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        trust_env=False,
+    )
+    try:
+        yield
+    finally:
+        await state.session.close()
+
+
+async def _scraper_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE_KEY]
+    scraper = app[SCRAPER_KEY]
+    state.on_nodes_changed = scraper.probe_soon
+    nodes = state.registry.nodes()
+    if nodes:
+        try:
+            await asyncio.wait_for(scraper.probe(nodes), timeout=_STARTUP_PROBE_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("some nodes did not answer within %.0fs at start; they are checked again shortly", _STARTUP_PROBE_TIMEOUT)
+    for n in nodes:
+        log.info("node %s (%s): %s, models: %s", n.name, n.url, n.health.value, ", ".join(sorted(n.models)) or "none yet")
+    task = asyncio.get_running_loop().create_task(scraper.run(), name="mvllm-scraper")
+    try:
+        yield
+    finally:
+        state.on_nodes_changed = None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await scraper.close()
+
+
+def _watch_ctx(path: Path) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        watcher = ConfigWatcher(app[STATE_KEY], path)
+        task = asyncio.get_running_loop().create_task(watcher.run(), name="mvllm-config-watch")
+        try:
+            yield
+        finally:
+            await watcher.stop(task)
+
+    return ctx
+
+
+def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: bool = True) -> web.Application:
+    """The router app for `config`; with `config_path` and `watch`, the file is hot-reloaded."""
+    # Bodies are read by the proxy itself against config.max_body_bytes (reloadable), so aiohttp's
+    # own cap is lifted.
+    app = web.Application(middlewares=MIDDLEWARES, client_max_size=2**62)
+    state = RouterState.create(config)
+    app[STATE_KEY] = state
+    app[GATE_KEY] = state.gate
+    app[SCRAPER_KEY] = Scraper(state)
+    if config_path is not None:
+        app[CONFIG_PATH_KEY] = str(config_path)
+    proxy = Proxy(state)
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/load-stats", load_stats)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/v2/{tail:.*}", proxy.handle)
+    for alias in sorted(PROXIED_ALIASES):
+        app.router.add_route("*", alias, proxy.handle)
+    # Anything else is aiohttp's 404/405, turned into OpenAI form by the error middleware.
+    from mvllm.router.admin import register_admin_routes  # imported here: admin imports this module
+
+    register_admin_routes(app)
+    from mvllm.router.admin_models import register_model_routes  # imported here: it imports this module
+
+    register_model_routes(app)
+
+    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(_scraper_ctx)
+    if config_path is not None and watch:
+        app.cleanup_ctx.append(_watch_ctx(config_path))
+    return app
+
+
+@dataclass
+class RunningRouter:
+    app: web.Application
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def state(self) -> RouterState:
+        return self.app[STATE_KEY]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def running_router(
+    config: RouterConfig, *, host: str, port: int, config_path: Path | None = None, watch: bool = True
+) -> AsyncIterator[RunningRouter]:
+    """Start the router on host:port (0 = any free port) and stop it, in-flight requests drained."""
+    app = create_app(config, config_path=config_path, watch=watch)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes the
+    # upstream connection, which makes the engine abort the request.
+    # keepalive_timeout also closes a connection that never completes its first request's headers
+    # (aiohttp arms it when the connection opens): idle and slow-header connections are bounded.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        keepalive_timeout=config.client_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        bound = runner.addresses[0]
+        warning = app[GATE_KEY].exposure_warning(host)
+        if warning:
+            log.warning("%s", warning)
+        yield RunningRouter(app, runner, host, int(bound[1]))
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,130 @@
+"""Per-node circuit breaker: a pure state machine driven by request outcomes and a clock value.
+
+    closed ──(failure_threshold consecutive failures)──▶ open
+    open ──(cooldown elapsed, next request is a probe)──▶ half-open
+    half-open ──(success_threshold successes)──▶ closed
+    half-open ──(any failure)──▶ open (cooldown starts again)
+
+While half-open only one request at a time is let through (the probe), so a node that is still
+broken costs at most one request per cooldown; that request is retried on another node anyway.
+Time is passed in (`now`, monotonic seconds), never read here, so tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+# Numeric values for the mvllm_node_breaker_state gauge.
+STATE_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    old: BreakerState
+    new: BreakerState
+
+
+class Breaker:
+    __slots__ = (
+        "_opened_at",
+        "_probe_in_flight",
+        "_successes",
+        "cooldown",
+        "failure_threshold",
+        "failures",
+        "state",
+        "success_threshold",
+    )
+
+    def __init__(self, failure_threshold: int = 2, cooldown: float = 10.0, success_threshold: int = 1) -> None:
+        self.failure_threshold = max(1, failure_threshold)
+        self.cooldown = max(0.0, cooldown)
+        self.success_threshold = max(1, success_threshold)
+        self.state = BreakerState.CLOSED
+        self.failures = 0  # consecutive failures while closed
+        self._successes = 0  # consecutive successes while half-open
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+
+    def configure(self, failure_threshold: int, cooldown: float, success_threshold: int) -> None:
+        """New thresholds from a config reload; the current state is kept."""
+        self.failure_threshold = max(1, failure_threshold)
+        self.cooldown = max(0.0, cooldown)
+        self.success_threshold = max(1, success_threshold)
+
+    def available(self, now: float) -> bool:
+        """Would a request be let through now? Reads only; `on_dispatch` commits."""
+        if self.state is BreakerState.CLOSED:
+            return True
+        if self.state is BreakerState.OPEN:
+            return now - self._opened_at >= self.cooldown
+        return not self._probe_in_flight
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until this breaker lets a request through again (0 when it does now)."""
+        if self.state is BreakerState.OPEN:
+            return max(0.0, self._opened_at + self.cooldown - now)
+        return 0.0
+
+    def on_dispatch(self, now: float) -> Transition | None:
+        """A request is being sent to the node. Returns a transition when it becomes the probe."""
+        if self.state is BreakerState.OPEN and now - self._opened_at >= self.cooldown:
+            self.state = BreakerState.HALF_OPEN
+            self._successes = 0
+            self._probe_in_flight = True
+            return Transition(BreakerState.OPEN, BreakerState.HALF_OPEN)
+        if self.state is BreakerState.HALF_OPEN:
+            self._probe_in_flight = True
+        return None
+
+    def on_success(self, now: float) -> Transition | None:
+        if self.state is BreakerState.CLOSED:
+            self.failures = 0
+            return None
+        if self.state is BreakerState.HALF_OPEN:
+            self._probe_in_flight = False
+            self._successes += 1
+            if self._successes >= self.success_threshold:
+                self.state = BreakerState.CLOSED
+                self.failures = 0
+                return Transition(BreakerState.HALF_OPEN, BreakerState.CLOSED)
+        # OPEN: a late answer to a request sent before the breaker opened proves little; ignore it.
+        return None
+
+    def on_failure(self, now: float) -> Transition | None:
+        if self.state is BreakerState.CLOSED:
+            self.failures += 1
+            if self.failures >= self.failure_threshold:
+                return self._open(now, BreakerState.CLOSED)
+            return None
+        if self.state is BreakerState.HALF_OPEN:
+            self._probe_in_flight = False
+            return self._open(now, BreakerState.HALF_OPEN)
+        return None
+
+    def on_abandon(self) -> None:
+        """The request ended without a verdict (client went away): free the probe slot."""
+        self._probe_in_flight = False
+
+    def reset(self) -> Transition | None:
+        """Close at once: the node was seen coming back (its /health recovered after being down)."""
+        old = self.state
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self._successes = 0
+        self._probe_in_flight = False
+        return Transition(old, BreakerState.CLOSED) if old is not BreakerState.CLOSED else None
+
+    def _open(self, now: float, old: BreakerState) -> Transition:
+        self.state = BreakerState.OPEN
+        self._opened_at = now
+        self._successes = 0
+        return Transition(old, BreakerState.OPEN)

@@ -1,0 +1,44 @@
+"""`mvllm run`: the router command line (the work is in mvllm.router.serve, imported when run)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="start the router (the built-in demo when no servers.toml is found)",
+        description=(
+            "Start the router: one OpenAI-compatible endpoint over the vLLM servers of servers.toml. "
+            "The config is --config FILE, else ./servers.toml, else ~/.config/mvllm/servers.toml; "
+            "without any, or with --demo, it starts a demo of three simulated engines."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="servers.toml to use (watched: edits apply without restart)")
+    p.add_argument("--host", help="listen address (default: [router] host, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default: [router] port, else 8888)")
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="plain log lines on the console instead of the full-screen dashboard (the default without a TTY)",
+    )
+    p.add_argument("--demo", action="store_true", help="start the demo even if a servers.toml exists")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mvllm.router.serve import ServeOptions, main
+
+    return main(
+        ServeOptions(
+            config=args.config,
+            host=args.host,
+            port=args.port,
+            demo=args.demo,
+            console=args.console,
+            log_level=args.log_level,
+        )
+    )

@@ -1,0 +1,332 @@
+"""The router's configuration: typed dataclasses and the loader of `servers.toml`.
+
+The original mvllm format (`[servers] servers = [{url, max_concurrent_requests}]` and its `[config]`
+keys) loads unchanged; new keys are documented in servers.example.toml and docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from yarl import URL
+
+from mvllm.common.tomlconf import Section, load_toml
+from mvllm.router.auth_config import AuthConfig, load_auth, read_node_api_key
+
+CONFIG_NAME = "servers.toml"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8888
+POLICY_TYPES = ("least-score", "round-robin")
+
+# Keys of the original mvllm `[config]` table that this router accepts so that old files load as
+# they are, but that have no effect: watchfiles replaces the reload poll, and the breaker replaces
+# the success-rate window.
+LEGACY_NO_EFFECT = ("config_reload_interval", "health_check_min_success_rate", "health_check_window_size")
+# How long a request that makes an agent load (or wake) its model may wait for the first byte.
+DEFAULT_LOAD_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One node as the operator wrote it: a static server (`[servers]`, kind "static") or a node
+    agent (`[[agents]]`, kind "agent", which adds `token` and `load_timeout`)."""
+
+    name: str
+    url: str
+    capacity: int | None = None
+    models: tuple[str, ...] | None = None
+    weight: float = 1.0
+    drain: bool = False
+    kind: str = "static"
+    # The bearer token the router sends to the node: an agent's token, or a static server's api_key
+    # (a vLLM started with --api-key). Never shown (repr=False).
+    token: str | None = field(default=None, repr=False)
+    load_timeout: float = DEFAULT_LOAD_TIMEOUT  # agents: first-byte wait of a request that loads a model
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    enabled: bool = True
+    interval: float = 10.0
+    timeout: float = 2.0
+    failures_to_down: int = 2
+    max_response_time: float = 10.0
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    connect: float = 3.0
+    first_byte: float = 300.0
+    total: float = 300.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_retries: int = 3
+    backoff_base: float = 0.02
+    backoff_max: float = 0.5
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failure_threshold: int = 2
+    cooldown: float = 10.0
+    success_threshold: int = 1
+
+
+@dataclass(frozen=True)
+class ScrapeConfig:
+    interval: float = 1.0
+    timeout: float = 0.5
+    models_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    type: str = "least-score"
+    idle_threshold: float = 0.5
+    waiting_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    nodes: tuple[NodeConfig, ...] = ()
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_body_bytes: int = 32 * 1024 * 1024
+    default_capacity: int = 256
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    scrape: ScrapeConfig = field(default_factory=ScrapeConfig)
+    # Seconds a client may stay idle on a connection (before its first request too, which bounds
+    # slow or never-finished headers), take to send its body, or leave a stream unread.
+    client_timeout: float = 60.0
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    source: Path | None = None
+
+
+def find_config(explicit: str | Path | None, *, cwd: Path | None = None, home: Path | None = None) -> Path | None:
+    """`--config`, else ./servers.toml, else ~/.config/mvllm/servers.toml; None means: run the demo."""
+    if explicit:
+        return Path(explicit)
+    cwd = cwd if cwd is not None else Path.cwd()
+    home = home if home is not None else Path.home()
+    for candidate in (cwd / CONFIG_NAME, home / ".config" / "mvllm" / CONFIG_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    """Read and validate a servers.toml; raises ConfigError naming the file, the key and the problem."""
+    return parse_config(load_toml(path), Path(path))
+
+
+def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterConfig:
+    root = Section(data, path, "")
+
+    router = root.section("router")
+    host = router.str("host", DEFAULT_HOST)
+    port = router.int("port", DEFAULT_PORT, min=1, max=65535)
+    max_body = router.int("max_body_bytes", RouterConfig.max_body_bytes, min=1024)
+    client_timeout = router.float("client_timeout", RouterConfig.client_timeout, min=0.1)
+    router.check_unknown()
+    auth = load_auth(root.raw("auth"), path if path is not None else Path(CONFIG_NAME))
+
+    cfg = root.section("config")
+    default_capacity = cfg.int("default_max_concurrent_requests", RouterConfig.default_capacity, min=1)
+    request_timeout = cfg.float("request_timeout", TimeoutConfig.total, min=0.1)
+    timeouts = TimeoutConfig(
+        connect=cfg.float("connect_timeout", TimeoutConfig.connect, min=0.01),
+        first_byte=cfg.float("first_byte_timeout", request_timeout, min=0.01),
+        total=request_timeout,
+    )
+    if timeouts.first_byte > timeouts.total:
+        raise cfg.error("first_byte_timeout", f"must be <= request_timeout ({timeouts.total}), got {timeouts.first_byte}")
+    health = HealthConfig(
+        enabled=cfg.bool("enable_active_health_check", True),
+        interval=cfg.float("health_check_interval", HealthConfig.interval, min=0.05),
+        timeout=cfg.float("health_check_timeout", HealthConfig.timeout, min=0.01),
+        failures_to_down=cfg.int("health_check_consecutive_failures", HealthConfig.failures_to_down, min=1),
+        max_response_time=cfg.float("health_check_max_response_time", HealthConfig.max_response_time, min=0.01),
+    )
+    retry = RetryConfig(
+        max_retries=cfg.int("max_retries", RetryConfig.max_retries, min=0, max=100),
+        backoff_base=cfg.float("retry_backoff_base", RetryConfig.backoff_base, min=0.0),
+        backoff_max=cfg.float("retry_backoff_max", RetryConfig.backoff_max, min=0.0),
+    )
+    if cfg.has("breaker_cooldown") and cfg.has("auto_recovery_threshold"):
+        raise cfg.error("auto_recovery_threshold", "set either breaker_cooldown or its old name, not both")
+    cooldown = cfg.float("breaker_cooldown", None, min=0.0)
+    if cooldown is None:
+        cooldown = cfg.float("auto_recovery_threshold", BreakerConfig.cooldown, min=0.0)
+    breaker = BreakerConfig(
+        failure_threshold=cfg.int("failure_threshold", BreakerConfig.failure_threshold, min=1),
+        cooldown=cooldown,
+        success_threshold=cfg.int("breaker_success_threshold", BreakerConfig.success_threshold, min=1),
+    )
+    scrape = ScrapeConfig(
+        interval=cfg.float("scrape_interval", ScrapeConfig.interval, min=0.05),
+        timeout=cfg.float("scrape_timeout", ScrapeConfig.timeout, min=0.01),
+        models_interval=cfg.float("models_refresh_interval", ScrapeConfig.models_interval, min=0.1),
+    )
+    # Original keys with no effect here (see LEGACY_NO_EFFECT): still type-checked, so typos show.
+    cfg.float("health_check_min_success_rate", None, min=0.0, max=1.0)
+    cfg.int("health_check_window_size", None, min=1)
+    cfg.float("config_reload_interval", None, min=0)
+    cfg.check_unknown()
+
+    pol = root.section("policy")
+    policy = PolicyConfig(
+        type=pol.choice("type", PolicyConfig.type, POLICY_TYPES),
+        idle_threshold=pol.float("idle_threshold", PolicyConfig.idle_threshold, min=0.0),
+        waiting_weight=pol.float("waiting_weight", PolicyConfig.waiting_weight, min=0.0),
+    )
+    pol.check_unknown()
+
+    servers = root.section("servers")
+    nodes = _parse_nodes(servers, path)
+    servers.check_unknown()
+    nodes += _parse_agents(root, path, nodes)
+    if auth.agent_token:  # [auth] agent_token: the token of each agent that names none of its own
+        nodes = tuple(replace(n, token=auth.agent_token) if n.kind == "agent" and n.token is None else n for n in nodes)
+    root.check_unknown()
+
+    return RouterConfig(
+        nodes=nodes,
+        host=host or DEFAULT_HOST,
+        port=port or DEFAULT_PORT,
+        max_body_bytes=max_body or RouterConfig.max_body_bytes,
+        default_capacity=default_capacity or RouterConfig.default_capacity,
+        policy=policy,
+        health=health,
+        timeouts=timeouts,
+        retry=retry,
+        breaker=breaker,
+        scrape=scrape,
+        client_timeout=client_timeout if client_timeout is not None else RouterConfig.client_timeout,
+        auth=auth,
+        source=path,
+    )
+
+
+def _parse_nodes(servers: Section, path: Path | None) -> tuple[NodeConfig, ...]:
+    entries = servers.raw("servers", [])
+    if not isinstance(entries, list):
+        raise servers.error("servers", "expected a list of tables like { url = \"http://host:8000\" }")
+    nodes: list[NodeConfig] = []
+    names: dict[str, str] = {}
+    urls: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        s = Section(entry, path, f"servers.servers[{i}]")
+        url = _parse_url(s)
+        capacity = s.int("max_concurrent_requests", None, min=1)
+        name = s.str("name", None) or _default_name(url)
+        if not name.strip():
+            raise s.error("name", "must not be empty")
+        models = s.str_list("models", None)
+        if models is not None and (not models or any(not m for m in models)):
+            raise s.error("models", "expected a non-empty list of model names")
+        weight = s.float("weight", 1.0, min=0.0)
+        if weight is not None and weight <= 0:
+            raise s.error("weight", "must be > 0 (use drain = true to take a node out)")
+        drain = s.bool("drain", False)
+        api_key = read_node_api_key(s)
+        s.check_unknown()
+        if name in names:
+            raise s.error("name", f"duplicate node name {name!r} (also {names[name]})")
+        if url in urls:
+            raise s.error("url", f"duplicate url {url!r} (also {urls[url]})")
+        names[name] = s.prefix
+        urls[url] = s.prefix
+        nodes.append(
+            NodeConfig(
+                name=name,
+                url=url,
+                capacity=capacity,
+                models=tuple(models) if models is not None else None,
+                weight=weight if weight is not None else 1.0,
+                drain=drain,
+                token=api_key,
+            )
+        )
+    return tuple(nodes)
+
+
+def _parse_agents(root: Section, path: Path | None, servers: tuple[NodeConfig, ...]) -> tuple[NodeConfig, ...]:
+    """`[[agents]]`: node agents (`mvllm agent`), each with its url and the token of its API."""
+    entries = root.raw("agents", [])
+    if not isinstance(entries, list):
+        raise root.error("agents", 'expected [[agents]] tables like url = "http://gpu-1:7070"')
+    names = {n.name: "servers" for n in servers}
+    urls = {n.url: "servers" for n in servers}
+    agents: list[NodeConfig] = []
+    for i, entry in enumerate(entries):
+        s = Section(entry, path, f"agents[{i}]")
+        url = _parse_url(s)
+        name = s.str("name", None) or _default_name(url)
+        if not name.strip():
+            raise s.error("name", "must not be empty")
+        if s.has("token") and s.has("token_env"):
+            raise s.error("token", "give either token or token_env, not both")
+        token = s.str("token", None)
+        token_env = s.str("token_env", None)
+        if token_env is not None:
+            token = os.environ.get(token_env) or None
+            if token is None:
+                raise s.error("token_env", f"environment variable {token_env} is not set or empty")
+        elif token is not None and not token:
+            raise s.error("token", "must not be empty (leave it out for an agent without a token)")
+        weight = s.float("weight", 1.0, min=0.0)
+        if weight is not None and weight <= 0:
+            raise s.error("weight", "must be > 0 (use drain = true to take an agent out)")
+        drain = s.bool("drain", False)
+        load_timeout = s.float("load_timeout", DEFAULT_LOAD_TIMEOUT, min=1.0)
+        s.check_unknown()
+        if name in names:
+            raise s.error("name", f"duplicate node name {name!r} (also {names[name]})")
+        if url in urls:
+            raise s.error("url", f"duplicate url {url!r} (also {urls[url]})")
+        names[name] = s.prefix
+        urls[url] = s.prefix
+        agents.append(
+            NodeConfig(
+                name=name,
+                url=url,
+                weight=weight if weight is not None else 1.0,
+                drain=drain,
+                kind="agent",
+                token=token,
+                load_timeout=load_timeout if load_timeout is not None else DEFAULT_LOAD_TIMEOUT,
+            )
+        )
+    return tuple(agents)
+
+
+def _parse_url(s: Section) -> str:
+    raw = s.str("url", required=True)
+    assert raw is not None
+    try:
+        url = URL(raw.strip())
+    except ValueError:
+        raise s.error("url", f"not a valid URL: {raw!r}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise s.error("url", f"expected http://host:port or https://host:port, got {raw!r}")
+    path = url.path.rstrip("/")
+    if path.endswith("/v1"):
+        raise s.error("url", f"give the server's base URL without /v1 (e.g. {url.origin()}), got {raw!r}")
+    return str(url.origin()) + path
+
+
+def _default_name(url: str) -> str:
+    u = URL(url)
+    name = f"{u.host}:{u.port}" if u.port else str(u.host)
+    path = u.path.rstrip("/")
+    return name + path

@@ -1,0 +1,89 @@
+"""The router's own Prometheus metrics (prefix `mvllm_`, never `vllm:`), in a private CollectorRegistry.
+
+Per-request counters and histograms are updated once per request, never per stream chunk. Node
+gauges (score, load, breaker state) are read from the registry when /metrics is scraped, so the
+hot path does not maintain them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mvllm.router.breaker import STATE_VALUE
+from mvllm.router.policy import Policy
+from mvllm.router.registry import Registry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _NodeCollector(Collector):
+    def __init__(self, registry: Registry, policy: Callable[[], Policy]) -> None:
+        self._registry = registry
+        self._policy = policy
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        # Registration must not call collect(): the state it reads is not wired up yet.
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        policy = self._policy()
+        now = time.monotonic()
+        families = {
+            "score": GaugeMetricFamily("mvllm_node_score", "Load score of the node under the current policy", labels=["node"]),
+            "in_flight": GaugeMetricFamily("mvllm_node_in_flight", "Requests the router has in flight on the node", labels=["node"]),
+            "running": GaugeMetricFamily("mvllm_node_running", "Estimated running requests on the node", labels=["node"]),
+            "waiting": GaugeMetricFamily("mvllm_node_waiting", "Estimated waiting requests on the node", labels=["node"]),
+            "capacity": GaugeMetricFamily("mvllm_node_capacity", "Configured capacity of the node", labels=["node"]),
+            "breaker": GaugeMetricFamily(
+                "mvllm_node_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", labels=["node"]
+            ),
+            "healthy": GaugeMetricFamily("mvllm_node_healthy", "1 when the node can take requests now", labels=["node"]),
+        }
+        for node in self._registry.iter_all():
+            n = [node.name]
+            families["score"].add_metric(n, policy.score(node))
+            families["in_flight"].add_metric(n, node.in_flight)
+            families["running"].add_metric(n, node.running)
+            families["waiting"].add_metric(n, node.waiting)
+            families["capacity"].add_metric(n, node.capacity)
+            families["breaker"].add_metric(n, STATE_VALUE[node.breaker.state])
+            families["healthy"].add_metric(n, 1.0 if node.routable(now) else 0.0)
+        yield from families.values()
+
+
+class RouterMetrics:
+    def __init__(self, registry: Registry, policy: Callable[[], Policy]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mvllm_requests", "Requests answered, by model, node and HTTP status", ["model", "node", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "mvllm_request_duration_seconds", "Time from request to last byte sent", ["model"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttfb = Histogram(
+            "mvllm_time_to_first_byte_seconds", "Time from request to first body byte sent", ["model"], buckets=_TTFB_BUCKETS, registry=r
+        )
+        self.retries = Counter("mvllm_retries", "Requests retried on another node, by reason", ["model", "reason"], registry=r)
+        self.node_failures = Counter(
+            "mvllm_node_failures", "Failures counted against a node, by kind", ["node", "kind"], registry=r
+        )
+        self.stream_errors = Counter(
+            "mvllm_stream_errors", "Answers that broke after their first byte reached the client", ["node"], registry=r
+        )
+        self.breaker_transitions = Counter(
+            "mvllm_breaker_transitions", "Circuit breaker state changes", ["node", "to"], registry=r
+        )
+        self.reloads = Counter("mvllm_config_reloads", "Config reloads, by result", ["result"], registry=r)
+        r.register(_NodeCollector(registry, policy))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,553 @@
+"""Forwarding of one client request: body limit, routing by the body's `model`, retries on the
+next-best node, and relay of the answer chunk by chunk as it arrives.
+
+Hot path: the body is read once and parsed once (json.loads, only for `model`), the pooled
+session is reused, stream chunks are written as they come with no parsing, logging or metrics
+per chunk. Nothing reaches the client until the node has answered properly (headers plus the
+first chunk of a stream, or the whole of a sized body), so up to that point a failure is retried
+on another node; after it, a broken stream ends with an SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from mvllm.common.errors import error_response, sse_error_event
+from mvllm.router.agents import AUTH_STATUSES, unread_catalogs
+from mvllm.router.auth import RESPONSE_TAIL
+from mvllm.router.breaker import Transition
+from mvllm.router.policy import choose_tiered
+from mvllm.router.registry import Health, Node
+from mvllm.router.retry import (
+    RETRY_STATUSES,
+    AttemptFailure,
+    FailureKind,
+    FailureLedger,
+    backoff_delay,
+    classify_exception,
+)
+from mvllm.router.scraper import describe
+from mvllm.router.state import RouterState
+
+log = logging.getLogger("mvllm.router.proxy")
+
+# The request id, set by the app's first middleware for every request (typed key on aiohttp >= 3.14).
+REQUEST_ID_KEY: Any = web.RequestKey("mvllm_request_id", str) if hasattr(web, "RequestKey") else "mvllm_request_id"
+NODE_HEADER = "x-mvllm-node"
+REQUEST_ID_HEADER = "x-request-id"
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+     "transfer-encoding", "upgrade"}
+)
+# Host and length are set for the upstream request by the client library; Expect is answered here.
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", REQUEST_ID_HEADER}
+# The headers a client's API key travels in (keys.extract_token): dropped when the router checks keys.
+_CLIENT_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+# The body is relayed byte for byte (no decompression), so content-encoding stays valid; the
+# length is recomputed by aiohttp; date/server are the router's own.
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server", NODE_HEADER, REQUEST_ID_HEADER}
+
+# Paths served by engines that clients may use through the router: the OpenAI API and the
+# un-versioned aliases vLLM accepts. Engine control (/sleep, /wake_up, /collective_rpc, /metrics)
+# must never be reachable from clients, and runtime LoRA loading is the agents' job.
+PROXIED_ALIASES = frozenset(
+    {"/rerank", "/score", "/tokenize", "/detokenize", "/pooling", "/classify", "/invocations", "/version", "/ping"}
+)
+_BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+# Non-streamed answers up to this size are read whole before the client sees a byte, which makes a
+# node that dies while sending one retryable. Bigger or unsized answers are streamed.
+_BUFFER_LIMIT = 8 * 1024 * 1024
+_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def is_proxied_path(path: str) -> bool:
+    if path.startswith(("/v1/", "/v2/")):
+        return path not in _BLOCKED
+    return path in PROXIED_ALIASES
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def forward_headers(src: Mapping[str, str], request_id: str, *, strip_auth: bool = False) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones (and those the Connection header names); with
+    `strip_auth`, minus the client's credentials too (the router's API key is no node's business)."""
+    extra = {t.strip().lower() for t in src.get("Connection", "").split(",") if t.strip()}
+    drop = _DROP_REQUEST | _CLIENT_CREDENTIALS if strip_auth else _DROP_REQUEST
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in src.items():
+        lk = k.lower()
+        if lk in drop or lk in extra:
+            continue
+        out.add(k, v)
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def with_bearer(headers: CIMultiDict[str], token: str) -> CIMultiDict[str]:
+    """A copy of `headers` carrying `token` as the only credential."""
+    out = headers.copy()
+    out.popall("x-api-key", None)
+    out["Authorization"] = "Bearer " + token
+    return out
+
+
+def response_headers(src: Mapping[str, str], node: str, request_id: str) -> CIMultiDict[str]:
+    extra = {t.strip().lower() for t in src.get("Connection", "").split(",") if t.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in src.items():
+        lk = k.lower()
+        if lk in _DROP_RESPONSE or lk in extra:
+            continue
+        out.add(k, v)
+    out[NODE_HEADER] = node
+    out[REQUEST_ID_HEADER] = request_id
+    return out
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def extract_model(body: bytes, content_type: str) -> str:
+    """The `model` of a request body (JSON, or a multipart form as in audio transcriptions)."""
+    return parse_request(body, content_type)[0]
+
+
+def parse_request(body: bytes, content_type: str) -> tuple[str, Any]:
+    """The `model` of a request body and the parsed JSON document (None for a form). Only `model`
+    is checked: the engine judges the rest of the body and answers its own 400."""
+    if content_type.startswith("multipart/form-data"):
+        model = _multipart_field(body, content_type, "model")
+        if not model:
+            raise BadRequest("the form has no 'model' field", "missing_model")
+        return model, None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON", "invalid_json") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the request body must be a JSON object", "invalid_json")
+    model = doc.get("model")
+    if model is None:
+        raise BadRequest("the request has no 'model'; the router needs it to pick a node", "missing_model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string", "invalid_model")
+    return model, doc
+
+
+def _multipart_field(body: bytes, content_type: str, name: str) -> str | None:
+    boundary = None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        return None
+    marker = f'name="{name}"'.encode()
+    for part in body.split(b"--" + boundary.encode()):
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if sep and marker in head:
+            # A part's value ends with the CRLF that precedes the next boundary.
+            if value.endswith(b"\r\n"):
+                value = value[:-2]
+            return value.decode("utf-8", "replace").strip()
+    return None
+
+
+class _SendWatch:
+    """Drops a streaming client that accepts nothing for `timeout` seconds (between one and two
+    checks) while the relay waits to write to it. The hot loop only flips `writing` and counts
+    `progress`; the check runs on a timer every `timeout` seconds."""
+
+    __slots__ = ("handle", "progress", "request", "request_id", "seen", "timeout", "writing")
+
+    def __init__(self, request: web.Request, timeout: float, request_id: str) -> None:
+        self.request = request
+        self.request_id = request_id
+        self.timeout = timeout
+        self.writing = False
+        self.progress = 0
+        self.seen = -1
+        self.handle = asyncio.get_running_loop().call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        if self.writing and self.progress == self.seen:
+            log.warning("request %s: client read nothing for %g s; dropping it and the node's request",
+                        self.request_id, self.timeout)
+            transport = self.request.transport
+            if transport is not None:
+                # abort, not close: close would wait to flush to a client that does not read. The
+                # lost connection cancels the handler, which closes the node's request.
+                transport.abort()
+            return
+        self.seen = self.progress
+        self.handle = asyncio.get_running_loop().call_later(self.timeout, self._check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+@dataclass(slots=True)
+class UpstreamAnswer:
+    """A node's failed answer, kept so that it can be returned as is if every node fails."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    node: Node
+
+
+@dataclass(slots=True)
+class Failed:
+    failure: AttemptFailure[Node]
+    detail: str
+    answer: UpstreamAnswer | None = None
+
+
+class Proxy:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+
+    # -- entry ---------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        state = self.state
+        request_id: str = request[REQUEST_ID_KEY]
+        if not is_proxied_path(request.path):
+            return error_response(404, f"{request.method} {request.path} is not served by this router", code="not_found")
+        body = b""
+        if request.body_exists:
+            limit = state.config.max_body_bytes
+            length = request.content_length
+            if length is not None and length > limit:
+                return self._too_large(limit)
+            try:
+                # A client that trickles its body (or never sends it) must not hold a handler forever.
+                async with asyncio.timeout(state.config.client_timeout):
+                    read = await self._read_body(request, limit)
+            except asyncio.IncompleteReadError:
+                return error_response(400, "the request body ended before its Content-Length", code="incomplete_body")
+            except TimeoutError:
+                self._count("", "-", 408)
+                return error_response(
+                    408, f"the request body did not arrive within {state.config.client_timeout:g} s", code="body_timeout"
+                )
+            if read is None:
+                return self._too_large(limit)
+            body = read
+        model = ""
+        if body:
+            try:
+                model, doc = parse_request(body, request.headers.get("Content-Type", ""))
+            except BadRequest as exc:
+                self._count("", "-", 400)
+                return error_response(400, exc.message, code=exc.code)
+            # The key's model allow-list (403, before saying whether the model exists) and limits (429).
+            denied = await state.gate.admit(request, model, doc)
+            if denied is not None:
+                self._count("", "-", denied.status)  # model unchecked yet: no label of it
+                return denied
+            nodes = state.registry.nodes_for(model)
+            if not nodes:
+                self._count("", "-", 404)
+                hint = unread_catalogs(state.registry.nodes())  # an agent we could not read may have it
+                return error_response(404, f"The model `{model}` does not exist.{hint}", code="model_not_found")
+        else:
+            denied = await state.gate.admit(request, None, None)
+            if denied is not None:
+                self._count("", "-", denied.status)
+                return denied
+            nodes = state.registry.nodes()
+            if any(n.agent is not None for n in nodes):
+                nodes = tuple(n for n in nodes if n.agent is None)  # agents route by the body's model only
+            if not nodes:
+                return error_response(503, "no node is configured", headers={"Retry-After": "5"})
+        return await self._forward(request, body, model, nodes, request_id, t0)
+
+    @staticmethod
+    async def _read_body(request: web.Request, limit: int) -> bytes | None:
+        """The whole body, or None once it exceeds `limit` (a chunked body has no length to check first)."""
+        if request.content_length is not None:
+            return await request.content.readexactly(request.content_length)
+        buf = bytearray()
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                return bytes(buf)
+            buf += chunk
+            if len(buf) > limit:
+                return None
+
+    def _too_large(self, limit: int) -> web.Response:
+        self._count("", "-", 413)
+        return error_response(413, f"the request body is larger than the router's limit of {limit} bytes", code="body_too_large")
+
+    # -- retries -------------------------------------------------------------------------------
+
+    async def _forward(
+        self, request: web.Request, body: bytes, model: str, nodes: tuple[Node, ...], request_id: str, t0: float
+    ) -> web.StreamResponse:
+        state = self.state
+        retry_cfg = state.config.retry
+        headers = forward_headers(request.headers, request_id, strip_auth=not state.gate.open)
+        target = str(request.rel_url)
+        ledger: FailureLedger[Node] = FailureLedger()
+        tried: list[Node] = []
+        last: Failed | None = None
+        answer: UpstreamAnswer | None = None
+        succeeded = False
+        try:
+            while True:
+                now = time.monotonic()
+                candidates = [n for n in nodes if n.routable(now) and n not in tried]
+                node = choose_tiered(state.policy, candidates, model)
+                if node is None:
+                    break
+                tried.append(node)
+                result = await self._attempt(request, node, body, headers, target, model, request_id, t0)
+                if not isinstance(result, Failed):
+                    succeeded = True
+                    return result
+                last = result
+                if result.answer is not None:
+                    answer = result.answer
+                failure = result.failure
+                reason = failure.kind.value if failure.status is None else str(failure.status)
+                # An agent's own 503 says "no room", "still loading" or "queue full": load, not a fault.
+                if ledger.record(failure) and not (node.agent is not None and failure.status == 503):
+                    self._node_failed(node, reason)
+                else:
+                    node.breaker.on_abandon()  # held back (a 500) or no fault (429): free a probe slot
+                if len(tried) > retry_cfg.max_retries:
+                    break
+                log.info("request %s: node %s failed (%s); retrying on another node", request_id, node.name, result.detail)
+                state.metrics.retries.labels(model, reason).inc()
+                delay = backoff_delay(len(tried), retry_cfg.backoff_base, retry_cfg.backoff_max, state.rng)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._count(model, tried[-1].name if tried else "-", 499)  # the client went away first
+            raise
+        finally:
+            for n in ledger.settle(succeeded):
+                self._node_failed(n, "500")
+        if answer is not None:
+            # Every node failed and at least one answered: return its answer as is.
+            self._count(model, answer.node.name, answer.status)
+            return web.Response(
+                status=answer.status, body=answer.body, headers=response_headers(answer.headers, answer.node.name, request_id)
+            )
+        if last is not None:
+            status = 504 if last.failure.kind is FailureKind.TIMEOUT else 502
+            self._count(model, last.failure.node.name, status)
+            names = ", ".join(n.name for n in tried)
+            return error_response(status, f"no node could answer (tried {names}; last: {last.detail})", code="upstream_failed")
+        return self._unavailable(model, nodes)
+
+    def _unavailable(self, model: str, nodes: tuple[Node, ...]) -> web.Response:
+        now = time.monotonic()
+        cfg = self.state.config
+        waits = []
+        for n in nodes:
+            if n.draining:
+                continue
+            if n.health is Health.DOWN:
+                waits.append(cfg.health.interval)
+            else:
+                waits.append(n.breaker.retry_after(now))
+        retry_after = max(1, math.ceil(min(waits))) if waits else max(1, math.ceil(cfg.health.interval))
+        self._count(model, "-", 503)
+        what = f"model `{model}`" if model else "this request"
+        return error_response(
+            503, f"no healthy node can serve {what} right now", code="no_healthy_node", headers={"Retry-After": str(retry_after)}
+        )
+
+    # -- one attempt on one node -----------------------------------------------------------------
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        node: Node,
+        body: bytes,
+        headers: CIMultiDict[str],
+        target: str,
+        model: str,
+        request_id: str,
+        t0: float,
+    ) -> web.StreamResponse | Failed:
+        state = self.state
+        session = state.session
+        assert session is not None
+        agent = node.agent  # an agent's model route: the agent's token, and time for a load
+        if agent is None and node.cfg.token:  # a static server started with --api-key
+            headers = with_bearer(headers, node.cfg.token)
+        node.in_flight += 1
+        self._transition(node, node.breaker.on_dispatch(time.monotonic()))
+        up: aiohttp.ClientResponse | None = None
+        verdict = False  # did this attempt tell the breaker anything?
+        try:
+            try:
+                up = await session.request(
+                    request.method,
+                    node.url + target,
+                    data=body or None,
+                    headers=headers if agent is None else agent.upstream_headers(headers),
+                    timeout=state.timeout if agent is None else agent.upstream_timeout(state.timeout),
+                    allow_redirects=False,
+                )
+            except _UPSTREAM_ERRORS as exc:
+                kind = classify_exception(exc)
+                verdict = True
+                return Failed(AttemptFailure(node, FailureKind.CONNECT if kind is FailureKind.BROKEN else kind), describe(exc))
+            status = up.status
+            if agent is not None and status in AUTH_STATUSES:
+                # Our token, not the client's: never hand this 401 to the client as if it were theirs.
+                verdict = True
+                detail = f"agent {node.name} rejected the router's token (HTTP {status}); check its token in servers.toml"
+                log.error("request %s: %s", request_id, detail)
+                return Failed(AttemptFailure(node, FailureKind.STATUS, status), detail)
+            if status in RETRY_STATUSES:
+                try:
+                    data = await up.read()
+                except _UPSTREAM_ERRORS:
+                    data = b""
+                verdict = True
+                return Failed(
+                    AttemptFailure(node, FailureKind.STATUS, status),
+                    f"HTTP {status}",
+                    UpstreamAnswer(status, up.headers.copy(), data, node),
+                )
+            result = await self._relay(request, up, node, model, request_id, t0)
+            verdict = True
+            return result
+        finally:
+            if up is not None:
+                up.release()
+            if not verdict:
+                node.breaker.on_abandon()  # cancelled (client went away): free a half-open probe
+            node.in_flight -= 1
+            if node.retired:
+                state.registry.release(node)
+
+    async def _relay(
+        self, request: web.Request, up: aiohttp.ClientResponse, node: Node, model: str, request_id: str, t0: float
+    ) -> web.StreamResponse | Failed:
+        metrics = self.state.metrics
+        headers = response_headers(up.headers, node.name, request_id)
+        ctype = up.headers.get("Content-Type", "")
+        length = up.content_length
+        if length is not None and length <= _BUFFER_LIMIT and not ctype.startswith("text/event-stream"):
+            try:
+                data = await up.read()
+            except _UPSTREAM_ERRORS as exc:
+                up.close()
+                kind = classify_exception(exc)
+                return Failed(AttemptFailure(node, kind if kind is FailureKind.TIMEOUT else FailureKind.CONNECT), describe(exc))
+            self._node_ok(node)
+            elapsed = time.perf_counter() - t0
+            metrics.ttfb.labels(model).observe(elapsed)
+            metrics.latency.labels(model).observe(elapsed)
+            self._count(model, node.name, up.status)
+            request[RESPONSE_TAIL] = data  # the engine's usage is read from its end (auth.py)
+            return web.Response(status=up.status, body=data, headers=headers)
+
+        # A stream (or an unsized body): wait for its first chunk before committing to the client.
+        stream = up.content
+        try:
+            first = await stream.readany()
+        except _UPSTREAM_ERRORS as exc:
+            up.close()
+            kind = classify_exception(exc)
+            return Failed(AttemptFailure(node, kind if kind is FailureKind.TIMEOUT else FailureKind.CONNECT), describe(exc))
+        self._node_ok(node)
+        resp = web.StreamResponse(status=up.status, headers=headers)
+        status = up.status
+        # The last chunks relayed (references, not copies): the engine's usage is in them (auth.py).
+        tail0 = tail1 = b""
+        tail2 = first
+        watch = _SendWatch(request, self.state.config.client_timeout, request_id)
+        try:
+            await resp.prepare(request)
+            if first:
+                await resp.write(first)
+            metrics.ttfb.labels(model).observe(time.perf_counter() - t0)
+            while True:
+                try:
+                    chunk = await stream.readany()
+                except _UPSTREAM_ERRORS as exc:
+                    up.close()
+                    await self._broken_stream(request, resp, node, ctype, exc, request_id)
+                    break
+                if not chunk:
+                    break
+                # A client slower than the engine makes this write wait (nothing more is read from
+                # the node meanwhile, so buffers stay bounded); the watch drops one that waits too long.
+                watch.writing = True
+                await resp.write(chunk)
+                watch.writing = False
+                watch.progress += 1
+                tail0, tail1, tail2 = tail1, tail2, chunk
+        except ConnectionError:
+            # The client went away: closing the upstream connection makes the engine abort.
+            up.close()
+            status = 499
+        finally:
+            watch.cancel()
+        request[RESPONSE_TAIL] = tail0 + tail1 + tail2
+        metrics.latency.labels(model).observe(time.perf_counter() - t0)
+        self._count(model, node.name, status)
+        return resp
+
+    async def _broken_stream(
+        self, request: web.Request, resp: web.StreamResponse, node: Node, ctype: str, exc: BaseException, request_id: str
+    ) -> None:
+        detail = describe(exc)
+        log.warning("request %s: node %s broke off mid-answer (%s)", request_id, node.name, detail)
+        self.state.metrics.stream_errors.labels(node.name).inc()
+        self._node_failed(node, FailureKind.BROKEN.value)
+        if ctype.startswith("text/event-stream"):
+            await resp.write(sse_error_event(f"node {node.name} failed mid-stream ({detail}); the answer is incomplete"))
+        elif request.transport is not None:
+            # A plain body cut short must not look complete: drop the connection without the
+            # final chunk, so the client sees a truncated transfer.
+            request.transport.close()
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    def _node_ok(self, node: Node) -> None:
+        self._transition(node, node.breaker.on_success(time.monotonic()))
+
+    def _node_failed(self, node: Node, kind: str) -> None:
+        self.state.metrics.node_failures.labels(node.name, kind).inc()
+        self._transition(node, node.breaker.on_failure(time.monotonic()))
+
+    def _transition(self, node: Node, transition: Transition | None) -> None:
+        if transition is None:
+            return
+        self.state.metrics.breaker_transitions.labels(node.name, transition.new.value).inc()
+        if transition.new.value == "open":
+            log.warning("node %s ejected: breaker open for %.1fs", node.name, node.breaker.cooldown)
+        else:
+            log.info("node %s breaker %s -> %s", node.name, transition.old.value, transition.new.value)
+
+    def _count(self, model: str, node: str, status: int) -> None:
+        self.state.metrics.requests.labels(model, node, str(status)).inc()

@@ -1,0 +1,139 @@
+"""The `mvllm run` process: logging, config lookup (or the demo), the listening router, and a clean
+stop on Ctrl-C / SIGTERM that also stops every engine the demo started."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mvllm.common.tomlconf import ConfigError
+from mvllm.router.app import running_router
+from mvllm.router.config import RouterConfig, find_config, load_config
+from mvllm.router.demo import DemoFleet
+
+log = logging.getLogger("mvllm.router")
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config: str | None = None
+    host: str | None = None
+    port: int | None = None
+    demo: bool = False
+    console: bool = True
+    log_level: str = "info"
+
+
+def setup_logging(level: str) -> None:
+    """Plain console lines, one per event (the dashboard, when it lands, replaces them)."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("mvllm").setLevel(level.upper())
+
+
+def main(opts: ServeOptions) -> int:
+    setup_logging(opts.log_level)
+    try:
+        return asyncio.run(serve(opts))
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130
+
+
+async def serve(opts: ServeOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    path = None if opts.demo else find_config(opts.config)
+    if path is None:
+        log.info("no servers.toml found: starting the demo" if not opts.demo else "starting the demo")
+        host = opts.host or RouterConfig.host
+        port = opts.port if opts.port is not None else RouterConfig.port
+        fleet = DemoFleet()
+        try:
+            started = await _unless_stopped(fleet.start(), stop)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            return 1
+        if not started:
+            return 0  # Ctrl-C while the engines were starting (they are stopped already)
+        try:
+            return await _serve_until_stopped(opts, fleet.router_config(host, port), None, host, port, stop, fleet)
+        finally:
+            await fleet.stop()
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    host = opts.host or config.host
+    port = opts.port if opts.port is not None else config.port
+    log.info("config %s: %d node(s)", path, len(config.nodes))
+    return await _serve_until_stopped(opts, config, path, host, port, stop, None)
+
+
+def _use_dashboard(opts: ServeOptions) -> bool:
+    """The dashboard on a terminal; plain log lines with --console or without a TTY (systemd, Docker)."""
+    return not opts.console and sys.stdin.isatty() and sys.stdout.isatty()
+
+
+async def _run_dashboard(url: str, host: str, port: int, stop: asyncio.Event) -> None:
+    # The dashboard reads this router over HTTP like any remote one (mvllm.tui never imports us).
+    from mvllm.tui.app import run_dashboard
+
+    if host in ("", "0.0.0.0", "::"):
+        url = f"http://127.0.0.1:{port}"
+    await run_dashboard(url, key=os.environ.get("MVLLM_ADMIN_KEY") or None, embedded=True, stop=stop)
+
+
+async def _unless_stopped(coro: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run `coro` unless `stop` is set first (then cancel it); True when it completed."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
+    task.result()
+    return True
+
+
+async def _serve_until_stopped(
+    opts: ServeOptions,
+    config: RouterConfig,
+    path: Path | None,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    fleet: DemoFleet | None,
+) -> int:
+    try:
+        async with running_router(config, host=host, port=port, config_path=path) as router:
+            log.info("router listening on %s (OpenAI base URL %s/v1)", router.url, router.url)
+            if fleet is not None:
+                reason = "--demo given" if opts.demo else "no servers.toml found"
+                print(fleet.banner(router.url, reason), flush=True)
+            if _use_dashboard(opts):
+                await _run_dashboard(router.url, host, router.port, stop)
+            else:
+                await stop.wait()
+            log.info("stopping: in-flight requests get up to a few seconds to finish")
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
+        return 1
+    log.info("stopped")
+    return 0

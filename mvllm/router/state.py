@@ -1,0 +1,95 @@
+"""The router's shared state (one object per app, stored under an AppKey): the current config, the
+registry, the policy, metrics and the pooled upstream session; and the one place a config is applied."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from mvllm.router.auth import AuthGate
+from mvllm.router.config import RouterConfig
+from mvllm.router.metrics import RouterMetrics
+from mvllm.router.policy import Policy, make_policy
+from mvllm.router.registry import Diff, Node, Registry
+
+log = logging.getLogger("mvllm.router.state")
+
+
+def upstream_timeout(config: RouterConfig) -> aiohttp.ClientTimeout:
+    """One timeout object per config: connect, time to the first byte (and between bytes), total.
+
+    sock_read bounds the wait for the response headers and for each later read, so a node that
+    accepts the request and then hangs is given up after first_byte_timeout, before any byte was sent
+    to the client, and the request moves on to another node.
+    """
+    t = config.timeouts
+    return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.first_byte)
+
+
+@dataclass
+class ReloadStatus:
+    at: float  # wall-clock time
+    ok: bool
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "ok": self.ok, "message": self.message}
+
+
+@dataclass
+class RouterState:
+    config: RouterConfig
+    registry: Registry
+    policy: Policy
+    metrics: RouterMetrics
+    rng: random.Random
+    timeout: aiohttp.ClientTimeout
+    gate: AuthGate  # API keys and limits (auth.py), swapped in place on reload
+    session: aiohttp.ClientSession | None = None
+    started_at: float = field(default_factory=time.time)
+    last_reload: ReloadStatus | None = None
+    # Called with the nodes that joined or changed, so the scraper discovers them at once.
+    on_nodes_changed: Callable[[list[Node]], None] | None = None
+
+    @classmethod
+    def create(cls, config: RouterConfig, rng: random.Random | None = None) -> RouterState:
+        rng = rng or random.Random()
+        registry = Registry(config)
+        # The collector reads the policy when /metrics is scraped, after a reload may swap it.
+        metrics = RouterMetrics(registry, lambda: state.policy)
+        state = cls(
+            config=config,
+            registry=registry,
+            policy=make_policy(config.policy, rng),
+            metrics=metrics,
+            rng=rng,
+            timeout=upstream_timeout(config),
+            gate=AuthGate(config.auth, metrics.registry),
+        )
+        return state
+
+    def apply_config(self, config: RouterConfig) -> Diff:
+        """Swap in a validated config: node set, policy, timeouts. Host and port need a restart."""
+        old = self.config
+        if (config.host, config.port) != (old.host, old.port):
+            log.warning("router host/port changed in config; this takes effect at the next restart")
+        if config.policy != old.policy:
+            self.policy = make_policy(config.policy, self.rng)
+            log.info("policy is now %s", config.policy.type)
+        self.config = config
+        self.timeout = upstream_timeout(config)
+        self.gate.apply(config.auth)
+        diff = self.registry.apply(config)
+        for node in diff.added:
+            log.info("node %s added (%s)", node.name, node.url)
+        for node in diff.changed:
+            log.info("node %s updated (weight %s, capacity %s, drain %s)", node.name, node.weight, node.capacity, node.cfg.drain)
+        if self.on_nodes_changed is not None and (diff.added or diff.changed):
+            self.on_nodes_changed(diff.added + diff.changed)
+        return diff

@@ -1,0 +1,1 @@
+"""The full-screen dashboard (Textual): reads one router over HTTP only, in its process or remote."""

@@ -1,0 +1,72 @@
+"""`mvllm load/sleep/wake/unload` through the router to an `mvllm agent` with simulated engines (all
+real processes): progress until the state settles with the elapsed time, `mvllm ps` showing where
+each model is, and a failing load ending with the router's message and the engine's log tail."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tests.integration.router_support import write_config
+from tests.integration.test_agent_lifecycle import TOKEN, model, running_agent
+from tests.integration.test_cli_admin import mvllm, start_router
+
+CATALOG = (
+    model("m1", sim="sim = { ttft_ms = 5, itl_ms = 2, weights_gib = 2, startup_s = 0.5 }")
+    + model("m2")
+    # An invalid sim flag: the engine exits at once, every time.
+    + model("broken", 'extra_args = ["--sim-fail-kind", "not-a-kind"]')
+)
+
+
+def models_row(ps: str, name: str) -> list[str]:
+    line = next(line for line in ps.splitlines() if line.startswith(name + " "))
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_load_sleep_wake_unload_and_a_failed_load(tmp_path: Path) -> None:
+    with running_agent(tmp_path, CATALOG, sim_gpus=(24,), top={"restart_max": 1, "restart_backoff": 0.1}) as agent:
+        config = write_config(tmp_path / "servers.toml", [])
+        config.write_text(config.read_text() + f'\n[[agents]]\nname = "gpu-a"\nurl = "{agent.url}"\ntoken = "{TOKEN}"\n')
+        router = start_router(tmp_path, config)
+        url = router.url  # type: ignore[attr-defined]
+        try:
+            ps = mvllm("ps", router=url).stdout
+            assert models_row(ps, "m1") == ["m1", "-", "-", "gpu-a", "0", "0"]  # loadable on the agent
+            assert "gpu-a  0    mvllm simulated GPU  0.0G/24.0G (0%)" in ps
+
+            out = mvllm("load", "m1", "--node", "gpu-a", router=url)
+            assert out.returncode == 0, out.stderr
+            done = re.fullmatch(r"m1 on gpu-a: ready \((\d+\.\d)s\)\n", out.stdout)
+            assert done and 0.4 <= float(done.group(1)) < 30, out.stdout  # the engine takes 0.5 s to start
+            # Progress while it loaded (one line per state without a terminal).
+            assert re.search(r"loading m1 on gpu-a: (starting|asked)\s+\d+\.\ds", out.stderr), out.stderr
+            assert agent.inst("m1")["state"] == "ready"
+            ps = mvllm("ps", router=url).stdout
+            assert models_row(ps, "m1")[:4] == ["m1", "gpu-a", "-", "-"]
+            assert "10.0G/24.0G (42%)" in ps  # its memory budget, held on the GPU
+
+            out = mvllm("sleep", "m1", "--level", "2", router=url)  # the router picks where it is awake
+            assert out.returncode == 0 and out.stdout.startswith("m1 on gpu-a: sleeping(2) ("), out.stdout + out.stderr
+            assert models_row(mvllm("ps", router=url).stdout, "m1")[:3] == ["m1", "-", "gpu-a(2)"]
+            out = mvllm("wake", "m1", router=url)
+            assert out.returncode == 0 and out.stdout.startswith("m1 on gpu-a: ready ("), out.stdout + out.stderr
+            out = mvllm("unload", "m1", "--json", router=url)
+            assert out.returncode == 0, out.stderr
+            doc = json.loads(out.stdout)
+            assert doc["ok"] and doc["result"]["state"] in ("stopped", "stopping") and doc["elapsed_s"] > 0
+            assert agent.inst("m1")["state"] == "stopped"
+
+            out = mvllm("load", "broken", router=url)
+            assert out.returncode == 1
+            assert re.search(r"mvllm: error: load broken failed after \d+\.\ds: .*broken failed", out.stderr), out.stderr
+            tail = out.stderr.split("--- engine log (last lines) ---\n", 1)[1]
+            assert "not-a-kind" in tail  # the engine's own words
+
+            out = mvllm("load", "nope", router=url)
+            assert out.returncode == 1 and "no agent's catalog has model `nope`" in out.stderr
+            out = mvllm("sleep", "m1", "--node", "nowhere", router=url)
+            assert out.returncode == 1 and "no node named 'nowhere'" in out.stderr
+        finally:
+            router.stop()

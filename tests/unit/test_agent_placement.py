@@ -1,0 +1,129 @@
+"""Placement policy: fit checks, LRU eviction among idle unpinned models, launch utilization."""
+
+from mvllm.agent.placement import (
+    ACTION_SLEEP,
+    ACTION_STOP,
+    GIB,
+    Gpu,
+    Resident,
+    Step,
+    effective_sleep_level,
+    launch_utilization,
+    need_bytes,
+    plan,
+    shortfall,
+)
+from mvllm.common.state import READY, SLEEPING, STARTING
+
+G24 = {0: Gpu(0, 24 * GIB, 0)}
+
+
+def gpus(used_gib: float, total_gib: float = 24, index: int = 0) -> dict[int, Gpu]:
+    return {index: Gpu(index, int(total_gib * GIB), int(used_gib * GIB))}
+
+
+def res(name, state=READY, mem_gib=10.0, last=0.0, **kw) -> Resident:
+    return Resident(name=name, state=state, memory={0: int(mem_gib * GIB)}, last_used=last, **kw)
+
+
+def test_need_bytes_prefers_explicit_budget():
+    assert need_bytes(10, 0.5, 80 * GIB) == 10 * GIB
+    assert need_bytes(None, 0.5, 80 * GIB) == 40 * GIB
+    assert need_bytes(None, None, 100) == 90  # default 0.9 of the card
+
+
+def test_fits_with_reserve():
+    assert shortfall({0: 10 * GIB}, gpus(12), reserve=GIB) == {}
+    assert shortfall({0: 10 * GIB}, gpus(14), reserve=GIB) == {0: GIB}
+    # No data for a GPU (no NVML): not counted short.
+    assert shortfall({3: 10 * GIB}, gpus(24), reserve=GIB) == {}
+
+
+def test_pending_starts_count_against_headroom():
+    assert shortfall({0: 10 * GIB}, gpus(0), reserve=GIB, pending={0: 14 * GIB}) == {0: GIB}
+
+
+def test_fits_needs_no_steps():
+    p = plan("c", {0: 10 * GIB}, gpus(10), [res("a")], reserve=GIB)
+    assert p.fits and p.feasible and p.steps == []
+
+
+def test_evicts_least_recently_used_first():
+    residents = [res("a", last=5.0), res("b", last=1.0)]
+    p = plan("c", {0: 10 * GIB}, gpus(20), residents, reserve=GIB)
+    assert not p.fits and p.feasible
+    assert p.steps == [Step("b", ACTION_SLEEP, 1)]
+    assert p.short == {0: 7 * GIB}
+
+
+def test_never_evicts_busy_pinned_or_in_operation():
+    residents = [
+        res("busy", last=0.0, in_flight=1),
+        res("pinned", last=1.0, pinned=True),
+        res("op", last=2.0, busy=True),
+        res("free", last=3.0),
+    ]
+    p = plan("c", {0: 10 * GIB}, gpus(40, total_gib=48), residents, reserve=GIB)
+    assert [s.name for s in p.steps] == ["free"]
+
+
+def test_infeasible_when_only_busy_ones_hold_memory():
+    p = plan("c", {0: 10 * GIB}, gpus(20), [res("a", in_flight=2), res("b", pinned=True)], reserve=GIB)
+    assert not p.fits and not p.feasible
+
+
+def test_sleep_level_zero_means_stop():
+    p = plan("c", {0: 10 * GIB}, gpus(20), [res("a", sleep_level_on_idle=0), res("b", last=9)], reserve=GIB)
+    assert p.steps[0].name == "a" and p.steps[0].action == ACTION_STOP
+
+
+def test_sleeping_models_are_stopped_when_sleep_is_not_enough():
+    # Two models asleep hold 1 GiB each on a 4 GiB card; a 4 GiB model needs both gone.
+    residents = [res("a", SLEEPING, 1.0, last=2.0), res("b", SLEEPING, 1.0, last=1.0)]
+    p = plan("c", {0: 4 * GIB}, gpus(2, total_gib=4), residents, reserve=0)
+    assert [(s.name, s.action) for s in p.steps] == [("b", ACTION_STOP), ("a", ACTION_STOP)]
+    assert p.feasible
+
+
+def test_pass_two_turns_a_sleep_into_a_stop():
+    # a is awake with 10 GiB; sleeping it frees 9, the model needs 9.5 more: stop it instead.
+    p = plan("c", {0: int(9.5 * GIB)}, gpus(10, total_gib=10), [res("a", mem_gib=10)], reserve=0)
+    assert [(s.name, s.action) for s in p.steps] == [("a", ACTION_STOP)]
+    assert p.feasible
+
+
+def test_only_models_on_short_gpus_are_candidates():
+    other = Resident("other", READY, {1: 10 * GIB}, last_used=0.0)
+    mine = Resident("mine", READY, {0: 10 * GIB}, last_used=5.0)
+    g = {0: Gpu(0, 24 * GIB, 20 * GIB), 1: Gpu(1, 24 * GIB, 10 * GIB)}
+    p = plan("c", {0: 10 * GIB}, g, [other, mine], reserve=GIB)
+    assert [s.name for s in p.steps] == ["mine"]
+
+
+def test_starting_models_are_not_candidates():
+    p = plan("c", {0: 10 * GIB}, gpus(20), [res("s", STARTING)], reserve=GIB)
+    assert not p.feasible
+
+
+def test_wake_asks_only_for_the_difference():
+    # A sleeping model holding 1 GiB of its 10 GiB budget needs 9 GiB more.
+    p = plan("me", {0: 9 * GIB}, gpus(14), [res("me", SLEEPING, 1.0)], reserve=GIB)
+    assert p.fits
+
+
+def test_launch_utilization_from_free_memory():
+    total = 80 * GIB
+    assert launch_utilization(40 * GIB, total, free=80 * GIB, reserve=GIB) == 0.5
+    # Less free than the budget: capped by what is free now, minus the reserve, floored.
+    assert launch_utilization(40 * GIB, total, free=30 * GIB, reserve=GIB) == 0.362
+    assert launch_utilization(40 * GIB, total, free=0, reserve=GIB) == 0.001
+
+
+
+def test_lora_model_is_evicted_at_level_1_not_2():
+    # vLLM 0.25 with --enable-lora dies reloading weights after level 2: the plan says level 1.
+    residents = [res("a", sleep_level_on_idle=2, lora_enabled=True), res("b", sleep_level_on_idle=2, last=9)]
+    p = plan("c", {0: 19 * GIB}, gpus(20), residents, reserve=GIB)
+    assert p.steps == [Step("a", ACTION_SLEEP, 1), Step("b", ACTION_SLEEP, 2)]
+    assert effective_sleep_level(2, True) == 1 and effective_sleep_level(2, False) == 2
+    assert effective_sleep_level(1, True) == 1 and effective_sleep_level(0, True) == 0
