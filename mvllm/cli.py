@@ -16,6 +16,9 @@ _COMMAND_MODULES: list[str] = [
     "mvllm.agent.cli",
     "mvllm.sim.cli",
     "mvllm.ctl.cli",
+    "mvllm.ctl.instances",
+    "mvllm.ctl.logs",
+    "mvllm.ctl.keys",
 ]
 
 

@@ -61,13 +61,14 @@ class Proc:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen | None = None
+    cwd: Path = REPO  # where it runs: `mvllm run` looks for ./servers.toml there
 
     def start(self) -> Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")  # closed in stop()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "mvllm", *self.args],
-            cwd=REPO,
+            cwd=self.cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mvllm.agent.estimate import VLLM_DTYPES
 from mvllm.common.tomlconf import Section
 
 # Kinds of values.
@@ -39,7 +40,7 @@ KNOWN_PARAMS: dict[str, tuple[str, tuple[Any, ...] | None]] = {
     "gpu_memory_utilization": (FRACTION, None),
     "kv_cache_memory_bytes": (SIZE, None),
     "tensor_parallel_size": (INT, None),
-    "dtype": (TOKEN, ("auto", "half", "float16", "bfloat16", "float", "float32")),
+    "dtype": (TOKEN, tuple(VLLM_DTYPES)),
     "kv_cache_dtype": (TOKEN, ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla")),
     "quantization": (TOKEN, None),
     "enforce_eager": (BOOL, None),
@@ -79,7 +80,7 @@ MANAGED_PARAMS = frozenset(
 
 # Flags the agent reads into the instance's own fields (placement and /state use them) rather
 # than passing them on as they are.
-STRUCTURED = frozenset({"gpu_memory_utilization", "max_model_len", "max_num_seqs", "tensor_parallel_size"})
+STRUCTURED = frozenset({"gpu_memory_utilization", "max_model_len", "max_num_seqs", "tensor_parallel_size", "dtype"})
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:+-]*$")

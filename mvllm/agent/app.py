@@ -17,9 +17,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mvllm.agent import engine_metrics, procs, report
+from mvllm.agent import engine_metrics, enginelogs, procs, report
 from mvllm.agent.config import AgentConfig
-from mvllm.agent.engine import read_log_tail
 from mvllm.agent.errors import AgentError, BadRequest, Busy
 from mvllm.agent.gpu import GpuBackend, NvmlBackend, SimBackend
 from mvllm.agent.metrics import AgentMetrics
@@ -209,15 +208,8 @@ async def model_lora(request: web.Request) -> web.Response:
 
 @_api
 async def model_logs(request: web.Request) -> web.Response:
-    sup = request.app[SUPERVISOR]
-    inst = sup.get(request.match_info["name"])
-    try:
-        tail = int(request.query.get("tail", "100"))
-    except ValueError:
-        raise BadRequest("tail must be an integer") from None
-    tail = max(0, min(tail, 10000))
-    lines = await asyncio.to_thread(read_log_tail, sup.log_path(inst), tail)
-    return web.Response(text="\n".join(lines) + ("\n" if lines else ""), content_type="text/plain")
+    inst = request.app[SUPERVISOR].get(request.match_info["name"])
+    return await enginelogs.model_logs(request, inst.name)  # ?tail=N, or ?cursor= to follow
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
@@ -305,4 +297,9 @@ def create_app(cfg: AgentConfig, *, reap_stale: bool = False) -> web.Application
     r.add_route("*", "/v1/{tail:.*}", relay)
     for path in _ALIASES:
         r.add_post(path, relay)
+    from mvllm.agent.runtime_api import register_runtime_routes  # imported here: it imports this module
+
+    register_runtime_routes(app)  # ad-hoc instances, assign
+    logs = enginelogs.EngineLogs(cfg.log_dir, cfg.engine_log_max_bytes, cfg.engine_log_backups, cfg.log)
+    enginelogs.register_log_routes(app, logs, lambda a: list(a[SUPERVISOR].instances), cfg.log_check_interval)
     return app

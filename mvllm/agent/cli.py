@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mvllm.agent.config import AgentConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,32 +21,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the mvllm node agent: an OpenAI /v1 gatekeeper and lifecycle API over "
         "the vLLM engines of this host, started on demand from the catalog in agent.toml.",
     )
-    p.add_argument("--config", "-c", default="agent.toml", help="agent config file (default: agent.toml)")
-    p.add_argument("--host", help="listen address (overrides the config's `host`)")
-    p.add_argument("--port", type=int, help="listen port (overrides the config's `port`, default 7070)")
+    p.add_argument(
+        "--config", "-c", default=None, help="agent config file (default: $MVLLM_AGENT_CONFIG, else agent.toml)"
+    )
+    p.add_argument("--host", help="listen address (overrides $MVLLM_AGENT_HOST and the config's `host`)")
+    p.add_argument("--port", type=int, help="listen port (overrides $MVLLM_AGENT_PORT and the config's `port`, default 7070)")
     p.add_argument(
         "--reap-stale",
         action="store_true",
         help="stop engine processes left behind by a previous agent (they are only reported otherwise)",
     )
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument(
+        "--log-level",
+        default=None,
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="default: $MVLLM_LOG_LEVEL, else the config's log_level, else INFO",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from mvllm.agent.app import create_app
-    from mvllm.agent.config import check_listen, load_config
+    from mvllm.agent.config import apply_env, check_listen, load_config
+    from mvllm.common.envvars import AGENT_ENV, read_env
+    from mvllm.common.logfiles import file_logging
     from mvllm.common.tomlconf import ConfigError
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, args.log_level or "INFO"), format=log_format, stream=sys.stderr)
+    # Precedence: flag > MVLLM_AGENT_* / MVLLM_LOG_LEVEL > agent.toml > default.
     try:
-        cfg = load_config(Path(args.config))
+        path = args.config or read_env(AGENT_ENV, os.environ).get("config") or "agent.toml"
+        cfg = apply_env(load_config(Path(path)), os.environ)
         if args.host:
             cfg.host = args.host
         if args.port is not None:
@@ -49,9 +61,34 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mvllm agent: {exc}", file=sys.stderr)
         return 2
+    if not args.log_level and cfg.log.level:
+        logging.getLogger().setLevel(cfg.log.level.upper())
+    log = logging.getLogger("mvllm.agent")
     for warning in cfg.warnings:
-        logging.getLogger("mvllm.agent").warning("%s", warning)
-    app = create_app(cfg, reap_stale=args.reap_stale)
+        log.warning("%s", warning)
+    for spec in cfg.models.values():
+        est = spec.memory_estimate
+        if est is not None and est.bytes is not None:
+            log.info("%s: no memory budget given; estimated %.1f GiB per GPU (%s)", spec.name, est.bytes / 1024**3, est.basis)
+        elif est is not None:
+            log.warning("%s: no memory budget given and %s; planning with 0.9 of each GPU", spec.name, est.basis)
+    with contextlib.ExitStack() as stack:
+        try:
+            log_file = stack.enter_context(file_logging(cfg.log, log_format))
+        except OSError as exc:
+            print(f"mvllm agent: cannot open the log file {cfg.log.file}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        if log_file is not None:
+            log.info("logging to %s (rotated at %d bytes, %d kept)", log_file, cfg.log.max_bytes, cfg.log.backups)
+        return _serve(cfg, args.reap_stale)
+
+
+def _serve(cfg: AgentConfig, reap_stale: bool) -> int:
+    from aiohttp import web
+
+    from mvllm.agent.app import create_app
+
+    app = create_app(cfg, reap_stale=reap_stale)
     # handler_cancellation: a client that disconnects cancels its relay, which closes the engine
     # request too. shutdown_timeout bounds how long open client connections may delay the stop.
     web.run_app(

@@ -15,6 +15,8 @@ from mvllm.agent.adhoc_params import AdhocConfig, AdhocInfo, parse_adhoc
 from mvllm.agent.estimate import VLLM_DTYPES, MemoryEstimate, ModelShape, estimate, flag_value
 from mvllm.agent.modelfiles import read_shape
 from mvllm.agent.placement import effective_sleep_level
+from mvllm.common.envvars import AGENT_ENV, read_env
+from mvllm.common.logfiles import LogConfig, parse_log_keys
 from mvllm.common.tomlconf import ConfigError, Section, load_toml
 
 GIB = 1024**3
@@ -123,6 +125,12 @@ class AgentConfig:
     restart_backoff_max: float = 30.0
     poll_interval: float = 1.0  # GPU memory and engine metrics refresh
     reap_stale: bool = False
+    # The agent's own log file (log_* keys; log_retention_days also ages out rotated engine logs),
+    # and the size cap of each engine's log_dir/NAME.log (mvllm.agent.enginelogs).
+    log: LogConfig = field(default_factory=LogConfig)
+    engine_log_max_bytes: int = 50 * 1024**2
+    engine_log_backups: int = 3
+    log_check_interval: float = 5.0  # how often engine log sizes are checked
     sim_gpus: list[SimGpuSpec] = field(default_factory=list)
     models: dict[str, ModelSpec] = field(default_factory=dict)
     adhoc: AdhocConfig = field(default_factory=AdhocConfig)
@@ -297,6 +305,10 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
     cfg.restart_backoff_max = root.float("restart_backoff_max", cfg.restart_backoff_max, min=0) or 0.0
     cfg.poll_interval = root.float("poll_interval", cfg.poll_interval, min=0.05) or cfg.poll_interval
     cfg.reap_stale = root.bool("reap_stale", False)
+    cfg.log = parse_log_keys(root, base)
+    cfg.engine_log_max_bytes = root.int("engine_log_max_bytes", cfg.engine_log_max_bytes, min=1024) or 1024
+    cfg.engine_log_backups = root.int("engine_log_backups", cfg.engine_log_backups, min=0, max=100) or 0
+    cfg.log_check_interval = root.float("log_check_interval", cfg.log_check_interval, min=0.05) or 5.0
     defaults = {
         "idle_timeout": root.float("idle_timeout", 600.0, min=0),
         "unload_timeout": root.float("unload_timeout", 3600.0, min=0),
@@ -366,6 +378,32 @@ def model_from_table(cfg: AgentConfig, name: str, table: dict[str, Any]) -> Mode
 
 def load_config(path: str | Path) -> AgentConfig:
     return parse_config(load_toml(path), path)
+
+
+TOKEN_ENV = "MVLLM_AGENT_TOKEN"
+
+
+def apply_env(cfg: AgentConfig, environ: Mapping[str, str]) -> AgentConfig:
+    """Let the MVLLM_AGENT_* (and MVLLM_LOG_LEVEL) variables override the file's keys, in place
+    (mvllm.common.envvars.AGENT_ENV); ConfigError names a variable with an invalid value."""
+    env = read_env(AGENT_ENV, environ)
+    cfg.host = env.get("host", cfg.host)
+    cfg.port = env.get("port", cfg.port)
+    if "token" in env:
+        cfg.token = env["token"]
+        cfg.token_env = TOKEN_ENV  # so it is kept out of the engines' environment too
+    if "log_dir" in env:
+        cfg.log_dir = env["log_dir"]
+    cfg.engine_log_max_bytes = max(1024, env.get("engine_log_max_bytes", cfg.engine_log_max_bytes))
+    log = cfg.log
+    cfg.log = LogConfig(
+        level=env.get("log_level", log.level),
+        file=env.get("log_file", log.file),
+        max_bytes=max(4096, env.get("log_max_bytes", log.max_bytes)),
+        backups=env.get("log_backups", log.backups),
+        retention_days=env.get("log_retention_days", log.retention_days),
+    )
+    return cfg
 
 
 def check_listen(cfg: AgentConfig) -> None:

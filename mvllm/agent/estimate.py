@@ -106,7 +106,8 @@ def shape_from_config(doc: Mapping[str, Any]) -> ModelShape:
     if _int(doc, "hidden_size", "n_embd", "d_model") is None and isinstance(doc.get("text_config"), Mapping):
         text = doc["text_config"]
         # Keep the outer dtype / quantization when the text part does not repeat them.
-        doc = {**{k: doc[k] for k in ("torch_dtype", "dtype", "quantization_config") if k in doc}, **text}
+        outer = {k: doc[k] for k in ("torch_dtype", "dtype", "quantization_config") if k in doc}
+        doc = {**outer, **{k: v for k, v in text.items() if v is not None}}
         note = "text_config of a multimodal model; vision tower not counted"
     hidden = _int(doc, "hidden_size", "n_embd", "d_model")
     layers = _int(doc, "num_hidden_layers", "n_layer", "num_layers")

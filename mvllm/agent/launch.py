@@ -6,12 +6,20 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mvllm.agent.config import GIB, AgentConfig, ModelSpec
+from mvllm.agent.config import GIB, TOKEN_ENV, AgentConfig, ModelSpec
 
 # Every engine carries these in its environment (inherited by vLLM's EngineCore and workers), so an
 # agent that starts later can tell its own stale engines from anyone else's processes.
 MARKER_ENGINE = "MVLLM_AGENT_ENGINE"  # catalog name
 MARKER_AGENT = "MVLLM_AGENT_ID"  # "<agent pid>:<agent process start time>"
+
+
+# Variables engines need from the agent's environment, documented in docs/agent.md. Every variable
+# of the agent passes through (engine_env); this list is what the docs and tests promise.
+PASS_THROUGH = (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,12 @@ def engine_argv(
 def engine_env(
     cfg: AgentConfig, spec: ModelSpec, agent_id: str, base: Mapping[str, str]
 ) -> dict[str, str]:
+    # The agent's environment passes through as it is (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, HF_HOME,
+    # HF_ENDPOINT, HF_HUB_OFFLINE, HTTP(S)_PROXY/NO_PROXY in both cases ...: see PASS_THROUGH), the
+    # entry's env over it; only the agent's token is taken out: it has no business in an engine.
     env = dict(base)
-    if cfg.token_env:
-        env.pop(cfg.token_env, None)  # the agent's token has no business in an engine
+    for name in {cfg.token_env, TOKEN_ENV} - {None}:
+        env.pop(name, None)
     env.update(spec.env)
     env.update(
         {

@@ -48,6 +48,8 @@ def instance_state(sup: Supervisor, inst: Instance) -> InstanceState:
         pinned=inst.spec.pinned,
         error=inst.error,
         log_tail=list(inst.log_tail) if inst.state == FAILED else [],
+        adhoc=inst.spec.adhoc is not None,
+        expires_at=inst.spec.adhoc.expires_at() if inst.spec.adhoc is not None else None,
     )
 
 
@@ -81,6 +83,7 @@ def catalog_entry(sup: Supervisor, inst: Instance) -> CatalogEntry:
         unload_timeout_s=spec.unload_timeout,
         placement=where,
         evict=evict,
+        adhoc=spec.adhoc is not None,
         memory_estimate=est.to_dict() if (est := spec.memory_estimate) is not None else None,
     )
 

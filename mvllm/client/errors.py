@@ -82,11 +82,12 @@ class ServiceUnavailableError(MvllmError):
     """503: no node can serve it now (all down, model loading too long, agent full); see `retry_after`."""
 
 
-class ModelFailedError(MvllmError):
-    """A model action ended with the instance `failed`; `instance` holds its error and engine log tail."""
+class ModelFailedError(ServiceUnavailableError):
+    """A load that ended with the instance `failed` after the agent had answered "starting" (a load
+    that fails while the agent waits is a plain 503); `instance` holds its error and engine log tail."""
 
     def __init__(self, message: str, *, instance: Any = None, **kw: Any) -> None:
-        super().__init__(message, **kw)
+        super().__init__(message, status=503, **kw)
         self.instance = instance
 
 

@@ -231,7 +231,7 @@ class EventPage:
 def event_page_from(raw: Mapping[str, Any]) -> EventPage:
     events = [
         Event(_int(e.get("seq")), float(e.get("time") or 0.0), str(e.get("level") or ""), str(e.get("logger") or ""),
-              str(e.get("message") or ""))  # fmt: skip
+              str(e.get("message") or ""))
         for e in raw.get("events") or []
         if isinstance(e, Mapping)
     ]

@@ -130,6 +130,8 @@ class InstanceState:
     pinned: bool = False
     error: str | None = None  # why it failed, or the last crash
     log_tail: list[str] = field(default_factory=list)  # last log lines, filled when failed
+    adhoc: bool = False  # started by POST /instances (not from the catalog file)
+    expires_at: float | None = None  # ad hoc: unix time its ttl ends (stopped then, once idle)
 
     @property
     def awake(self) -> bool:
@@ -167,6 +169,7 @@ class CatalogEntry:
     unload_timeout_s: float | None = None
     placement: str = PLACEMENT_FITS  # one of PLACEMENTS
     evict: list[str] = field(default_factory=list)  # models a cold load would sleep or stop now
+    adhoc: bool = False  # an ad-hoc instance (POST /instances), gone when its ttl ends or it is deleted
     # Without a budget in the catalog: {bytes (per device, or null), basis (what was assumed),
     # weights_bytes, kv_bytes, overhead_bytes}; null when the entry gives a budget.
     memory_estimate: dict[str, Any] | None = None

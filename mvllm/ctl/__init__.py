@@ -1,2 +1,3 @@
-"""Operator side of the router: its HTTP admin client, the fleet view shared by CLI and dashboard,
-and the `mvllm ps/load/unload/sleep/wake/drain/undrain/status/reload/top` commands."""
+"""Operator side of the router: the fleet view shared by CLI, dashboard and `mvllm.client`, and the
+`mvllm ps/load/unload/sleep/wake/drain/undrain/status/reload/top` commands (every HTTP call through
+`mvllm.client`)."""

@@ -2,7 +2,8 @@
 `undrain`, `reload`, `load`, `unload`, `sleep`, `wake` and `top` (the dashboard of a remote router).
 
 `--router URL` (env MVLLM_ROUTER, default http://127.0.0.1:8888) picks the router; `--key`
-(env MVLLM_ADMIN_KEY) is sent as `Authorization: Bearer`. Exit status: 0 done, 1 error.
+(env MVLLM_ADMIN_KEY) is sent as `Authorization: Bearer`. Exit status: 0 done, 1 error. Every call
+goes through `mvllm.client.AsyncClient`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-from mvllm.ctl.client import RouterClient, RouterError, RouterUnreachable, default_key, default_router
+from mvllm.client import DEFAULT_URL, APIConnectionError, AsyncClient, MvllmError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_NO_HEALTHY_NODE = 2
+ROUTER_ENV = "MVLLM_ROUTER"
+KEY_ENV = "MVLLM_ADMIN_KEY"
+# Admin reads answer at once; model actions pass their own, longer limit.
+ADMIN_TIMEOUT_S = 5.0
+
+
+def default_router() -> str:
+    return os.environ.get(ROUTER_ENV) or DEFAULT_URL
+
+
+def default_key() -> str | None:
+    return os.environ.get(KEY_ENV) or None
 
 
 def _common(json_output: bool = True) -> argparse.ArgumentParser:
@@ -76,18 +90,18 @@ def register(subparsers: Any) -> None:
     top.set_defaults(func=_top)
 
 
-def _client(args: argparse.Namespace) -> RouterClient:
-    return RouterClient(args.router or default_router(), args.key or default_key())
+def _client(args: argparse.Namespace) -> AsyncClient:
+    return AsyncClient(args.router or default_router(), admin_key=args.key or default_key(), timeout=ADMIN_TIMEOUT_S)
 
 
-def _main(args: argparse.Namespace, command: Callable[[RouterClient, argparse.Namespace], Awaitable[int]]) -> int:
+def _main(args: argparse.Namespace, command: Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]) -> int:
     async def run() -> int:
         async with _client(args) as client:
             try:
                 return await command(client, args)
-            except RouterUnreachable as exc:
+            except APIConnectionError as exc:
                 _err(str(exc))
-            except RouterError as exc:
+            except MvllmError as exc:
                 _err(_explain(exc))
             return EXIT_ERROR
 
@@ -97,7 +111,7 @@ def _main(args: argparse.Namespace, command: Callable[[RouterClient, argparse.Na
         return 130
 
 
-def _explain(exc: RouterError) -> str:
+def _explain(exc: MvllmError) -> str:
     if exc.status == 401:
         return f"{exc.message} (give an admin key with --key or MVLLM_ADMIN_KEY)"
     if exc.status == 403:
@@ -113,78 +127,76 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
 
-async def _ps(client: RouterClient, args: argparse.Namespace) -> int:
-    from mvllm.ctl.fleet import build_fleet
+async def _ps(client: AsyncClient, args: argparse.Namespace) -> int:
     from mvllm.ctl.render import ps_text
 
-    doc = await client.nodes()
-    fleet = build_fleet(doc)
+    fleet = await client.fleet()
     if args.json:
-        _print_json({"router": doc.get("router"), "nodes": doc.get("nodes"), "models": [asdict(m) for m in fleet.models]})
+        _print_json({"router": fleet.router, "nodes": [n.raw for n in fleet.nodes], "models": [asdict(m) for m in fleet.models]})
     else:
         print(ps_text(fleet))
     return EXIT_OK
 
 
-async def _status(client: RouterClient, args: argparse.Namespace) -> int:
-    from mvllm.ctl.fleet import build_fleet
+async def _status(client: AsyncClient, args: argparse.Namespace) -> int:
+    from mvllm.client import FleetView
     from mvllm.ctl.render import status_text
 
     health = await client.health()
-    doc: dict[str, Any] | None
+    fleet: FleetView | None
     try:
-        doc = await client.nodes()
-    except RouterError:
-        doc = None  # no admin rights: /health alone still answers "is it up"
+        fleet = await client.fleet()
+    except MvllmError:
+        fleet = None  # no admin rights: /health alone still answers "is it up"
     if args.json:
-        _print_json({"url": client.base_url, "health": health, "router": doc.get("router") if doc else None})
+        _print_json({"url": client.base_url, "health": health.raw, "router": fleet.router if fleet else None})
     else:
-        print(status_text(client.base_url, health, build_fleet(doc) if doc else None))
-    if health.get("nodes") and not health.get("healthy_nodes"):
+        print(status_text(client.base_url, health.raw, fleet))
+    if health.nodes and not health.healthy_nodes:
         return EXIT_NO_HEALTHY_NODE
     return EXIT_OK
 
 
-async def _drain(client: RouterClient, args: argparse.Namespace) -> int:
-    entry = await client.drain(args.node)
+async def _drain(client: AsyncClient, args: argparse.Namespace) -> int:
+    node = await client.drain(args.node)
+    entry, left = node.raw, node.in_flight
     if args.wait:
         deadline = time.monotonic() + args.timeout
-        while entry.get("in_flight", 0) > 0:
+        while left > 0:
             if time.monotonic() > deadline:
-                _err(f"node {args.node} still has {entry['in_flight']} request(s) in flight after {args.timeout:.0f}s")
+                _err(f"node {args.node} still has {left} request(s) in flight after {args.timeout:.0f}s")
                 return EXIT_ERROR
             await asyncio.sleep(0.5)
-            doc = await client.nodes()
-            entry = next((n for n in doc["nodes"] if n["name"] == args.node), {"in_flight": 0})
+            now = next((n for n in await client.nodes() if n.name == args.node), None)
+            entry, left = (now.raw, now.in_flight) if now else ({"in_flight": 0}, 0)
     if args.json:
         _print_json(entry)
     else:
-        left = entry.get("in_flight", 0)
         tail = f"; {left} request(s) in flight finish there" if left else "; no request in flight"
         print(f"node {args.node} drained: no new requests go there{tail}")
     return EXIT_OK
 
 
-async def _undrain(client: RouterClient, args: argparse.Namespace) -> int:
-    entry = await client.undrain(args.node)
+async def _undrain(client: AsyncClient, args: argparse.Namespace) -> int:
+    node = await client.undrain(args.node)
     if args.json:
-        _print_json(entry)
+        _print_json(node.raw)
     else:
         print(f"node {args.node} undrained: it takes requests again")
     return EXIT_OK
 
 
-async def _reload(client: RouterClient, args: argparse.Namespace) -> int:
+async def _reload(client: AsyncClient, args: argparse.Namespace) -> int:
     result = await client.reload()
     if args.json:
-        _print_json(result)
+        _print_json(result.raw)
     else:
-        print(f"config {result.get('config')} applied: {result.get('message')}")
+        print(f"config {result.config} applied: {result.message}")
     return EXIT_OK
 
 
-def _model_action(action: str) -> Callable[[RouterClient, argparse.Namespace], Awaitable[int]]:
-    async def command(client: RouterClient, args: argparse.Namespace) -> int:
+def _model_action(action: str) -> Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]:
+    async def command(client: AsyncClient, args: argparse.Namespace) -> int:
         from mvllm.ctl.progress import Progress, run_model_action
 
         outcome = await run_model_action(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from mvllm.ctl.client import RouterClient, RouterError, RouterUnreachable
+from mvllm.client import APIConnectionError, AsyncClient, MvllmError
 from mvllm.ctl.fleet import InstanceView, build_fleet
 
 POLL_S = 0.5
@@ -36,16 +36,8 @@ class Outcome:
 
 
 def find_instance(doc: dict[str, Any], model: str, node: str | None) -> InstanceView | None:
-    """The instance of `model` (a served name, adapter or catalog name) on `node` (any agent if None):
-    the one that is busy changing first, then an awake one."""
-    found = []
-    for n in build_fleet(doc).nodes:
-        if node and n.name != node:
-            continue
-        found += [i for i in n.instances if model in i.models or i.name == model]
-    order = {"starting": 0, "stopping": 0, "failed": 1, "ready": 2, "sleeping": 3, "stopped": 4}
-    found.sort(key=lambda i: order.get(i.state, 5))
-    return found[0] if found else None
+    """The instance of `model` on `node` (any agent if None) in an /admin/nodes document."""
+    return build_fleet(doc).find_instance(model, node)
 
 
 class Progress:
@@ -72,7 +64,7 @@ class Progress:
 
 
 async def run_model_action(
-    client: RouterClient,
+    client: AsyncClient,
     action: str,
     model: str,
     *,
@@ -93,14 +85,14 @@ async def run_model_action(
             if call is not None:
                 await asyncio.wait({call}, timeout=POLL_S)
                 if call.done():
-                    result = call.result()  # RouterError / RouterUnreachable propagate
+                    result = call.result()  # MvllmError / APIConnectionError propagate
                     call = None
             else:
                 await asyncio.sleep(POLL_S)
             elapsed = clock() - t0
             try:
-                inst = find_instance(await client.nodes(), model, node or _node_of(result))
-            except (RouterError, RouterUnreachable):
+                inst = (await client.fleet()).find_instance(model, node or _node_of(result))
+            except MvllmError:
                 inst = None
             if call is None:
                 # The router answered. Done when the instance shows the end state (or no instance
@@ -119,7 +111,9 @@ async def run_model_action(
                 state = inst.state_text if inst else "asked"
                 on = f" on {inst.node}" if inst else where
                 progress.show(f"{_VERB[action]} {model}{on}: {state}  {elapsed:.1f}s", state)
-    except RouterError as exc:
+    except APIConnectionError:
+        raise
+    except MvllmError as exc:
         tail = _log_tail(exc.body) or await _failed_tail(client, model, node or _node_of(exc.body))
         return _failed(model, action, exc.message, clock() - t0, tail, exc.body)
     finally:
@@ -133,12 +127,12 @@ async def run_model_action(
     return Outcome(True, f"{model}{on}: {state} ({elapsed:.1f}s)", elapsed, result)
 
 
-async def _failed_tail(client: RouterClient, model: str, node: str | None) -> list[str]:
+async def _failed_tail(client: AsyncClient, model: str, node: str | None) -> list[str]:
     """The log tail of a failed instance, as the router shows it (its view of the agent may lag)."""
     for _ in range(round(TAIL_WAIT_S / POLL_S)):
         try:
-            inst = find_instance(await client.nodes(), model, node)
-        except (RouterError, RouterUnreachable):
+            inst = (await client.fleet()).find_instance(model, node)
+        except MvllmError:
             return []
         if inst is None or (inst.state != "failed" and inst.state not in _MOVING):
             return []

@@ -109,6 +109,7 @@ def nodes_document(state: RouterState, config_path: str | None) -> dict[str, Any
         entry["config"] = {
             "url": cfg.url,
             "kind": cfg.kind,
+            "engine": cfg.engine,
             "capacity": cfg.capacity,
             "models": list(cfg.models) if cfg.models is not None else None,
             "weight": cfg.weight,

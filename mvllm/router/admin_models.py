@@ -1,6 +1,7 @@
 """Model lifecycle through the router: `POST /admin/models/{model}/load|unload|sleep|wake`
-(`?node=NAME` picks the agent, `?level=1|2` the sleep level), forwarded to that agent's lifecycle
-API with its token. The agent's answer (the instance's state) comes back as it is."""
+(`?node=NAME` picks the agent, `?level=1|2` the sleep level, `?wait=false` a load that answers
+while the engine starts), forwarded to that agent's lifecycle API with its token.
+The agent's answer (the instance's state) comes back as it is."""
 
 from __future__ import annotations
 
@@ -119,6 +120,8 @@ async def model_action(request: web.Request) -> web.Response:
     path = f"/models/{quote(route.instance_name, safe='')}/{action}"
     if raw_level is not None:
         path += f"?level={raw_level}"
+    elif action == "load" and request.query.get("wait", "").lower() in ("0", "false", "no"):
+        path += "?wait=false"  # the agent answers 202 as soon as the engine is starting
     wait = agent.cfg.load_timeout + _CALL_MARGIN_S
     log.info("admin: %s %s on agent %s (catalog entry %s)", action, model, agent.name, route.instance_name)
     headers = {NODE_HEADER: agent.name}

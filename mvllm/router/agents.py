@@ -457,15 +457,17 @@ def unread_catalogs(nodes: tuple[Node, ...]) -> str:
 
 
 async def call_agent(
-    state: RouterState, node: AgentNode, method: str, path: str, *, timeout: float
+    state: RouterState, node: AgentNode, method: str, path: str, *, timeout: float, json: Any = None
 ) -> tuple[int, bytes, str]:
-    """One lifecycle call (`POST /models/NAME/load` ...) with the agent's token: (status, body,
-    content type). Raises aiohttp.ClientError / asyncio.TimeoutError / OSError when there is no answer."""
+    """One lifecycle call (`POST /models/NAME/load` ...) with the agent's token and an optional JSON
+    body: (status, body, content type). Raises aiohttp.ClientError / asyncio.TimeoutError / OSError
+    when there is no answer."""
     session = state.session
     assert session is not None
     async with session.request(
         method,
         node.url + path,
+        json=json,
         headers=node.auth_headers,
         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=state.config.timeouts.connect),
     ) as resp:

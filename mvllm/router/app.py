@@ -20,15 +20,17 @@ from aiohttp import web
 from mvllm import __version__
 from mvllm.common.errors import error_response
 from mvllm.router.agents import AgentNode, agent_stats
-from mvllm.router.auth import API_KEY, GATE_KEY, auth_middleware, visible_models
+from mvllm.router.auth import API_KEY, GATE_KEY, authenticate, visible_models
 from mvllm.router.config import RouterConfig
-from mvllm.router.guard import guard_middleware
+from mvllm.router.eventloop import LoopLagMonitor, running_monitor
+from mvllm.router.guard import guard_check
 from mvllm.router.metrics import CONTENT_TYPE
 from mvllm.router.proxy import (
     NODE_HEADER,
     PROXIED_ALIASES,
     REQUEST_ID_HEADER,
     REQUEST_ID_KEY,
+    VERSIONED_ALIASES,
     Proxy,
     new_request_id,
 )
@@ -54,46 +56,65 @@ _MAX_REQUEST_ID = 128
 
 
 @web.middleware
-async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every answer carries x-request-id (the client's own, if it sent a sane one) and x-mvllm-node
-    ("-" when the router answered by itself)."""
+async def front_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The router's one middleware. In order: the request id (every answer carries x-request-id,
+    the client's own if it sent a sane one, and x-mvllm-node, "-" when the router answered by
+    itself); errors in OpenAI form (aiohttp's own 404/405 and unexpected ones); request hygiene
+    (guard.py); API keys, and the release of the request's limits at its end (auth.py).
+
+    One layer rather than four: each middleware layer costs a coroutine and a call per request."""
     rid = request.headers.get(REQUEST_ID_HEADER)
     if not rid or len(rid) > _MAX_REQUEST_ID or not rid.isprintable():
         rid = new_request_id()
     request[REQUEST_ID_KEY] = rid
-    resp = await handler(request)
-    if not resp.prepared:
-        resp.headers.setdefault(REQUEST_ID_HEADER, rid)
-        resp.headers.setdefault(NODE_HEADER, "-")
-    return resp
-
-
-@web.middleware
-async def openai_errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Errors raised by aiohttp itself (405, 404 ...) and unexpected ones, in OpenAI form."""
     try:
-        return await handler(request)
+        resp = guard_check(request)
+        if resp is None:
+            gate = request.app[GATE_KEY]
+            resp = authenticate(gate, request)
+            if resp is None:
+                if gate.active:
+                    try:
+                        resp = await handler(request)
+                    except BaseException:
+                        gate.finish(request, None)
+                        raise
+                    gate.finish(request, resp)
+                else:
+                    resp = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        if exc.status == 404:
-            message = f"{request.method} {request.path} is not served by this router"
-        else:
-            message = f"{exc.reason}: {request.method} {request.path}"
-        return error_response(exc.status, message, headers=headers)
+        resp = _http_error(request, exc)
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         if request.writer is not None and request.writer.output_size > 0:
             raise
-        return error_response(500, "internal error in the router (see its log)")
+        resp = error_response(500, "internal error in the router (see its log)")
+    if not resp.prepared:
+        headers = resp.headers
+        if REQUEST_ID_HEADER not in headers:
+            headers[REQUEST_ID_HEADER] = rid
+        if NODE_HEADER not in headers:
+            headers[NODE_HEADER] = "-"
+    return resp
 
 
-# The one list of middlewares, outermost first. Request hygiene, then auth and rate limits
-# (auth.py) come right after the request id and the error form, so that their rejections carry both.
-MIDDLEWARES = (request_id_middleware, openai_errors_middleware, guard_middleware, auth_middleware)
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """An error aiohttp raised itself (404, 405 ...), in OpenAI form."""
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    if exc.status == 404:
+        message = f"{request.method} {request.path} is not served by this router"
+    else:
+        message = f"{exc.reason}: {request.method} {request.path}"
+    return error_response(exc.status, message, headers=headers)
+
+
+# The one list of middlewares, outermost first (add a layer only where front_middleware cannot
+# hold the check: every layer is paid on every request).
+MIDDLEWARES = (front_middleware,)
 
 
 # -- routes of the router itself ----------------------------------------------------------------------
@@ -231,6 +252,18 @@ async def _scraper_ctx(app: web.Application) -> AsyncIterator[None]:
         await scraper.close()
 
 
+async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    # mvllm_event_loop_lag_seconds: how late the loop runs what is due (stalls show there).
+    monitor = LoopLagMonitor()
+    registry = app[STATE_KEY].metrics.registry
+    registry.register(monitor)
+    try:
+        async with running_monitor(monitor):
+            yield
+    finally:
+        registry.unregister(monitor)
+
+
 def _watch_ctx(path: Path) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         watcher = ConfigWatcher(app[STATE_KEY], path)
@@ -264,8 +297,9 @@ def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: 
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
     app.router.add_route("*", "/v2/{tail:.*}", proxy.handle)
-    for alias in sorted(PROXIED_ALIASES):
+    for alias in sorted(PROXIED_ALIASES | VERSIONED_ALIASES.keys()):
         app.router.add_route("*", alias, proxy.handle)
+    app.router.add_get("/models/{model:.+}", get_model)  # GET /models is /v1/models (above)
     # Anything else is aiohttp's 404/405, turned into OpenAI form by the error middleware.
     from mvllm.router.admin import register_admin_routes  # imported here: admin imports this module
 
@@ -273,7 +307,17 @@ def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: 
     from mvllm.router.admin_models import register_model_routes  # imported here: it imports this module
 
     register_model_routes(app)
+    from mvllm.router.admin_logs import register_log_routes  # imported here: it imports this module
 
+    register_log_routes(app)  # /admin/logs/*, /admin/models/{model}/logs
+    from mvllm.router.admin_instances import register_instance_routes  # imported here: it imports this module
+
+    register_instance_routes(app)  # ad-hoc instances and assign, forwarded to agents
+    from mvllm.router.admin_keys import register_key_routes  # imported here: it imports this module
+
+    register_key_routes(app)  # /admin/keys*, /admin/reload-keys, the usage file's load/save loop
+
+    app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_scraper_ctx)
     if config_path is not None and watch:

@@ -1,6 +1,7 @@
-"""API keys and limits at work in the router: the middleware that authenticates a request before its
-body is read (401/403, the admin rule), the admission of a proxied request once its model is known
-(allow-list 403, limits 429 or a bounded wait), settling its tokens from the usage the engine
+"""API keys and limits at work in the router: the check that authenticates a request before its
+body is read (401/403, the admin rule; called by the router's one middleware, app.front_middleware),
+the admission of a proxied request once its model is known (allow-list 403, limits 429 or a
+bounded wait), settling its tokens from the usage the engine
 reported, and the counters behind /metrics. The decisions are the pure ones of keys.py and limits.py.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,7 +21,8 @@ from prometheus_client.registry import Collector
 
 from mvllm.common.errors import error_response
 from mvllm.router.auth_config import AuthConfig
-from mvllm.router.keys import ApiKey, authorize, check_model, is_admin_path
+from mvllm.router.key_usage import KeyOverrides, UsageDoc
+from mvllm.router.keys import ApiKey, KeyStore, authorize, check_model, is_admin_path
 from mvllm.router.limits import GLOBAL_SCOPE, LimitSet, Ticket, Verdict, estimate_tokens
 from mvllm.router.usage import find_usage
 
@@ -72,7 +75,9 @@ class AuthGate:
 
     def __init__(self, config: AuthConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        self.store = config.key_store()
+        # Admin enable/disable at run time (key_usage.py); the store holds the keys as in force.
+        self.overrides = KeyOverrides()
+        self.store = self._build_store()
         self.limits = LimitSet(config.limits, config.queue)
         self.metrics = AuthMetrics(self, registry)
         self.active = False
@@ -92,7 +97,9 @@ class AuthGate:
         """A reloaded config: new keys and limits for new requests; those in flight finish as they are."""
         old = self.config
         self.config = config
-        self.store = config.key_store()
+        for name in self.overrides.reconcile(config.keys):
+            log.info("key %s: the keys file changed its secret or its enabled, or removed it: the runtime enable/disable is dropped", name)
+        self.store = self._build_store()
         self.limits.update(config.limits, config.queue)
         self.limits.prune(k.name for k in config.keys)
         self._refresh()
@@ -102,8 +109,51 @@ class AuthGate:
             config.queue,
             config.protect_metrics,
         ):
-            names = ", ".join(k.name + ("" if k.enabled else " (disabled)") for k in config.keys)
+            names = ", ".join(k.name + ("" if k.enabled else " (disabled)") for k in self.store)
             log.info("auth: %d key(s)%s", len(config.keys), f": {names}" if names else " (open: no auth)")
+
+    # -- key management (router/admin_keys.py) and usage kept across restarts (router/usage_store.py) --
+
+    def _build_store(self) -> KeyStore:
+        return KeyStore(self.overrides.apply(self.config.keys), protect_metrics=self.config.protect_metrics)
+
+    def file_key(self, name: str) -> ApiKey | None:
+        """The key named `name` as the config has it (before any runtime override)."""
+        return next((k for k in self.config.keys if k.name == name), None)
+
+    def set_enabled(self, name: str, enabled: bool) -> ApiKey | None:
+        """Enable or disable a key now, for new requests (None: no such key)."""
+        key = self.file_key(name)
+        if key is None:
+            return None
+        self.overrides.set(key, enabled, time.time())
+        self.store = self._build_store()
+        return self.store.by_name(name)
+
+    def reset_usage(self, name: str) -> bool:
+        if self.file_key(name) is None:
+            return False
+        self.limits.reset_usage(name)
+        return True
+
+    def usage_doc(self) -> UsageDoc:
+        """What the usage file should hold now: the configured keys' usage and overrides."""
+        names = {k.name for k in self.config.keys}
+        usage = {n: u for n, u in self.limits.export_usage().items() if n in names}
+        return UsageDoc(usage, dict(self.overrides.items()), time.time())
+
+    def restore(self, doc: UsageDoc) -> list[str]:
+        """Take the usage and overrides of a saved file for the keys configured now (at start).
+        Returns the names whose saved override no longer applies (key changed or gone)."""
+        names = {k.name for k in self.config.keys}
+        for name, usage in doc.usage.items():
+            if name in names:
+                self.limits.restore_usage(name, usage)
+        for name, override in doc.overrides.items():
+            self.overrides.put(name, override)
+        dropped = self.overrides.reconcile(self.config.keys)
+        self.store = self._build_store()
+        return dropped
 
     def exposure_warning(self, host: str) -> str | None:
         if not self.store.open or is_loopback_host(host):
@@ -179,10 +229,10 @@ class AuthGate:
 GATE_KEY = web.AppKey("mvllm_router_auth", AuthGate)
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """401/403 before the body is read; the admin rule; the request's limits released at its end."""
-    gate = request.app[GATE_KEY]
+def authenticate(gate: AuthGate, request: web.Request) -> web.StreamResponse | None:
+    """401/403 before the body is read, and the admin rule: the refusal, or None to go on (with the
+    key that authenticated stored under API_KEY). Whoever goes on must call `gate.finish` at the end
+    when `gate.active`."""
     store = gate.store
     if store.open:
         if is_admin_path(request.path) and not is_loopback_address(request.remote):
@@ -193,23 +243,15 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
                 "configure an admin key to use it from elsewhere",
                 code="admin_loopback_only",
             )
-        if not gate.active:
-            return await handler(request)
-    else:
-        decision = authorize(store, request.headers, request.path)
-        if not decision.allowed:
-            gate.metrics.rejected.labels(decision.code or str(decision.status)).inc()
-            return error_response(decision.status, decision.message, code=decision.code, headers=decision.headers)
-        if decision.key is not None:
-            request[API_KEY] = decision.key
-            gate.metrics.count_key(decision.key.name)
-    try:
-        resp = await handler(request)
-    except BaseException:
-        gate.finish(request, None)
-        raise
-    gate.finish(request, resp)
-    return resp
+        return None
+    decision = authorize(store, request.headers, request.path)
+    if not decision.allowed:
+        gate.metrics.rejected.labels(decision.code or str(decision.status)).inc()
+        return error_response(decision.status, decision.message, code=decision.code, headers=decision.headers)
+    if decision.key is not None:
+        request[API_KEY] = decision.key
+        gate.metrics.count_key(decision.key.name)
+    return None
 
 
 class AuthMetrics:

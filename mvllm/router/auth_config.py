@@ -15,6 +15,8 @@ from mvllm.router.keys import ApiKey, KeyStore, digest_hint, hash_key, key_hint
 from mvllm.router.limits import LimitSpec, QueueSpec, QuotaSpec
 
 MIN_SECRET_CHARS = 16
+# Where per-key usage (quota counters, runtime enable/disable) is kept, next to servers.toml.
+DEFAULT_USAGE_FILE = "usage.json"
 DEFAULT_MAX_QUEUED = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,63}$")
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -34,6 +36,7 @@ class AuthConfig:
     limits: LimitSpec = field(default_factory=LimitSpec)
     queue: QueueSpec = field(default_factory=QueueSpec)
     keys_file: Path | None = None  # absolute; watch it for hot reload
+    usage_file: Path | None = None  # absolute; None: usage kept in memory only (router/usage_store.py)
 
     def key_store(self) -> KeyStore:
         return KeyStore(self.keys, protect_metrics=self.protect_metrics)
@@ -42,7 +45,7 @@ class AuthConfig:
         return (
             f"AuthConfig(keys={[k.name for k in self.keys]!r}, protect_metrics={self.protect_metrics}, "
             f"agent_token={'<set>' if self.agent_token else None}, limits={self.limits!r}, "
-            f"queue={self.queue!r}, keys_file={self.keys_file!r})"
+            f"queue={self.queue!r}, keys_file={self.keys_file!r}, usage_file={self.usage_file!r})"
         )
 
     __str__ = __repr__
@@ -69,6 +72,7 @@ def load_auth(
     agent_token = _read_secret(s, "agent_token", "agent_token_env", env, required=False)
     limits, queue = _read_limits(s, "limits", allow_queue=True) if s.has("limits") else (None, QueueSpec())
     keys_file_name = s.str("keys_file")
+    usage_file = _read_usage_file(s, path)
     inline_declared = s.has("keys")
     inline = s.raw("keys", [])
     s.check_unknown()
@@ -97,7 +101,22 @@ def load_auth(
         limits=limits or LimitSpec(),
         queue=queue,
         keys_file=keys_file,
+        usage_file=usage_file,
     )
+
+
+def _read_usage_file(s: Section, path: Path) -> Path | None:
+    """`usage_file`: a path relative to servers.toml (default usage.json), or false for memory only."""
+    value = s.raw("usage_file", DEFAULT_USAGE_FILE)
+    if value is False:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise s.error(
+            "usage_file",
+            f"expected a file name relative to this file (default {DEFAULT_USAGE_FILE!r}), or false to keep "
+            f"per-key usage in memory only; got {value!r}",
+        )
+    return (path.parent / value).resolve()
 
 
 def load_auth_from_file(servers_toml: str | Path, *, env: Mapping[str, str] | None = None) -> AuthConfig:

@@ -8,6 +8,13 @@
 While half-open only one request at a time is let through (the probe), so a node that is still
 broken costs at most one request per cooldown; that request is retried on another node anyway.
 Time is passed in (`now`, monotonic seconds), never read here, so tests drive it directly.
+
+Under concurrency, "consecutive" is judged by when requests were sent (`sent_at`): a success
+resets the failure count only if its request was sent after the last failure was seen. Requests
+sent earlier were in flight when the node started failing and prove nothing about it now, so with
+many requests in flight the breaker still opens on the second failure, and at most one request
+sent after the first failure reaches the node (`sent_after_failure` counts them). A failure can be
+taken back (`forgive`) when the request turns out to be at fault (it failed alike on every node).
 """
 
 from __future__ import annotations
@@ -34,12 +41,15 @@ class Transition:
 
 class Breaker:
     __slots__ = (
+        "_last_failure_at",
         "_opened_at",
+        "_opened_from_closed",
         "_probe_in_flight",
         "_successes",
         "cooldown",
         "failure_threshold",
         "failures",
+        "sent_after_failure",
         "state",
         "success_threshold",
     )
@@ -52,7 +62,11 @@ class Breaker:
         self.failures = 0  # consecutive failures while closed
         self._successes = 0  # consecutive successes while half-open
         self._opened_at = 0.0
+        self._opened_from_closed = False  # opened by failures while closed (not by a failed probe)
         self._probe_in_flight = False
+        self._last_failure_at = float("-inf")
+        # Requests let through while closed with a failure already counted: what the threshold costs.
+        self.sent_after_failure = 0
 
     def configure(self, failure_threshold: int, cooldown: float, success_threshold: int) -> None:
         """New thresholds from a config reload; the current state is kept."""
@@ -76,6 +90,10 @@ class Breaker:
 
     def on_dispatch(self, now: float) -> Transition | None:
         """A request is being sent to the node. Returns a transition when it becomes the probe."""
+        if self.state is BreakerState.CLOSED:
+            if self.failures:
+                self.sent_after_failure += 1
+            return None
         if self.state is BreakerState.OPEN and now - self._opened_at >= self.cooldown:
             self.state = BreakerState.HALF_OPEN
             self._successes = 0
@@ -85,11 +103,15 @@ class Breaker:
             self._probe_in_flight = True
         return None
 
-    def on_success(self, now: float) -> Transition | None:
+    def on_success(self, now: float, sent_at: float | None = None) -> Transition | None:
+        """The node answered properly a request sent at `sent_at` (None: count it whenever it was sent)."""
         if self.state is BreakerState.CLOSED:
-            self.failures = 0
+            if sent_at is None or sent_at >= self._last_failure_at:
+                self.failures = 0
             return None
         if self.state is BreakerState.HALF_OPEN:
+            if sent_at is not None and sent_at < self._opened_at:
+                return None  # sent before the breaker opened: not the probe, and no news
             self._probe_in_flight = False
             self._successes += 1
             if self._successes >= self.success_threshold:
@@ -99,15 +121,33 @@ class Breaker:
         # OPEN: a late answer to a request sent before the breaker opened proves little; ignore it.
         return None
 
-    def on_failure(self, now: float) -> Transition | None:
+    def on_failure(self, now: float, sent_at: float | None = None) -> Transition | None:
+        """The node failed a request sent at `sent_at` (None: whenever it was sent)."""
         if self.state is BreakerState.CLOSED:
             self.failures += 1
+            self._last_failure_at = now
             if self.failures >= self.failure_threshold:
                 return self._open(now, BreakerState.CLOSED)
             return None
         if self.state is BreakerState.HALF_OPEN:
+            if sent_at is not None and sent_at < self._opened_at:
+                return None  # an old request failing late: the probe's verdict is still to come
             self._probe_in_flight = False
             return self._open(now, BreakerState.HALF_OPEN)
+        return None
+
+    def forgive(self) -> Transition | None:
+        """Take back one failure counted earlier: its request was at fault, not the node. A
+        breaker that such failures opened closes again (unless a probe ran since it opened)."""
+        if self.failures > 0:
+            self.failures -= 1
+        if (
+            self.state is BreakerState.OPEN
+            and self._opened_from_closed
+            and self.failures < self.failure_threshold
+        ):
+            self.state = BreakerState.CLOSED
+            return Transition(BreakerState.OPEN, BreakerState.CLOSED)
         return None
 
     def on_abandon(self) -> None:
@@ -121,10 +161,12 @@ class Breaker:
         self.failures = 0
         self._successes = 0
         self._probe_in_flight = False
+        self._last_failure_at = float("-inf")
         return Transition(old, BreakerState.CLOSED) if old is not BreakerState.CLOSED else None
 
     def _open(self, now: float, old: BreakerState) -> Transition:
         self.state = BreakerState.OPEN
         self._opened_at = now
+        self._opened_from_closed = old is BreakerState.CLOSED
         self._successes = 0
         return Transition(old, BreakerState.OPEN)

@@ -16,16 +16,23 @@ def register(subparsers: Any) -> None:
             "without any, or with --demo, it starts a demo of three simulated engines."
         ),
     )
-    p.add_argument("--config", metavar="FILE", help="servers.toml to use (watched: edits apply without restart)")
-    p.add_argument("--host", help="listen address (default: [router] host, else 127.0.0.1)")
-    p.add_argument("--port", type=int, help="listen port (default: [router] port, else 8888)")
+    p.add_argument(
+        "--config", metavar="FILE", help="servers.toml to use, default $MVLLM_CONFIG (watched: edits apply without restart)"
+    )
+    p.add_argument("--host", help="listen address (default: $MVLLM_HOST, else [router] host, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default: $MVLLM_PORT, else [router] port, else 8888)")
     p.add_argument(
         "--console",
         action="store_true",
         help="plain log lines on the console instead of the full-screen dashboard (the default without a TTY)",
     )
     p.add_argument("--demo", action="store_true", help="start the demo even if a servers.toml exists")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default=None,
+        choices=("debug", "info", "warning", "error"),
+        help="default: $MVLLM_LOG_LEVEL, else [router] log_level, else info",
+    )
     p.set_defaults(func=_run)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from yarl import URL
 
+from mvllm.common.envvars import ROUTER_ENV, read_env
+from mvllm.common.logfiles import LogConfig, parse_log_keys
 from mvllm.common.tomlconf import Section, load_toml
 from mvllm.router.auth_config import AuthConfig, load_auth, read_node_api_key
 
@@ -21,6 +23,8 @@ CONFIG_NAME = "servers.toml"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
 POLICY_TYPES = ("least-score", "round-robin")
+# What a static server runs: decides the metric names its load is read from (mvllm.router.engines).
+NODE_ENGINES = ("vllm", "sglang")
 
 # Keys of the original mvllm `[config]` table that this router accepts so that old files load as
 # they are, but that have no effect: watchfiles replaces the reload poll, and the breaker replaces
@@ -46,6 +50,7 @@ class NodeConfig:
     # (a vLLM started with --api-key). Never shown (repr=False).
     token: str | None = field(default=None, repr=False)
     load_timeout: float = DEFAULT_LOAD_TIMEOUT  # agents: first-byte wait of a request that loads a model
+    engine: str = "vllm"  # static servers: "vllm" or "sglang" (NODE_ENGINES)
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,10 @@ class HealthConfig:
 @dataclass(frozen=True)
 class TimeoutConfig:
     connect: float = 3.0
-    first_byte: float = 300.0
+    first_byte: float = 300.0  # static nodes; an agent's requests wait up to its load_timeout
     total: float = 300.0
+    # Once an answer has begun: the longest wait between two chunks (a node hung mid-stream).
+    stream_idle: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,7 @@ class RouterConfig:
     # slow or never-finished headers), take to send its body, or leave a stream unread.
     client_timeout: float = 60.0
     auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # [router] log_* keys (mvllm.common.logfiles)
     source: Path | None = None
 
 
@@ -124,9 +132,26 @@ def find_config(explicit: str | Path | None, *, cwd: Path | None = None, home: P
     return None
 
 
-def load_config(path: str | Path) -> RouterConfig:
-    """Read and validate a servers.toml; raises ConfigError naming the file, the key and the problem."""
-    return parse_config(load_toml(path), Path(path))
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> RouterConfig:
+    """Read and validate a servers.toml; raises ConfigError naming the file, the key and the problem.
+    The MVLLM_* variables of `environ` (default: the process's) override its keys (apply_env), at
+    every load, so a reload keeps them."""
+    return apply_env(parse_config(load_toml(path), Path(path)), os.environ if environ is None else environ)
+
+
+def apply_env(config: RouterConfig, environ: Mapping[str, str]) -> RouterConfig:
+    """`config` with the keys that MVLLM_* variables set (mvllm.common.envvars.ROUTER_ENV) replaced."""
+    env = read_env(ROUTER_ENV, environ)
+    log = config.log
+    log = replace(
+        log,
+        level=env.get("log_level", log.level),
+        file=env.get("log_file", log.file),
+        max_bytes=env.get("log_max_bytes", log.max_bytes),
+        backups=env.get("log_backups", log.backups),
+        retention_days=env.get("log_retention_days", log.retention_days),
+    )
+    return replace(config, host=env.get("host", config.host), port=env.get("port", config.port), log=log)
 
 
 def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterConfig:
@@ -137,6 +162,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
     port = router.int("port", DEFAULT_PORT, min=1, max=65535)
     max_body = router.int("max_body_bytes", RouterConfig.max_body_bytes, min=1024)
     client_timeout = router.float("client_timeout", RouterConfig.client_timeout, min=0.1)
+    log = parse_log_keys(router, path.parent if path is not None else None)
     router.check_unknown()
     auth = load_auth(root.raw("auth"), path if path is not None else Path(CONFIG_NAME))
 
@@ -147,6 +173,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         connect=cfg.float("connect_timeout", TimeoutConfig.connect, min=0.01),
         first_byte=cfg.float("first_byte_timeout", request_timeout, min=0.01),
         total=request_timeout,
+        stream_idle=cfg.float("stream_idle_timeout", TimeoutConfig.stream_idle, min=0.01),
     )
     if timeouts.first_byte > timeouts.total:
         raise cfg.error("first_byte_timeout", f"must be <= request_timeout ({timeouts.total}), got {timeouts.first_byte}")
@@ -213,6 +240,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         scrape=scrape,
         client_timeout=client_timeout if client_timeout is not None else RouterConfig.client_timeout,
         auth=auth,
+        log=log,
         source=path,
     )
 
@@ -238,6 +266,7 @@ def _parse_nodes(servers: Section, path: Path | None) -> tuple[NodeConfig, ...]:
         if weight is not None and weight <= 0:
             raise s.error("weight", "must be > 0 (use drain = true to take a node out)")
         drain = s.bool("drain", False)
+        engine = s.choice("engine", "vllm", NODE_ENGINES)
         api_key = read_node_api_key(s)
         s.check_unknown()
         if name in names:
@@ -255,6 +284,7 @@ def _parse_nodes(servers: Section, path: Path | None) -> tuple[NodeConfig, ...]:
                 weight=weight if weight is not None else 1.0,
                 drain=drain,
                 token=api_key,
+                engine=engine,
             )
         )
     return tuple(nodes)

@@ -43,8 +43,8 @@ def header_problem(headers: Any) -> str | None:
     return None
 
 
-@web.middleware
-async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+def guard_check(request: web.Request) -> web.StreamResponse | None:
+    """The answer refusing `request` (400, 405, or 204 to OPTIONS), or None to go on."""
     path = request.path
     problem = path_problem(path)
     if problem is not None:
@@ -60,4 +60,4 @@ async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResp
             return error_response(
                 405, f"method {method} is not allowed on {path}", code="method_not_allowed", headers={"Allow": ALLOW}
             )
-    return await handler(request)
+    return None

@@ -21,7 +21,8 @@ Algorithms, with every parameter:
   now.
 - Quota(requests_total, requests_per_day): request counters; the day is the UTC day of the wall
   clock (POSIX time has no leap seconds, so days are exactly 86400 s and roll over at 00:00 UTC).
-  In memory only: a router restart resets them.
+  Kept in memory here; `LimitSet.export_usage` / `restore_usage` let the router persist them
+  (router/usage_store.py), so a restart does not reset them.
 - LimitSet: global limits plus, per key, its own limits and quota. A request is admitted only when
   every limit of every scope allows it, and then charged to all of them at once (nothing is charged
   on a denial). Otherwise the limit with the longest wait is reported: 429, `Retry-After` (integer
@@ -33,6 +34,7 @@ Algorithms, with every parameter:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -76,6 +78,18 @@ class QuotaSpec:
 
     requests_total: int | None = None
     requests_per_day: int | None = None
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    """What one key used: requests in total and on UTC day `day` (days since the epoch), tokens
+    the engines reported, and its denials by limit name (only those > 0)."""
+
+    requests_total: int = 0
+    requests_today: int = 0
+    day: int | None = None
+    tokens: int = 0
+    denied: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -337,6 +351,21 @@ class Quota:
     def requests_today(self, wall: float) -> int:
         self._roll(wall)
         return self.used_today
+
+    @property
+    def day(self) -> int | None:
+        """The UTC day (days since the epoch) `used_today` counts, None before any use."""
+        return self._day
+
+    def restore(self, used_total: int, used_today: int, day: int | None) -> None:
+        """Counters saved earlier: `used_today` counts for `day` only (the next look rolls it over)."""
+        self.used_total = max(0, int(used_total))
+        self.used_today = max(0, int(used_today)) if day is not None else 0
+        self._day = day
+
+    def reset(self) -> None:
+        self.used_total = 0
+        self.used_today = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,6 +686,50 @@ class LimitSet:
         if ticket.admitted:
             for scope in ticket.scopes:
                 scope.concurrency.release()
+
+    # -- per-key usage, saved and restored across restarts (router/usage_store.py) ----------------------
+
+    def _key_scope(self, name: str) -> _Scope:
+        scope = self._keys.get(name)
+        if scope is None:  # configured on the key's first request, as _scope_for does
+            scope = self._keys[name] = _Scope(name, f"key '{name}'", with_quota=True)
+        return scope
+
+    def export_usage(self) -> dict[str, KeyUsage]:
+        """What each key has used so far: the numbers a restart must not lose."""
+        wall = self._wall()
+        out = {}
+        for name, scope in self._keys.items():
+            quota = scope.quota
+            assert quota is not None  # key scopes always count
+            today = quota.requests_today(wall)  # rolls over first, so `day` is today's
+            out[name] = KeyUsage(
+                requests_total=quota.used_total,
+                requests_today=today,
+                day=quota.day if quota.day is not None else int(wall // SECONDS_PER_DAY),
+                tokens=scope.tokens_reported,
+                denied={k: v for k, v in scope.denied.items() if v},
+            )
+        return out
+
+    def restore_usage(self, name: str, usage: KeyUsage) -> None:
+        """Set a key's counters to saved ones (at start, before its first request)."""
+        scope = self._key_scope(name)
+        assert scope.quota is not None
+        scope.quota.restore(usage.requests_total, usage.requests_today, usage.day)
+        scope.tokens_reported = max(0, int(usage.tokens))
+        for limit, n in usage.denied.items():
+            if limit in scope.denied:
+                scope.denied[limit] = max(0, int(n))
+
+    def reset_usage(self, name: str) -> None:
+        """Zero a key's quota counters, tokens and denials (requests in flight keep their slots)."""
+        scope = self._key_scope(name)
+        assert scope.quota is not None
+        scope.quota.reset()
+        scope.tokens_reported = 0
+        scope.admitted = 0
+        scope.denied = dict.fromkeys(LIMIT_NAMES, 0)
 
     def counters(self) -> dict[str, dict[str, float]]:
         """Plain numbers per scope ("global", then each key), for /metrics and the dashboard.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -84,6 +85,31 @@ class RouterMetrics:
         )
         self.reloads = Counter("mvllm_config_reloads", "Config reloads, by result", ["result"], registry=r)
         r.register(_NodeCollector(registry, policy))
+        # labels() takes a lock and formats its values on every call: the proxy's per-request
+        # updates go through these caches of children instead (the label sets are the same).
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+        self._ttfb_children: dict[str, Any] = {}
+
+    def count_request(self, model: str, node: str, status: int) -> None:
+        """mvllm_requests_total{model,node,status} += 1."""
+        key = (model, node, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(model, node, str(status))
+        child.inc()
+
+    def observe_latency(self, model: str, seconds: float) -> None:
+        child = self._latency_children.get(model)
+        if child is None:
+            child = self._latency_children[model] = self.latency.labels(model)
+        child.observe(seconds)
+
+    def observe_ttfb(self, model: str, seconds: float) -> None:
+        child = self._ttfb_children.get(model)
+        if child is None:
+            child = self._ttfb_children[model] = self.ttfb.labels(model)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,11 +11,12 @@ on another node; after it, a broken stream ends with an SSE error event.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,13 @@ _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server", NODE_HEADER, 
 PROXIED_ALIASES = frozenset(
     {"/rerank", "/score", "/tokenize", "/detokenize", "/pooling", "/classify", "/invocations", "/version", "/ping"}
 )
+# Un-versioned spellings of the OpenAI routes that older proxies accepted (seed 003's "compatible
+# paths"): taken here and sent upstream in their /v1 form, the only one vLLM serves.
+VERSIONED_ALIASES = {
+    "/chat/completions": "/v1/chat/completions",
+    "/completions": "/v1/completions",
+    "/embeddings": "/v1/embeddings",
+}
 _BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 # Non-streamed answers up to this size are read whole before the client sees a byte, which makes a
 # node that dies while sending one retryable. Bigger or unsized answers are streamed.
@@ -76,11 +84,26 @@ _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 def is_proxied_path(path: str) -> bool:
     if path.startswith(("/v1/", "/v2/")):
         return path not in _BLOCKED
-    return path in PROXIED_ALIASES
+    return path in PROXIED_ALIASES or path in VERSIONED_ALIASES
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+class _RequestIds:
+    """Request ids as 32 hex digits, like uuid4().hex, but without a getrandom() system call and
+    a UUID object per request: a random 64-bit prefix per process and a 64-bit counter."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)  # a forked worker must not repeat our ids
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+new_request_id = _RequestIds().next
 
 
 def forward_headers(src: Mapping[str, str], request_id: str, *, strip_auth: bool = False) -> CIMultiDict[str]:
@@ -117,6 +140,17 @@ def response_headers(src: Mapping[str, str], node: str, request_id: str) -> CIMu
     out[NODE_HEADER] = node
     out[REQUEST_ID_HEADER] = request_id
     return out
+
+
+def set_read_timeout(up: aiohttp.ClientResponse, seconds: float) -> None:
+    """Let each further read of `up`'s body wait at most `seconds`. aiohttp's sock_read (armed
+    until now with the first-byte wait) is re-armed on every chunk received, so this costs no timer
+    of our own per chunk."""
+    conn = up.connection
+    proto = conn.protocol if conn is not None else None
+    if proto is not None and hasattr(proto, "start_timeout"):
+        proto.read_timeout = seconds
+        proto.start_timeout()
 
 
 class BadRequest(Exception):
@@ -310,6 +344,9 @@ class Proxy:
         retry_cfg = state.config.retry
         headers = forward_headers(request.headers, request_id, strip_auth=not state.gate.open)
         target = str(request.rel_url)
+        versioned = VERSIONED_ALIASES.get(request.path)
+        if versioned is not None:
+            target = versioned + (f"?{request.query_string}" if request.query_string else "")
         ledger: FailureLedger[Node] = FailureLedger()
         tried: list[Node] = []
         last: Failed | None = None
@@ -323,7 +360,8 @@ class Proxy:
                 if node is None:
                     break
                 tried.append(node)
-                result = await self._attempt(request, node, body, headers, target, model, request_id, t0)
+                sent = time.monotonic()
+                result = await self._attempt(request, node, body, headers, target, model, request_id, t0, sent)
                 if not isinstance(result, Failed):
                     succeeded = True
                     return result
@@ -333,10 +371,12 @@ class Proxy:
                 failure = result.failure
                 reason = failure.kind.value if failure.status is None else str(failure.status)
                 # An agent's own 503 says "no room", "still loading" or "queue full": load, not a fault.
+                # Everything else counts at once, 500s too, so that a node answering 500s is
+                # ejected on its second failure however many requests are in flight.
                 if ledger.record(failure) and not (node.agent is not None and failure.status == 503):
-                    self._node_failed(node, reason)
+                    self._node_failed(node, reason, sent)
                 else:
-                    node.breaker.on_abandon()  # held back (a 500) or no fault (429): free a probe slot
+                    node.breaker.on_abandon()  # no fault (429): free a probe slot
                 if len(tried) > retry_cfg.max_retries:
                     break
                 log.info("request %s: node %s failed (%s); retrying on another node", request_id, node.name, result.detail)
@@ -348,8 +388,9 @@ class Proxy:
             self._count(model, tried[-1].name if tried else "-", 499)  # the client went away first
             raise
         finally:
+            # A 500 that followed the request to every node it tried was the request's doing.
             for n in ledger.settle(succeeded):
-                self._node_failed(n, "500")
+                self._transition(n, n.breaker.forgive())
         if answer is not None:
             # Every node failed and at least one answered: return its answer as is.
             self._count(model, answer.node.name, answer.status)
@@ -393,6 +434,7 @@ class Proxy:
         model: str,
         request_id: str,
         t0: float,
+        sent: float,
     ) -> web.StreamResponse | Failed:
         state = self.state
         session = state.session
@@ -401,7 +443,7 @@ class Proxy:
         if agent is None and node.cfg.token:  # a static server started with --api-key
             headers = with_bearer(headers, node.cfg.token)
         node.in_flight += 1
-        self._transition(node, node.breaker.on_dispatch(time.monotonic()))
+        self._transition(node, node.breaker.on_dispatch(sent))
         up: aiohttp.ClientResponse | None = None
         verdict = False  # did this attempt tell the breaker anything?
         try:
@@ -436,7 +478,7 @@ class Proxy:
                     f"HTTP {status}",
                     UpstreamAnswer(status, up.headers.copy(), data, node),
                 )
-            result = await self._relay(request, up, node, model, request_id, t0)
+            result = await self._relay(request, up, node, model, request_id, t0, sent)
             verdict = True
             return result
         finally:
@@ -449,63 +491,89 @@ class Proxy:
                 state.registry.release(node)
 
     async def _relay(
-        self, request: web.Request, up: aiohttp.ClientResponse, node: Node, model: str, request_id: str, t0: float
+        self,
+        request: web.Request,
+        up: aiohttp.ClientResponse,
+        node: Node,
+        model: str,
+        request_id: str,
+        t0: float,
+        sent: float,
     ) -> web.StreamResponse | Failed:
         metrics = self.state.metrics
         headers = response_headers(up.headers, node.name, request_id)
         ctype = up.headers.get("Content-Type", "")
         length = up.content_length
+        stream = up.content
+        idle = self.state.config.timeouts.stream_idle
         if length is not None and length <= _BUFFER_LIMIT and not ctype.startswith("text/event-stream"):
+            if not stream.is_eof():
+                set_read_timeout(up, idle)  # the answer has begun: the first-byte wait is over
             try:
                 data = await up.read()
             except _UPSTREAM_ERRORS as exc:
                 up.close()
                 kind = classify_exception(exc)
                 return Failed(AttemptFailure(node, kind if kind is FailureKind.TIMEOUT else FailureKind.CONNECT), describe(exc))
-            self._node_ok(node)
+            self._node_ok(node, sent)
             elapsed = time.perf_counter() - t0
-            metrics.ttfb.labels(model).observe(elapsed)
-            metrics.latency.labels(model).observe(elapsed)
+            metrics.observe_ttfb(model, elapsed)
+            metrics.observe_latency(model, elapsed)
             self._count(model, node.name, up.status)
             request[RESPONSE_TAIL] = data  # the engine's usage is read from its end (auth.py)
             return web.Response(status=up.status, body=data, headers=headers)
 
-        # A stream (or an unsized body): wait for its first chunk before committing to the client.
-        stream = up.content
+        # A stream (or an unsized body): wait for its first chunk (up to the first-byte timeout,
+        # an agent's load_timeout) before committing to the client.
         try:
             first = await stream.readany()
         except _UPSTREAM_ERRORS as exc:
             up.close()
             kind = classify_exception(exc)
             return Failed(AttemptFailure(node, kind if kind is FailureKind.TIMEOUT else FailureKind.CONNECT), describe(exc))
-        self._node_ok(node)
+        self._node_ok(node, sent)
+        if not stream.is_eof():
+            # From here on each read waits at most stream_idle_timeout: a node that hangs
+            # mid-stream is given up then, not after the first-byte wait.
+            set_read_timeout(up, idle)
         resp = web.StreamResponse(status=up.status, headers=headers)
         status = up.status
         # The last chunks relayed (references, not copies): the engine's usage is in them (auth.py).
         tail0 = tail1 = b""
-        tail2 = first
+        tail2 = chunk = first
+        ttfb = True
         watch = _SendWatch(request, self.state.config.client_timeout, request_id)
         try:
-            await resp.prepare(request)
-            if first:
-                await resp.write(first)
-            metrics.ttfb.labels(model).observe(time.perf_counter() - t0)
+            await resp.prepare(request)  # aiohttp sends the headers with the first chunk: one write
             while True:
+                # Each chunk is written the moment it arrives (a readany returns all that has come
+                # in, never waits for more). A client slower than the engine makes this write wait
+                # (nothing more is read from the node meanwhile, so buffers stay bounded); the
+                # watch drops one that waits too long.
+                watch.writing = True
+                if stream.at_eof():
+                    # The node's answer is complete: its last bytes and the end of ours go out
+                    # together, in one write instead of two.
+                    await resp.write_eof(chunk)
+                    break
+                if chunk:
+                    await resp.write(chunk)
+                watch.writing = False
+                watch.progress += 1
+                if ttfb:
+                    ttfb = False
+                    metrics.observe_ttfb(model, time.perf_counter() - t0)
                 try:
                     chunk = await stream.readany()
                 except _UPSTREAM_ERRORS as exc:
                     up.close()
-                    await self._broken_stream(request, resp, node, ctype, exc, request_id)
+                    watch.writing = True  # the error event is a write too
+                    await self._broken_stream(request, resp, node, ctype, exc, request_id, sent)
                     break
-                if not chunk:
-                    break
-                # A client slower than the engine makes this write wait (nothing more is read from
-                # the node meanwhile, so buffers stay bounded); the watch drops one that waits too long.
-                watch.writing = True
-                await resp.write(chunk)
-                watch.writing = False
-                watch.progress += 1
-                tail0, tail1, tail2 = tail1, tail2, chunk
+                if chunk:
+                    tail0, tail1, tail2 = tail1, tail2, chunk
+            if ttfb:
+                metrics.observe_ttfb(model, time.perf_counter() - t0)
         except ConnectionError:
             # The client went away: closing the upstream connection makes the engine abort.
             up.close()
@@ -513,17 +581,24 @@ class Proxy:
         finally:
             watch.cancel()
         request[RESPONSE_TAIL] = tail0 + tail1 + tail2
-        metrics.latency.labels(model).observe(time.perf_counter() - t0)
+        metrics.observe_latency(model, time.perf_counter() - t0)
         self._count(model, node.name, status)
         return resp
 
     async def _broken_stream(
-        self, request: web.Request, resp: web.StreamResponse, node: Node, ctype: str, exc: BaseException, request_id: str
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        node: Node,
+        ctype: str,
+        exc: BaseException,
+        request_id: str,
+        sent: float,
     ) -> None:
         detail = describe(exc)
         log.warning("request %s: node %s broke off mid-answer (%s)", request_id, node.name, detail)
         self.state.metrics.stream_errors.labels(node.name).inc()
-        self._node_failed(node, FailureKind.BROKEN.value)
+        self._node_failed(node, FailureKind.BROKEN.value, sent)
         if ctype.startswith("text/event-stream"):
             await resp.write(sse_error_event(f"node {node.name} failed mid-stream ({detail}); the answer is incomplete"))
         elif request.transport is not None:
@@ -533,12 +608,12 @@ class Proxy:
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
-    def _node_ok(self, node: Node) -> None:
-        self._transition(node, node.breaker.on_success(time.monotonic()))
+    def _node_ok(self, node: Node, sent: float) -> None:
+        self._transition(node, node.breaker.on_success(time.monotonic(), sent))
 
-    def _node_failed(self, node: Node, kind: str) -> None:
+    def _node_failed(self, node: Node, kind: str, sent: float | None = None) -> None:
         self.state.metrics.node_failures.labels(node.name, kind).inc()
-        self._transition(node, node.breaker.on_failure(time.monotonic()))
+        self._transition(node, node.breaker.on_failure(time.monotonic(), sent))
 
     def _transition(self, node: Node, transition: Transition | None) -> None:
         if transition is None:
@@ -550,4 +625,4 @@ class Proxy:
             log.info("node %s breaker %s -> %s", node.name, transition.old.value, transition.new.value)
 
     def _count(self, model: str, node: str, status: int) -> None:
-        self.state.metrics.requests.labels(model, node, str(status)).inc()
+        self.state.metrics.count_request(model, node, status)

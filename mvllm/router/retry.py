@@ -17,9 +17,9 @@ from typing import Generic, TypeVar
 import aiohttp
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-# A 500 may be the request's fault (an input that crashes every engine), so it only counts against
-# a node once another node has shown that the request itself was fine; see FailureLedger.
-_DEFERRED_STATUS = 500
+# A 500 may be the request's fault (an input that crashes every engine): it counts against its node
+# at once, and is taken back if it followed the request to every node tried; see FailureLedger.
+_FORGIVABLE_STATUS = 500
 # 429 is the node saying "busy", which is load, not a fault.
 _NOT_A_FAULT_STATUS = 429
 
@@ -62,26 +62,23 @@ class AttemptFailure(Generic[T]):
 class FailureLedger(Generic[T]):
     """The failed attempts of one request and which of them are the node's fault.
 
-    Connect errors, timeouts, broken bodies and 502/503/504 count at once. A 500 is held back: if
-    every attempt of the request ended in a 500 on two or more nodes, the request is the likely
-    cause and no node is blamed; otherwise (another node answered, or failed differently, or only
-    one node was tried) each 500 counts against its node.
+    Every failure but a 429 counts against its node at once, a 500 too: a node answering 500s
+    must be ejected on its second failure even while many requests are in flight. A 500 may
+    still be the request's doing: if every attempt of the request ended in a 500 on two or more
+    nodes, the request is the likely cause, and `settle` names the nodes whose 500s to take back
+    (Breaker.forgive).
     """
 
     failures: list[AttemptFailure[T]] = field(default_factory=list)
 
     def record(self, failure: AttemptFailure[T]) -> bool:
-        """Add a failure; True when it counts against its node right now."""
+        """Add a failure; True when it counts against its node (now)."""
         self.failures.append(failure)
-        if failure.kind is not FailureKind.STATUS:
-            return True
-        return failure.status not in (_DEFERRED_STATUS, _NOT_A_FAULT_STATUS)
+        return not (failure.kind is FailureKind.STATUS and failure.status == _NOT_A_FAULT_STATUS)
 
     def settle(self, succeeded: bool) -> list[T]:
-        """The nodes whose held-back 500s count, once the request has its final outcome."""
-        held = [f.node for f in self.failures if f.kind is FailureKind.STATUS and f.status == _DEFERRED_STATUS]
-        if not held:
-            return []
+        """Once the request has its final outcome: the nodes whose 500s are taken back."""
+        held = [f.node for f in self.failures if f.kind is FailureKind.STATUS and f.status == _FORGIVABLE_STATUS]
         if not succeeded and len(held) == len(self.failures) and len(held) >= 2:
-            return []
-        return held
+            return held
+        return []

@@ -18,6 +18,7 @@ import aiohttp
 
 from mvllm.common.prom import iter_samples
 from mvllm.router.agents import AgentNode, poll_agent
+from mvllm.router.engines import missing_metrics_message, parse_sglang_load
 from mvllm.router.registry import Health, Node
 from mvllm.router.state import RouterState
 
@@ -126,11 +127,12 @@ class Scraper:
             node.scrape_error = f"/metrics: {describe(exc)}"
             return
         now = time.monotonic()
-        load = parse_load(text)
+        engine = node.cfg.engine
+        load = parse_sglang_load(text) if engine == "sglang" else parse_load(text)
         if load is None:
             # No engine numbers: fall back to our own in-flight count as the node's load.
             node.record_scrape(float(node.in_flight), 0.0, {}, now)
-            node.scrape_error = "no vllm:num_requests_running/waiting in /metrics"
+            node.scrape_error = missing_metrics_message(engine)
             return
         node.record_scrape(load[0], load[1], load[2], now)
 

@@ -4,19 +4,23 @@ stop on Ctrl-C / SIGTERM that also stops every engine the demo started."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mvllm.common.envvars import ROUTER_ENV, read_env
+from mvllm.common.logfiles import file_logging
 from mvllm.common.tomlconf import ConfigError
 from mvllm.router.app import running_router
-from mvllm.router.config import RouterConfig, find_config, load_config
+from mvllm.router.config import RouterConfig, apply_env, find_config, load_config
 from mvllm.router.demo import DemoFleet
+from mvllm.router.eventloop import run as run_loop
 
 log = logging.getLogger("mvllm.router")
 
@@ -30,7 +34,7 @@ class ServeOptions:
     port: int | None = None
     demo: bool = False
     console: bool = True
-    log_level: str = "info"
+    log_level: str | None = None  # None: MVLLM_LOG_LEVEL, else [router] log_level, else info
 
 
 def setup_logging(level: str) -> None:
@@ -40,9 +44,15 @@ def setup_logging(level: str) -> None:
 
 
 def main(opts: ServeOptions) -> int:
-    setup_logging(opts.log_level)
     try:
-        return asyncio.run(serve(opts))
+        env = read_env(ROUTER_ENV, os.environ)
+    except ConfigError as exc:
+        setup_logging(opts.log_level or "info")
+        log.error("%s", exc)
+        return 2
+    setup_logging(opts.log_level or env.get("log_level") or "info")
+    try:
+        return run_loop(serve(opts))  # on uvloop when installed
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
 
@@ -53,11 +63,13 @@ async def serve(opts: ServeOptions) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    path = None if opts.demo else find_config(opts.config)
+    # Flag > MVLLM_* variable > file > default (env already checked by main).
+    env = read_env(ROUTER_ENV, os.environ)
+    path = None if opts.demo else find_config(opts.config or env.get("config"))
     if path is None:
         log.info("no servers.toml found: starting the demo" if not opts.demo else "starting the demo")
-        host = opts.host or RouterConfig.host
-        port = opts.port if opts.port is not None else RouterConfig.port
+        host = opts.host or env.get("host") or RouterConfig.host
+        port = opts.port if opts.port is not None else env.get("port", RouterConfig.port)
         fleet = DemoFleet()
         try:
             started = await _unless_stopped(fleet.start(), stop)
@@ -67,7 +79,8 @@ async def serve(opts: ServeOptions) -> int:
         if not started:
             return 0  # Ctrl-C while the engines were starting (they are stopped already)
         try:
-            return await _serve_until_stopped(opts, fleet.router_config(host, port), None, host, port, stop, fleet)
+            config = replace(fleet.router_config(host, port), log=apply_env(RouterConfig(), os.environ).log)
+            return await _serve_until_stopped(opts, config, None, host, port, stop, fleet)
         finally:
             await fleet.stop()
 
@@ -113,6 +126,28 @@ async def _unless_stopped(coro: Coroutine[Any, Any, None], stop: asyncio.Event) 
 
 
 async def _serve_until_stopped(
+    opts: ServeOptions,
+    config: RouterConfig,
+    path: Path | None,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    fleet: DemoFleet | None,
+) -> int:
+    if not opts.log_level and config.log.level:
+        logging.getLogger("mvllm").setLevel(config.log.level.upper())
+    with contextlib.ExitStack() as stack:
+        try:
+            log_file = stack.enter_context(file_logging(config.log))
+        except OSError as exc:
+            log.error("cannot open the log file %s: %s", config.log.file, exc.strerror or exc)
+            return 1
+        if log_file is not None:
+            log.info("logging to %s (rotated at %d bytes, %d kept)", log_file, config.log.max_bytes, config.log.backups)
+        return await _listen(opts, config, path, host, port, stop, fleet)
+
+
+async def _listen(
     opts: ServeOptions,
     config: RouterConfig,
     path: Path | None,

@@ -23,8 +23,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, RichLog, Sparkline, Static
 
-from mvllm.ctl.client import RouterClient, RouterError, RouterUnreachable
+from mvllm.client import APIConnectionError, AsyncClient, MvllmError
 from mvllm.ctl.fleet import FleetView, build_fleet
+from mvllm.ctl.keys import KEY_COLUMNS
 from mvllm.tui.cells import (
     GPU_COLUMNS,
     MODEL_COLUMNS,
@@ -32,6 +33,7 @@ from mvllm.tui.cells import (
     event_text,
     fmt_ms,
     gpu_cells,
+    key_cells,
     model_cells,
     node_cells,
     totals_text,
@@ -73,7 +75,7 @@ class DashboardApp(App[None]):
         refresh_interval: float = REFRESH_S,
     ) -> None:
         super().__init__()
-        self.client = RouterClient(router_url, key, timeout=max(2.0, 3 * refresh_interval))
+        self.client = AsyncClient(router_url, admin_key=key, timeout=max(2.0, 3 * refresh_interval))
         self.router_url = self.client.base_url
         self.embedded = embedded
         self.refresh_interval = refresh_interval
@@ -86,6 +88,7 @@ class DashboardApp(App[None]):
         self._admin: bool | None = None  # None: not tried yet; False: 401/403/404, read-only
         self._last_event = 0
         self._polling = False
+        self._keys: list[dict[str, Any]] | None = None  # /admin/keys entries; None: no keys configured
 
     # -- layout ------------------------------------------------------------------------------------
 
@@ -98,6 +101,9 @@ class DashboardApp(App[None]):
                 yield SyncedTable(MODEL_COLUMNS, id="models")
             with Vertical(id="gpus-pane", classes="pane"):
                 yield SyncedTable(GPU_COLUMNS, id="gpus")
+        # Shown only while the router has API keys (and we may read /admin/keys).
+        with Vertical(id="keys-pane", classes="pane"):
+            yield SyncedTable(KEY_COLUMNS, id="keys")
         with Horizontal(id="charts"):
             with Vertical(id="rps-chart", classes="chart pane"):
                 yield Static(id="rps-label", classes="chart-label")
@@ -117,6 +123,7 @@ class DashboardApp(App[None]):
             "#nodes-pane": "Nodes",
             "#models-pane": "Models",
             "#gpus-pane": "GPUs (agents)",
+            "#keys-pane": "API keys (requests today / total, as used/quota)",
             "#rps-chart": "Requests / s",
             "#lat-chart": "Latency p50 (ms)",
             "#errors-pane": "Recent errors",
@@ -144,8 +151,9 @@ class DashboardApp(App[None]):
     @work(group="poll", exit_on_error=False)
     async def _poll(self) -> None:
         try:
-            nodes, metrics, events = await asyncio.gather(
-                self._fetch_nodes(), self.client.metrics_text(), self._fetch_events(), return_exceptions=True
+            nodes, metrics, events, keys = await asyncio.gather(
+                self._fetch_nodes(), self.client.metrics_text(), self._fetch_events(), self._fetch_keys(),
+                return_exceptions=True,
             )
             self._take_nodes(nodes)
             if isinstance(metrics, str):
@@ -153,6 +161,8 @@ class DashboardApp(App[None]):
                 self.window = self.rates.header()
             if isinstance(events, dict):
                 self._take_events(events)
+            if not isinstance(keys, BaseException):
+                self._keys = keys  # on an error the last rows stay
             self._render_all()
             self.polls += 1
         finally:
@@ -161,10 +171,12 @@ class DashboardApp(App[None]):
     async def _fetch_nodes(self) -> dict[str, Any]:
         if self._admin is not False:
             try:
-                doc = await self.client.nodes()
+                doc = await self.client.nodes_document()
                 self._admin = True
                 return doc
-            except RouterError as exc:
+            except APIConnectionError:
+                raise
+            except MvllmError as exc:
                 if exc.status not in (401, 403, 404):
                     raise
                 self._admin = False
@@ -175,7 +187,15 @@ class DashboardApp(App[None]):
         if not self._admin:
             return None
         limit = _FIRST_EVENTS if self._last_event == 0 else None
-        return await self.client.events(self._last_event, limit)
+        return (await self.client.events(self._last_event, limit)).raw
+
+    async def _fetch_keys(self) -> list[dict[str, Any]] | None:
+        """Per-key usage from /admin/keys, asked only when the router has keys (its last /admin/nodes
+        said so): None hides the keys panel."""
+        auth = (self._doc or {}).get("auth") or {}
+        if not self._admin or auth.get("open", True):
+            return None
+        return list((await self.client.keys()).get("keys") or [])
 
     def _take_nodes(self, result: object) -> None:
         if isinstance(result, dict):
@@ -183,9 +203,9 @@ class DashboardApp(App[None]):
             self.problem = None
             self.fleet = build_fleet(result)
             return
-        if isinstance(result, RouterUnreachable):
+        if isinstance(result, APIConnectionError):
             self.problem = "router unreachable"
-        elif isinstance(result, RouterError):
+        elif isinstance(result, MvllmError):
             self.problem = f"router: {result.message}"
         else:
             self.problem = f"error: {result}"
@@ -240,6 +260,10 @@ class DashboardApp(App[None]):
             for table in (models_table, gpus_table):
                 if table.styles.height is None or table.styles.height.value != height:
                     table.styles.height = height
+        keys_pane = self.query_one("#keys-pane")
+        keys_pane.display = bool(self._keys)
+        if self._keys:
+            self.query_one("#keys", SyncedTable).sync((str(e.get("name")), key_cells(e)) for e in self._keys)
         rps = list(self.rates.rps_points)
         lat = list(self.rates.p50_points)
         now_rps = f"{self.window.rps:.1f}" if self.window else "–"
@@ -319,7 +343,7 @@ class DashboardApp(App[None]):
         router cannot tell us."""
         try:
             doc = await asyncio.wait_for(self._fetch_nodes(), timeout=QUIT_CHECK_S)
-        except (RouterError, RouterUnreachable, asyncio.TimeoutError):
+        except (MvllmError, asyncio.TimeoutError):
             return 0
         return build_fleet(doc).totals.in_flight
 
@@ -327,16 +351,17 @@ class DashboardApp(App[None]):
     async def _act(self, label: str, call: Callable[[], Awaitable[Any]], done: str) -> None:
         try:
             result = await call()
-        except RouterError as exc:
+        except APIConnectionError as exc:
+            self.notify(f"{label}: {exc}", severity="error", timeout=10)
+            return
+        except MvllmError as exc:
             self.notify(f"{label}: {exc.message}", severity="error", timeout=10)
             self._log_line(Text(f"{label} failed: {exc.message}", style="bold red"))
             return
-        except RouterUnreachable as exc:
-            self.notify(f"{label}: {exc}", severity="error", timeout=10)
-            return
         message = done
-        if isinstance(result, dict) and result.get("message"):
-            message = f"{done} ({result['message']})"
+        said = result.get("message") if isinstance(result, dict) else getattr(result, "message", None)
+        if isinstance(said, str) and said:
+            message = f"{done} ({said})"
         self.notify(message)
         self._log_line(Text(message, style="green"))
         self.poll()

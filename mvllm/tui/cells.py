@@ -8,6 +8,7 @@ import time
 from rich.text import Text
 
 from mvllm.ctl.fleet import FleetView, GpuView, ModelView, NodeView, fmt_bytes, fmt_num
+from mvllm.ctl.keys import key_row
 from mvllm.tui.rates import Window
 
 NODE_COLUMNS = ("node", "kind", "state", "breaker", "models", "run", "wait", "cap", "score", "in-flight")
@@ -160,3 +161,25 @@ def event_text(event: dict) -> Text:
     t.append(f"{event.get('logger', '')}: ", style="dim")
     t.append(str(event.get("message", "")), style=style if level != "INFO" else "")
     return t
+
+
+def key_cells(entry: dict) -> tuple[Text, ...]:
+    """One row of the keys panel (an entry of /admin/keys): a disabled key and a used-up quota in red."""
+    name, role, enabled, today, total, tokens, limits, models = key_row(entry)
+    quota = entry.get("quota") or {}
+    left = entry.get("quota_left") or {}
+
+    def style_of(limit: str) -> str:
+        return "bold red" if limit in quota and left.get(limit, 1) <= 0 else ""
+
+    return (
+        Text(name, style="bold"),
+        Text(role, style="magenta" if role == "admin" else ""),
+        Text(enabled, style="green" if entry.get("enabled") else "bold red"),
+        Text(today, style=style_of("requests_per_day"), justify="right"),
+        Text(total, style=style_of("requests_total"), justify="right"),
+        Text(tokens, justify="right"),
+        Text(limits, style="dim" if limits == "-" else ""),
+        Text(models),
+    )
+

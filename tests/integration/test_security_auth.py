@@ -250,17 +250,29 @@ async def test_keys_file_hot_reload_and_an_invalid_one_is_rejected_whole(
         await wait_until(lambda: r.state.last_reload is not None and r.state.last_reload.ok, timeout=10)
         await wait_until(lambda: refused(other), timeout=10, what="disabled key refused")
         assert await works(user)
+
+        # servers.toml names another keys file: that one is read, and watched from then on.
+        third_key = "sk-test-third-0123456789abcdef"
+        third = oai(r.url, third_key)
+        write_keys(tmp_path / "keys2.toml", [key_entry("third", third_key)])
+        write_servers(tmp_path / "servers.toml", [node(sim.url, "a")], auth={"keys_file": "keys2.toml"})
+        await wait_until(lambda: works(third), timeout=10, what="the keys of the new keys file")
+        assert await refused(user)
+        write_keys(tmp_path / "keys2.toml", [key_entry("third", third_key), key_entry("user", USER_KEY)])
+        await wait_until(lambda: works(user), timeout=10, what="the new keys file is watched")
         logs = "\n".join(rec.getMessage() for rec in caplog.records)
         assert USER_KEY not in logs and OTHER_KEY not in logs
 
 
-async def test_admin_is_loopback_only_without_keys(tmp_path: Path) -> None:
+async def test_admin_is_loopback_only_without_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="mvllm")
     async with in_process_sims(quick_sim()) as (sim,):
         async with auth_router(tmp_path, [node(sim.url, "a")]) as r:
             resp = await raw_request(r.port, http_request("GET", "/admin/nodes"))
             assert resp.status == 200  # from 127.0.0.1: the operator on the router's host
             resp = await raw_request(r.port, http_request("POST", "/v1/chat/completions", chat_body()))
             assert resp.status == 200  # no keys: the API is open
+        assert not any("no API key is configured" in rec.getMessage() for rec in caplog.records)  # loopback
 
         address = _non_loopback_address()
         if address is None:
@@ -273,6 +285,8 @@ async def test_admin_is_loopback_only_without_keys(tmp_path: Path) -> None:
                 assert (await resp.json())["error"]["code"] == "admin_loopback_only"
             async with s.get(f"http://{address}:{r.port}/health") as resp:
                 assert resp.status == 200
+        # Listening beyond loopback without keys: the start says so.
+        assert any("no API key is configured" in rec.getMessage() for rec in caplog.records)
 
 
 def _non_loopback_address() -> str | None:

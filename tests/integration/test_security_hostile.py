@@ -319,6 +319,8 @@ async def test_slow_client_that_never_reads_a_stream(tmp_path: Path) -> None:
                 # ... and dropped both sides after client_timeout (2 s) without progress.
                 assert 1.5 < waited < 12
                 assert peak - rss0 < 48 * MIB, (rss0, peak)
+                print(f"\nslow reader: node wrote {flood.written / MIB:.1f} MiB of 400 before it stalled; "
+                      f"router RSS {rss0 / MIB:.1f} -> peak {peak / MIB:.1f} MiB; dropped after {waited:.1f}s")
                 sock.close()
 
                 # An engine stream that the client never reads: the engine request ends (finished
