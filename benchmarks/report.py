@@ -139,6 +139,14 @@ def _git_rev() -> str:
     return rev.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
 
 
+def _router_loop() -> str:
+    try:
+        from mvllm.router.eventloop import loop_name
+    except ImportError:  # a router without it runs the standard loop
+        return "asyncio"
+    return loop_name()
+
+
 def environment(nginx: str | None, loadavg_before: tuple[float, float, float] | None = None) -> list[tuple[str, str]]:
     import aiohttp
     import psutil
@@ -155,6 +163,7 @@ def environment(nginx: str | None, loadavg_before: tuple[float, float, float] | 
         ("python", sys.version.split()[0]),
         ("aiohttp", aiohttp.__version__),
         ("load generator loop", loop),
+        ("router loop", _router_loop()),
         ("nginx", nginx or "not installed"),
         ("mvllm", _git_rev()),
         (

@@ -16,7 +16,7 @@ from collections import Counter
 
 from benchmarks.harness import Endpoint, Harness, SimSpec, Unavailable
 from benchmarks.loadgen import ChatRequest, closed_loop, make_session
-from benchmarks.report import Row, ScenarioResult
+from benchmarks.report import Check, Row, ScenarioResult
 from benchmarks.scenarios import Context
 from benchmarks.stats import RequestRecord, records_between, run_stats
 
@@ -29,14 +29,47 @@ KILL_AT, FAULT_AT = 0.3, 0.55  # fractions of the leg's duration
 def _router_counters(text: str) -> dict[str, float]:
     from mvllm.common.prom import iter_samples
 
-    want = ("mvllm_retries_total", "mvllm_node_failures_total", "mvllm_stream_errors_total")
+    want = (
+        "mvllm_retries_total",
+        "mvllm_node_failures_total",
+        "mvllm_stream_errors_total",
+        "mvllm_node_sent_after_failure_total",
+    )
     out: Counter[str] = Counter()
     for s in iter_samples(text, want):
         key = s.name.removesuffix("_total").removeprefix("mvllm_")
         if s.name == "mvllm_node_failures_total":
             key += f"[{s.labels.get('node', '?')}:{s.labels.get('kind', '?')}]"
+        elif s.name == "mvllm_node_sent_after_failure_total":
+            if not s.value:
+                continue
+            key += f"[{s.labels.get('node', '?')}]"
         out[key] += s.value
     return dict(out)
+
+
+def _ejection_check(counters: dict[str, float], cost: str | None) -> Check:
+    target = "node answering 500s (health 200) ejected after at most two requests (DESIGN §3)"
+    if cost is None:
+        return Check(target, "n1 gave no 500 (fault not reached?)", None)
+    after = counters.get("node_sent_after_failure[n1]", 0.0)
+    return Check(target, cost, after <= 1)
+
+
+def ejection_cost(counters: dict[str, float], node: str = "n1") -> str | None:
+    """How many requests reached the node answering 500s: the 500s it gave (node_failures[n1:500]),
+    split into the first, those already in flight when the router saw the first (sent before it),
+    and those sent after it, before its breaker opened (node_sent_after_failure[n1]). DESIGN §3:
+    at most two requests, i.e. at most one sent after the first failure."""
+    failed = counters.get(f"node_failures[{node}:500]")
+    if not failed:
+        return None
+    after = counters.get(f"node_sent_after_failure[{node}]", 0.0)
+    in_flight = max(0.0, failed - 1 - after)
+    return (
+        f"{node} gave {failed:g} 500s: the first, {in_flight:g} already in flight then, "
+        f"{after:g} sent after it before its breaker opened"
+    )
 
 
 async def _leg(ctx: Context, h: Harness, proxy: str, duration: float) -> tuple[list[RequestRecord], dict[str, float], float, float]:
@@ -105,6 +138,11 @@ async def run(ctx: Context) -> ScenarioResult:
             if set(late.per_node) - {"?"}:
                 parts.append("served after 500s: " + ", ".join(f"{k} {v}" for k, v in late.per_node.items()))
             if counters:
+                cost = ejection_cost(counters)
+                if cost:
+                    parts.append(cost)
+                if proxy == "router":
+                    res.checks.append(_ejection_check(counters, cost))
                 parts.append("router " + ", ".join(f"{k}={v:g}" for k, v in sorted(counters.items())))
             res.rows.append(Row.from_stats("failover", f"{proxy} kill+500", st, "; ".join(parts)))
     res.notes.append(

@@ -75,7 +75,7 @@ async def _http_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 def _error(exc: AgentError) -> web.Response:
     headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
-    return error_response(exc.status, exc.message, headers=headers)
+    return error_response(exc.status, exc.message, code=exc.code, headers=headers)
 
 
 def _api(fn: Handler) -> Handler:

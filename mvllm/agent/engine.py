@@ -63,6 +63,7 @@ class Instance:
     lora_level_warned: bool = False  # told the log once that level 2 became 1 (LoRA)
     pending_spec: ModelSpec | None = None  # an assignment (POST /models/NAME/assign) for its next start
     retired: bool = False  # an ad-hoc instance being removed: it never starts again
+    room_wait: tuple[str, ...] = ()  # busy models its load or wake waits for, to evict them once idle
 
     def __post_init__(self) -> None:
         self.idle.set()

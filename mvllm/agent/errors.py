@@ -6,6 +6,7 @@ from __future__ import annotations
 class AgentError(Exception):
     status = 500
     retry_after: float | None = None
+    code: str | None = None  # the OpenAI error `code`; None: the status
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -27,10 +28,12 @@ class Conflict(AgentError):
 
 
 class NoRoom(AgentError):
-    """Not enough GPU memory even after evicting every idle, unpinned model."""
+    """Not enough GPU memory even after evicting every idle, unpinned model (or after waiting
+    load_timeout for the busy ones in the way). The router reads the code: no room here."""
 
     status = 503
     retry_after = 10.0
+    code = "no_room"
 
 
 class LoadFailed(AgentError):

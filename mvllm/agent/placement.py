@@ -13,7 +13,9 @@ are unpinned, have no request in flight and no operation under way; least recent
            a sleep is expected to free all but `sleep_residual` of what they hold;
   pass 2 — if still short, sleeping candidates (those of pass 1 included) are stopped.
 The plan is an estimate: the agent carries out its first step, measures again and plans again,
-so what is freed is measured, never assumed.
+so what is freed is measured, never assumed. With `include_in_flight`, instances with requests in
+flight count as candidates too: the agent uses that plan to tell "wait for them to finish" (then
+evict them, idle) from "never fits" (NoRoom at once); it never evicts one while it is busy.
 
 Launch fraction (VLLM.md §1.5): vLLM refuses to start when free < total × utilization, so a
 co-located engine gets `min(need, free − reserve) / total`, floored to 0.001.
@@ -121,8 +123,14 @@ def shortfall(
     return out
 
 
-def _evictable(r: Resident, target: str) -> bool:
-    return r.name != target and not r.pinned and not r.busy and r.in_flight == 0 and r.state in (READY, SLEEPING)
+def _evictable(r: Resident, target: str, include_in_flight: bool = False) -> bool:
+    return (
+        r.name != target
+        and not r.pinned
+        and not r.busy
+        and (include_in_flight or r.in_flight == 0)
+        and r.state in (READY, SLEEPING)
+    )
 
 
 def plan(
@@ -133,6 +141,7 @@ def plan(
     reserve: int,
     pending: Mapping[int, int] | None = None,
     sleep_residual: int = SLEEP_RESIDUAL,
+    include_in_flight: bool = False,
 ) -> Plan:
     """Whether `target` fits with `need` more bytes per GPU, and if not, what to evict (see module doc)."""
     short = shortfall(need, gpus, reserve, pending)
@@ -140,7 +149,11 @@ def plan(
         return Plan(fits=True, feasible=True)
     missing = dict(short)
     cands = sorted(
-        (r for r in residents if _evictable(r, target) and any(r.memory.get(d, 0) > 0 for d in short)),
+        (
+            r
+            for r in residents
+            if _evictable(r, target, include_in_flight) and any(r.memory.get(d, 0) > 0 for d in short)
+        ),
         key=lambda r: r.last_used,
     )
     steps: list[Step] = []

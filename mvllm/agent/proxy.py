@@ -1,8 +1,9 @@
 """The agent's gatekeeper `/v1/*`: route by `model`, load or wake on demand, count in-flight, relay bytes.
 
 A request for a model that is not awake waits (bounded: `max_queue` waiters per model, each at most
-`load_timeout`) while one shared load or wake runs. The response is relayed as it arrives, chunk
-by chunk, never parsed: SSE streams reach the client unbuffered.
+`load_timeout`) while one shared load or wake runs, and that load waits for busy models in its way
+to finish their requests before evicting them (Supervisor._make_room). The response is relayed as
+it arrives, chunk by chunk, never parsed: SSE streams reach the client unbuffered.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from mvllm.agent.engine import Instance
-from mvllm.agent.errors import AgentError, BadRequest, Busy
+from mvllm.agent.errors import AgentError, BadRequest, Busy, NoRoom
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.supervisor import Supervisor
 from mvllm.common.errors import error_response
@@ -110,6 +111,12 @@ class Gatekeeper:
                     inst.begin()
                     return
         except asyncio.TimeoutError:
+            if inst.room_wait:  # its load still waits for busy models to make room: say so
+                self.metrics.rejected.labels(inst.name, "no_room").inc()
+                raise NoRoom(
+                    f"not enough GPU memory for {inst.name} yet: {', '.join(inst.room_wait)} still answering "
+                    f"requests after {self.load_timeout:g} s (a busy model is never evicted); try again"
+                ) from None
             self.metrics.rejected.labels(inst.name, "load_timeout").inc()
             raise Busy(f"model {inst.name} is still {inst.state} after {self.load_timeout:g} s; try again") from None
         finally:
@@ -132,7 +139,7 @@ class Gatekeeper:
             await self._acquire(inst, lora)
         except AgentError as exc:
             headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
-            return error_response(exc.status, exc.message, headers=headers)
+            return error_response(exc.status, exc.message, code=exc.code, headers=headers)
         try:
             return await self._forward(request, inst, body)
         finally:

@@ -238,13 +238,19 @@ class Supervisor:
                 out[d] = out.get(d, 0) + max(0, n - i.memory.get(d, 0))
         return out
 
-    def plan_for(self, inst: Instance) -> placement.Plan:
+    def plan_for(self, inst: Instance, *, include_in_flight: bool = False) -> placement.Plan:
         need = self.need(inst.spec)
         if inst.state == SLEEPING:
             held = self._held(inst)
             need = {d: max(0, n - held.get(d, 0)) for d, n in need.items()}
         return placement.plan(
-            inst.name, need, self.gpu_map(), self._residents(), self.cfg.reserve_bytes, self._pending(inst.name)
+            inst.name,
+            need,
+            self.gpu_map(),
+            self._residents(),
+            self.cfg.reserve_bytes,
+            self._pending(inst.name),
+            include_in_flight=include_in_flight,
         )
 
     # ------------------------------------------------------------------ locks
@@ -339,37 +345,71 @@ class Supervisor:
     # -------------------------------------------------------------- placement
 
     async def _make_room(self, inst: Instance) -> None:
-        """Evict idle models, one step at a time, measuring after each, until `inst` fits."""
-        for _ in range(2 * len(self.instances) + 2):
-            await self.refresh_gpus()
-            plan = self.plan_for(inst)
-            if plan.fits:
-                return
-            if not plan.feasible:
-                short = ", ".join(f"GPU {d}: {b / placement.GIB:.1f} GiB short" for d, b in plan.short.items())
-                raise NoRoom(
-                    f"not enough GPU memory for {inst.name} ({short}) even after evicting every idle, unpinned model"
-                )
-            step = plan.steps[0]
-            victim = self.instances[step.name]
-            # Checked and claimed without yielding: no request can start on it from here on.
-            if victim.in_flight or victim.op is not None or victim.state not in (READY, SLEEPING):
-                await asyncio.sleep(0.05)
-                continue
-            level = f" level {step.level}" if step.action == placement.ACTION_SLEEP else ""
-            log.warning("evicting %s (%s%s) to make room for %s", victim.name, step.action, level, inst.name)
-            victim.op = step.action
-            try:
-                async with victim.lock:
-                    if step.action == placement.ACTION_SLEEP:
-                        await self._sleep_locked(victim, step.level, reason="evict")
-                    else:
-                        await self._stop_process(victim, reason="evict")
-            finally:
-                victim.op = None
+        """Evict idle models, one step at a time, measuring after each, until `inst` fits.
+
+        A model that has to go but is answering requests is waited for, up to load_timeout, and
+        evicted once idle, never while busy (the switch from one model to another that a user
+        expects). NoRoom at once when even that would not make room (pinned models, too big)."""
+        deadline = time.monotonic() + self.cfg.load_timeout
+        evictions = 0
+        try:
+            while True:
+                await self.refresh_gpus()
+                plan = self.plan_for(inst)
+                if plan.fits:
+                    return
+                if plan.feasible:
+                    step = plan.steps[0]
+                    victim = self.instances[step.name]
+                    # Checked and claimed without yielding: no request can start on it from here on.
+                    if not victim.in_flight and victim.op is None and victim.state in (READY, SLEEPING):
+                        evictions += 1
+                        if evictions > 2 * len(self.instances) + 2:
+                            break
+                        await self._evict(victim, step, inst)
+                        continue
+                    busy = [victim]  # it changed since the plan was made: look again shortly
+                else:
+                    later = self.plan_for(inst, include_in_flight=True)
+                    if not later.feasible:
+                        short = ", ".join(f"GPU {d}: {b / placement.GIB:.1f} GiB short" for d, b in plan.short.items())
+                        raise NoRoom(
+                            f"not enough GPU memory for {inst.name} ({short}) even after evicting every idle, "
+                            "unpinned model"
+                        )
+                    busy = [v for v in map(self.instances.__getitem__, later.victims) if v.in_flight]
+                names = tuple(v.name for v in busy)
+                if names and names != inst.room_wait:
+                    log.info(
+                        "%s: waiting (up to %.0f s) for %s to finish answering requests, to make room",
+                        inst.name, max(0.0, deadline - time.monotonic()), ", ".join(names),
+                    )
+                inst.room_wait = names
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoRoom(
+                        f"not enough GPU memory for {inst.name}: {', '.join(names) or 'the models in the way'} "
+                        f"still answering requests after {self.cfg.load_timeout:g} s (a busy model is never evicted)"
+                    )
+                await _until_one_idle(busy, min(left, 1.0))
+        finally:
+            inst.room_wait = ()
         await self.refresh_gpus()
         if not self.plan_for(inst).fits:
             raise NoRoom(f"could not make room for {inst.name}")
+
+    async def _evict(self, victim: Instance, step: placement.Step, inst: Instance) -> None:
+        level = f" level {step.level}" if step.action == placement.ACTION_SLEEP else ""
+        log.warning("evicting %s (%s%s) to make room for %s", victim.name, step.action, level, inst.name)
+        victim.op = step.action
+        try:
+            async with victim.lock:
+                if step.action == placement.ACTION_SLEEP:
+                    await self._sleep_locked(victim, step.level, reason="evict")
+                else:
+                    await self._stop_process(victim, reason="evict")
+        finally:
+            victim.op = None
 
     # ------------------------------------------------------------------ start
 
@@ -719,3 +759,13 @@ class Supervisor:
                     await self._stop_process(inst, reason="idle")
         finally:
             inst.op = None
+
+
+async def _until_one_idle(busy: list[Instance], timeout: float) -> None:
+    """Return once one of `busy` has no request in flight and no operation under way, or after
+    `timeout` s. Polls attributes only (no I/O): the caller measures and plans again after."""
+    end = time.monotonic() + timeout
+    while True:
+        await asyncio.sleep(0.05)
+        if time.monotonic() >= end or any(not v.in_flight and v.op is None for v in busy):
+            return

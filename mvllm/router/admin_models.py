@@ -73,7 +73,7 @@ def _choose(state: RouterState, action: str, model: str, routes: list[AgentRoute
             wait = max(1, math.ceil(state.config.health.interval))
             return error_response(
                 503,
-                f"no agent can load `{model}` now ({_states(routes)}): down, ejected, failed or without room",
+                f"no agent can load `{model}` now ({_states(routes)}): down, ejected or failed",
                 code="no_agent_available",
                 headers={"Retry-After": str(wait)},
             )

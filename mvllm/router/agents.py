@@ -6,20 +6,26 @@ An agent is one node of the registry (`AgentNode`, kind "agent": health, drain, 
 the catalog entry serving that name: the unit the proxy sends a request to and the policy scores.
 A route is awake (scored exactly like a static node, with the engine's running/waiting from
 /state and capacity = its max_num_seqs) or cold, and then ranked loading > sleeping > fits >
-evict (policy.choose_tiered). Requests to an agent carry its token in place of the client's
-Authorization, and may wait up to `load_timeout` for their first byte (a load).
+evict > no_room (policy.choose_tiered; "no room" in a /state is not final, see there). Requests
+to an agent carry its token in place of the client's Authorization, and may wait up to
+`load_timeout` for their first byte (a load).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import aiohttp
+from aiohttp import web
 from multidict import CIMultiDict
 
+from mvllm.common.errors import error_response
 from mvllm.common.state import (
     FAILED,
     PLACEMENT_EVICT,
@@ -41,6 +47,7 @@ from mvllm.router.policy import (
     TIER_FITS,
     TIER_LOADING,
     TIER_NAMES,
+    TIER_NO_ROOM,
     TIER_SLEEPING,
     Policy,
 )
@@ -51,6 +58,9 @@ log = logging.getLogger("mvllm.router.agents")
 
 # Answers of an agent that mean the router's token is wrong: a config error, not a passing fault.
 AUTH_STATUSES = frozenset({401, 403})
+# The error code of an agent's 503 when it has no GPU memory for the model, even after evicting
+# idle models and waiting (up to its load_timeout) for busy ones (mvllm.agent.errors.NoRoom).
+NO_ROOM_CODE = "no_room"
 
 
 class AgentRoute:
@@ -180,7 +190,9 @@ class AgentRoute:
             return TIER_SLEEPING
         placement = self.entry.placement
         if placement == PLACEMENT_NO_ROOM:
-            return None
+            # Not final: the /state is up to a scrape interval old, and the models in the way may
+            # have gone idle since. Tried last; the agent decides with live data.
+            return TIER_NO_ROOM
         return TIER_EVICT if placement == PLACEMENT_EVICT else TIER_FITS
 
     def routable(self, now: float) -> bool:
@@ -445,6 +457,46 @@ def _readmit_routes(state: RouterState, node: AgentNode) -> None:
         transition = route.breaker.reset()
         if transition is not None:
             state.metrics.breaker_transitions.labels(node.name, transition.new.value).inc()
+
+
+class FailedAnswer(Protocol):
+    """What the proxy keeps of a node's failed answer (proxy.UpstreamAnswer)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    node: Node
+
+
+def no_room_answer(model: str, answers: Sequence[FailedAnswer]) -> web.Response | None:
+    """The client's 503 when every node tried was an agent answering "no room" for `model`: one
+    message with each agent's reason (rather than a "no healthy node" that sends operators looking
+    for a fault), Retry-After the soonest any agent gave. None when any answer was something else."""
+    reasons = []
+    waits = []
+    for a in answers:
+        if a.status != 503 or a.node.agent is None:
+            return None
+        try:
+            err = json.loads(a.body).get("error")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return None
+        if not isinstance(err, dict) or err.get("code") != NO_ROOM_CODE:
+            return None
+        reasons.append(f"{a.node.name}: {err.get('message') or 'no room'}")
+        try:
+            waits.append(float(a.headers.get("Retry-After", "")))
+        except ValueError:
+            pass
+    if not reasons:
+        return None
+    retry_after = max(1, math.ceil(min(waits))) if waits else 1
+    return error_response(
+        503,
+        f"no room on any agent for model `{model}`: {'; '.join(reasons)}",
+        code=NO_ROOM_CODE,
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def unread_catalogs(nodes: tuple[Node, ...]) -> str:

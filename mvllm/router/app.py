@@ -50,6 +50,8 @@ _STARTUP_PROBE_TIMEOUT = 5.0
 # In-flight requests get this long to finish when the router stops.
 SHUTDOWN_TIMEOUT = 10.0
 _MAX_REQUEST_ID = 128
+# Seconds an idle pooled connection to a node is kept (see _session_ctx).
+UPSTREAM_KEEPALIVE = 4.0
 
 
 # -- middlewares ------------------------------------------------------------------------------------
@@ -212,10 +214,14 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE_KEY]
-    # One pool for every node: keep-alive connections, no limit of our own (the engines queue),
-    # TCP_NODELAY is set by aiohttp on every connection. No cookie jar: cookies of one client must
-    # never travel with another's request. No automatic Accept-Encoding: bodies are relayed as is.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=60)
+    # One connector, whose pools are per node (host, port): keep-alive connections, no limit of our
+    # own (the engines queue), TCP_NODELAY set by aiohttp on every connection. Idle connections are
+    # closed after UPSTREAM_KEEPALIVE, below the engines' own 5 s (uvicorn's default, vLLM's
+    # VLLM_HTTP_TIMEOUT_KEEP_ALIVE): if the engine closed first, a request sent on the connection
+    # at that moment would fail and count against a healthy node. No cookie jar: cookies of one
+    # client must never travel with another's request. No automatic Accept-Encoding: bodies are
+    # relayed as is.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE, ttl_dns_cache=60)
     state.session = aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,

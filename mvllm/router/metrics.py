@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mvllm.router.breaker import STATE_VALUE
@@ -34,7 +34,7 @@ class _NodeCollector(Collector):
         # Registration must not call collect(): the state it reads is not wired up yet.
         return []
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         policy = self._policy()
         now = time.monotonic()
         families = {
@@ -47,6 +47,12 @@ class _NodeCollector(Collector):
                 "mvllm_node_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", labels=["node"]
             ),
             "healthy": GaugeMetricFamily("mvllm_node_healthy", "1 when the node can take requests now", labels=["node"]),
+            "sent_after_failure": CounterMetricFamily(
+                "mvllm_node_sent_after_failure",
+                "Requests sent to the node while its breaker, still closed, had a failure counted "
+                "(what failure_threshold costs when a node starts failing)",
+                labels=["node"],
+            ),
         }
         for node in self._registry.iter_all():
             n = [node.name]
@@ -57,6 +63,7 @@ class _NodeCollector(Collector):
             families["capacity"].add_metric(n, node.capacity)
             families["breaker"].add_metric(n, STATE_VALUE[node.breaker.state])
             families["healthy"].add_metric(n, 1.0 if node.routable(now) else 0.0)
+            families["sent_after_failure"].add_metric(n, node.breaker.sent_after_failure)
         yield from families.values()
 
 

@@ -25,8 +25,11 @@ Tiers: when no node has the model awake (`choose_tiered`, DESIGN.md §3)
     agent's engine that is ready), 1 loading (an agent already starting or waking it, or with
     requests of ours waiting for it: joining shares that one load), 2 sleeping on an agent (a
     wake takes seconds), 3 in an agent's catalog with room on its GPUs (cold load), 4 in an
-    agent's catalog, loadable after evicting idle models. Agents with no room at all, or whose
-    engine for it failed, are not candidates. The policy above chooses among the candidates of
+    agent's catalog, loadable after evicting idle models, 5 an agent whose last /state said "no
+    room": tried last, never skipped, since that /state is up to a scrape interval old (the
+    models in the way may have gone idle since) and the agent decides with live data (it waits
+    for busy models to finish, or answers 503 no-room and the request moves on). Agents whose
+    engine for it failed are not candidates. The policy above chooses among the candidates of
     the lowest tier present, so awake nodes are always scored against each other first.
 """
 
@@ -135,7 +138,15 @@ TIER_LOADING = 1
 TIER_SLEEPING = 2
 TIER_FITS = 3
 TIER_EVICT = 4
-TIER_NAMES = {TIER_AWAKE: "awake", TIER_LOADING: "loading", TIER_SLEEPING: "sleeping", TIER_FITS: "fits", TIER_EVICT: "evict"}
+TIER_NO_ROOM = 5
+TIER_NAMES = {
+    TIER_AWAKE: "awake",
+    TIER_LOADING: "loading",
+    TIER_SLEEPING: "sleeping",
+    TIER_FITS: "fits",
+    TIER_EVICT: "evict",
+    TIER_NO_ROOM: "no_room",
+}
 
 
 class Tiered(NodeLoad, Protocol):

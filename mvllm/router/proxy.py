@@ -26,7 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response, sse_error_event
-from mvllm.router.agents import AUTH_STATUSES, unread_catalogs
+from mvllm.router.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
 from mvllm.router.auth import RESPONSE_TAIL
 from mvllm.router.breaker import Transition
 from mvllm.router.policy import choose_tiered
@@ -275,9 +275,13 @@ class Proxy:
             if length is not None and length > limit:
                 return self._too_large(limit)
             try:
-                # A client that trickles its body (or never sends it) must not hold a handler forever.
-                async with asyncio.timeout(state.config.client_timeout):
-                    read = await self._read_body(request, limit)
+                if length is not None and request.content.is_eof():
+                    # The whole body came in with the headers (the usual case): no timer needed.
+                    read = await request.content.readexactly(length)
+                else:
+                    # A client that trickles its body (or never sends it) must not hold a handler forever.
+                    async with asyncio.timeout(state.config.client_timeout):
+                        read = await self._read_body(request, limit)
             except asyncio.IncompleteReadError:
                 return error_response(400, "the request body ended before its Content-Length", code="incomplete_body")
             except TimeoutError:
@@ -351,6 +355,7 @@ class Proxy:
         tried: list[Node] = []
         last: Failed | None = None
         answer: UpstreamAnswer | None = None
+        answers: list[UpstreamAnswer] = []  # every failed answer, to tell "no room anywhere"
         succeeded = False
         try:
             while True:
@@ -368,6 +373,7 @@ class Proxy:
                 last = result
                 if result.answer is not None:
                     answer = result.answer
+                    answers.append(answer)
                 failure = result.failure
                 reason = failure.kind.value if failure.status is None else str(failure.status)
                 # An agent's own 503 says "no room", "still loading" or "queue full": load, not a fault.
@@ -391,6 +397,11 @@ class Proxy:
             # A 500 that followed the request to every node it tried was the request's doing.
             for n in ledger.settle(succeeded):
                 self._transition(n, n.breaker.forgive())
+        if answer is not None and len(answers) == len(tried):
+            full = no_room_answer(model, answers)  # every node tried was an agent with no room
+            if full is not None:
+                self._count(model, "-", 503)
+                return full
         if answer is not None:
             # Every node failed and at least one answered: return its answer as is.
             self._count(model, answer.node.name, answer.status)

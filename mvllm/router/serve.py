@@ -21,6 +21,7 @@ from mvllm.router.app import running_router
 from mvllm.router.config import RouterConfig, apply_env, find_config, load_config
 from mvllm.router.demo import DemoFleet
 from mvllm.router.eventloop import run as run_loop
+from mvllm.router.eventloop import tune_gc
 
 log = logging.getLogger("mvllm.router")
 
@@ -159,6 +160,7 @@ async def _listen(
     try:
         async with running_router(config, host=host, port=port, config_path=path) as router:
             log.info("router listening on %s (OpenAI base URL %s/v1)", router.url, router.url)
+            tune_gc()  # short, rare collector pauses from here on
             if fleet is not None:
                 reason = "--demo given" if opts.demo else "no servers.toml found"
                 print(fleet.banner(router.url, reason), flush=True)

@@ -1,4 +1,5 @@
-"""Placement on a simulated GPU that holds two models: LRU eviction of idle models, never a busy one.
+"""Placement on a simulated GPU that holds two models: LRU eviction of idle models, never a busy one
+(a load waits for busy ones in its way to finish, up to load_timeout).
 
 Three catalog models of 10 GiB each on one 24 GiB simulated GPU with 1 GiB reserved: two fit awake,
 the third needs one of them asleep (a sleeping sim engine keeps 0.5 GiB).
@@ -10,6 +11,7 @@ import asyncio
 import time
 
 import openai
+import pytest
 
 from tests.integration.test_agent_lifecycle import TOKEN, model, running_agent, wait_until
 
@@ -98,9 +100,43 @@ def test_no_room_when_only_busy_or_pinned_models_hold_memory(tmp_path):
             agent.chat("big")
             raise AssertionError("expected 503")
         except openai.APIStatusError as exc:
-            assert exc.status_code == 503 and "not enough GPU memory" in exc.message
+            assert exc.status_code == 503 and "not enough GPU memory" in exc.message and exc.code == "no_room"
             assert exc.response.headers.get("retry-after")
         assert agent.inst("pin")["state"] == "ready"
+
+
+async def test_a_load_waits_for_a_busy_model_up_to_load_timeout_never_evicting_it(tmp_path):
+    """Two models that do not fit together, `busy` answering a ~6 s request: a request for `next`
+    waits (load_timeout = 2 s here), then gets 503 no_room naming the busy model, which is never
+    evicted while its request runs; once it is idle, `next` evicts it and answers."""
+    slow = "sim = { ttft_ms = 5, itl_ms = 10, weights_gib = 2 }"
+    catalog = (model("busy", "preload = true", sim=slow) + model("next")).replace("memory_gib = 10", "memory_gib = 20")
+    with running_agent(tmp_path, catalog, sim_gpus=(24,), top={"load_timeout": 2}) as agent:
+        await asyncio.to_thread(wait_until, lambda: agent.inst("busy")["state"] == "ready", 20, "busy preloaded")
+        client = agent.aclient()
+        long = asyncio.ensure_future(
+            client.chat.completions.create(model="busy", messages=[{"role": "user", "content": "x"}], max_tokens=600)
+        )
+        await asyncio.to_thread(wait_until, lambda: agent.inst("busy")["in_flight"] == 1, 10, "long request in flight")
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as exc:
+            await client.chat.completions.create(model="next", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        waited = time.monotonic() - t0
+        assert exc.value.status_code == 503 and exc.value.code == "no_room", exc.value.body
+        assert "busy still answering requests after 2 s" in exc.value.body["message"], exc.value.body
+        assert exc.value.response.headers.get("retry-after")
+        assert waited >= 1.8, waited  # it waited for the busy model rather than refusing at once
+        assert not long.done(), f"the long request ended too early to prove anything ({waited:.1f}s)"
+        assert agent.inst("busy")["state"] == "ready" and agent.inst("next")["state"] == "stopped"
+
+        answer = await long  # never cut by an eviction
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 600
+        r = await client.chat.completions.create(model="next", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert r.choices[0].message.content
+        assert agent.inst("busy")["state"] == "sleeping" and agent.inst("next")["state"] == "ready"
+        text = agent.api("GET", "/metrics")[1].decode()
+        assert 'mvllm_agent_rejected_total{model="next",reason="no_room"} 1.0' in text
+        await client.close()
 
 
 def test_lora_model_sleeps_at_level_1_when_evicted_or_idle(tmp_path):

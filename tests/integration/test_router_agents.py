@@ -216,11 +216,15 @@ async def test_three_models_room_for_two_one_agent_each_in_turn(tmp_path):
     with agents(tmp_path, model("ev-a") + model("ev-b") + model("ev-c") + huge, sim_gpus=(24,)) as (agent,):
         async with router_for(tmp_path, [agent_entry(agent, "gpu")]) as router:
             c = client(router)
-            # No room even after evicting everything: the router answers 503 itself, never asks the agent.
+            # No room even after evicting everything: the agent says so at once (its /state said
+            # "no room", but that is never final), and the router's 503 names the reason.
             with pytest.raises(openai.APIStatusError) as exc:
                 await chat(c, "huge")
             assert exc.value.status_code == 503 and exc.value.response.headers.get("retry-after")
             assert exc.value.response.headers.get("x-mvllm-node") == "-"
+            assert exc.value.code == "no_room", exc.value.body
+            message = exc.value.body["message"]
+            assert message.startswith("no room on any agent for model `huge`: gpu: not enough GPU memory"), message
             assert agent.inst("huge")["state"] == "stopped" and agent.inst("huge")["queued"] == 0
             order = ["ev-a", "ev-b", "ev-c", "ev-a", "ev-b", "ev-c"]
             for n, name in enumerate(order):
@@ -239,6 +243,58 @@ async def test_three_models_room_for_two_one_agent_each_in_turn(tmp_path):
         os.kill(agent.proc.pid, signal.SIGTERM)
         assert agent.proc.popen.wait(timeout=30) == 0
         assert marked_processes(agent.proc.pid) == []  # nothing left running
+
+
+async def test_a_model_switch_waits_for_the_busy_model_then_evicts_it_once_idle(tmp_path):
+    """Two models that do not fit together. While `big-a` answers a long request, the router's
+    /state says "no room" for `big-b` (a busy model is not evictable); a request for `big-b` then
+    goes to the agent anyway, waits there for `big-a` to finish and gets its answer, with no 503
+    and no retry, and `big-a` is evicted only once idle."""
+    slow = "sim = { ttft_ms = 5, itl_ms = 10, weights_gib = 2 }"  # 300 tokens: ~3 s
+    catalog = (model("big-a", sim=slow) + model("big-b")).replace("memory_gib = 10", "memory_gib = 20")
+    with agents(tmp_path, catalog, sim_gpus=(24,)) as (agent,):
+        async with router_for(tmp_path, [agent_entry(agent, "gpu")]) as router:
+            c = client(router)
+            assert (await chat(c, "big-a"))[0]
+            finished: dict[str, float] = {}
+
+            async def ask(name: str, max_tokens: int) -> Any:
+                r = await c.chat.completions.create(
+                    model=name, messages=[{"role": "user", "content": "long"}], max_tokens=max_tokens
+                )
+                finished[name] = time.monotonic()
+                return r
+
+            long = asyncio.ensure_future(ask("big-a", 300))
+            await wait_until(
+                lambda: instance(router, "gpu", "big-a")["in_flight"] == 1
+                and instance(router, "gpu", "big-b")["router"]["rank"] == "no_room",
+                10, what="the router's /state: big-a busy, no room for big-b",
+            )
+            switch = asyncio.ensure_future(ask("big-b", 4))
+            await wait_until(lambda: agent.inst("big-b")["queued"] == 1, 10, what="big-b's request waits at the agent")
+            assert not long.done(), "big-a's request ended too early to prove anything"
+            assert agent.inst("big-a")["state"] == "ready" and agent.inst("big-a")["in_flight"] == 1
+            assert not switch.done()
+
+            a_answer, b_answer = await asyncio.gather(long, switch)
+            # big-a's answer is whole (never cut by an eviction), and big-b's came after it.
+            assert a_answer.choices[0].finish_reason == "length" and a_answer.usage.completion_tokens == 300
+            assert b_answer.choices[0].message.content
+            assert finished["big-b"] > finished["big-a"]
+            assert agent.inst("big-a")["state"] == "sleeping" and agent.inst("big-b")["state"] == "ready"
+            log = (tmp_path / f"agent-{agent.port}.log").read_text()
+            waited = log.index("big-b: waiting (up to")
+            assert "for big-a to finish answering requests" in log[waited:].splitlines()[0]
+            assert log.index("evicting big-a (sleep level 1) to make room for big-b") > waited
+            retries = [ln for ln in (await router_metrics(router)).splitlines() if ln.startswith("mvllm_retries_total{")]
+            assert not any('model="big-b"' in ln for ln in retries), retries  # one attempt, no 503 on the way
+            await c.close()
+
+
+async def router_metrics(router: RunningRouter) -> str:
+    async with aiohttp.ClientSession() as s, s.get(router.url + "/metrics") as resp:
+        return await resp.text()
 
 
 async def test_agent_down_fails_over_then_503_then_readmitted(tmp_path):

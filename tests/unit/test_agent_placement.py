@@ -72,6 +72,17 @@ def test_infeasible_when_only_busy_ones_hold_memory():
     assert not p.fits and not p.feasible
 
 
+def test_counting_in_flight_ones_tells_wait_from_never_fits():
+    # The agent's question when the plan is infeasible: would it fit once the requests end?
+    residents = [res("a", in_flight=2, last=5.0), res("b", pinned=True)]
+    later = plan("c", {0: 10 * GIB}, gpus(20), residents, reserve=GIB, include_in_flight=True)
+    assert later.feasible and not later.fits and later.steps == [Step("a", ACTION_SLEEP, 1)]
+    # Pinned models and operations under way stay out even then: no wait would make room.
+    stuck = [res("a", busy=True), res("b", pinned=True)]
+    assert not plan("c", {0: 10 * GIB}, gpus(20), stuck, reserve=GIB, include_in_flight=True).feasible
+    assert not plan("c", {0: 30 * GIB}, gpus(20), residents, reserve=GIB, include_in_flight=True).feasible
+
+
 def test_sleep_level_zero_means_stop():
     p = plan("c", {0: 10 * GIB}, gpus(20), [res("a", sleep_level_on_idle=0), res("b", last=9)], reserve=GIB)
     assert p.steps[0].name == "a" and p.steps[0].action == ACTION_STOP

@@ -79,3 +79,88 @@ def test_reset_and_configure() -> None:
     assert b.state is BreakerState.CLOSED
     assert b.on_failure(0) is not None
     assert b.available(1.0)
+
+
+# -- under concurrency: "consecutive" by send time, sent_after_failure, forgive -----------------------
+
+
+def test_success_of_a_request_sent_before_the_failure_does_not_reset_the_count() -> None:
+    # Requests a, b, c are in flight on a node that starts failing: a fails at t=1; b, sent at t=0.5
+    # (before the failure was seen), succeeds late; c fails: the breaker opens on the second failure.
+    b = Breaker(failure_threshold=2, cooldown=10)
+    assert b.on_failure(1.0, sent_at=0.4) is None
+    assert b.on_success(1.1, sent_at=0.5) is None
+    assert b.failures == 1
+    assert b.on_failure(1.2, sent_at=0.6) == Transition(BreakerState.CLOSED, BreakerState.OPEN)
+
+
+def test_success_of_a_request_sent_after_the_failure_resets_the_count() -> None:
+    b = Breaker(failure_threshold=2, cooldown=10)
+    b.on_failure(1.0, sent_at=0.9)
+    b.on_dispatch(1.5)
+    b.on_success(1.6, sent_at=1.5)
+    assert b.failures == 0
+    assert b.on_failure(2.0, sent_at=1.9) is None and b.state is BreakerState.CLOSED
+
+
+def test_many_requests_in_flight_a_500_node_takes_one_more_after_its_first_failure() -> None:
+    """The scenario of DESIGN §3: 16 requests in flight when a node starts answering 500s. The
+    ones already in flight fail as they come back; of those sent after the first failure was seen,
+    only one reaches the node before it is ejected (with failure_threshold 2)."""
+    b = Breaker(failure_threshold=2, cooldown=10)
+    now = 0.0
+    in_flight = [now] * 16  # send times
+    for _ in range(16):
+        assert b.available(now)
+        b.on_dispatch(now)
+    # The first answer comes back: a 500.
+    now = 1.0
+    b.on_failure(now, sent_at=in_flight.pop())
+    sent_after = 0
+    # New requests keep arriving while the others come back; the router sends one wherever the
+    # breaker lets it, and every answer from the node is a 500.
+    while in_flight or sent_after < 50:
+        now += 0.001
+        if b.available(now):
+            b.on_dispatch(now)
+            in_flight.insert(0, now)
+            sent_after += 1
+        if in_flight:
+            b.on_failure(now, sent_at=in_flight.pop())
+        if b.state is BreakerState.OPEN and not in_flight:
+            break
+    assert b.state is BreakerState.OPEN
+    assert sent_after == 1 == b.sent_after_failure
+    assert not b.available(now)
+
+
+def test_forgive_takes_a_failure_back_and_closes_what_it_opened() -> None:
+    b = Breaker(failure_threshold=2, cooldown=10)
+    b.on_failure(0)
+    assert b.forgive() is None and b.failures == 0
+    b.on_failure(1)
+    assert b.on_failure(2) == Transition(BreakerState.CLOSED, BreakerState.OPEN)
+    # The second failure was a request that failed on every node: the node is let back in.
+    assert b.forgive() == Transition(BreakerState.OPEN, BreakerState.CLOSED)
+    assert b.available(2) and b.failures == 1
+    assert b.forgive() is None and b.failures == 0
+    assert b.forgive() is None and b.failures == 0  # never below zero
+
+
+def test_forgive_does_not_close_a_breaker_reopened_by_a_failed_probe() -> None:
+    b = Breaker(failure_threshold=1, cooldown=5)
+    b.on_failure(0)
+    b.on_dispatch(6)  # the probe
+    assert b.on_failure(6.5, sent_at=6) == Transition(BreakerState.HALF_OPEN, BreakerState.OPEN)
+    assert b.forgive() is None
+    assert b.state is BreakerState.OPEN
+
+
+def test_half_open_ignores_late_answers_to_requests_sent_before_it_opened() -> None:
+    b = Breaker(failure_threshold=1, cooldown=5)
+    b.on_failure(1.0, sent_at=0.5)
+    b.on_dispatch(6.0)  # the probe, half-open
+    assert b.on_success(6.1, sent_at=0.8) is None  # an old request: not the probe
+    assert b.on_failure(6.2, sent_at=0.9) is None  # nor is this one
+    assert b.state is BreakerState.HALF_OPEN and not b.available(6.2)
+    assert b.on_success(6.3, sent_at=6.0) == Transition(BreakerState.HALF_OPEN, BreakerState.CLOSED)

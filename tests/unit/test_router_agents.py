@@ -3,6 +3,7 @@ nowhere, /state turned into registry routes (index, tiers, load, capacity), head
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,14 @@ from multidict import CIMultiDict
 
 from mvllm.common.state import AgentState, CatalogEntry, InstanceState
 from mvllm.common.tomlconf import ConfigError
-from mvllm.router.agents import AgentNode, AgentRoute, agent_stats, unread_catalogs
+from mvllm.router.agents import AgentNode, AgentRoute, agent_stats, no_room_answer, unread_catalogs
 from mvllm.router.config import NodeConfig, RouterConfig, load_config
 from mvllm.router.policy import (
     TIER_AWAKE,
     TIER_EVICT,
     TIER_FITS,
     TIER_LOADING,
+    TIER_NO_ROOM,
     TIER_SLEEPING,
     LeastScore,
     RoundRobin,
@@ -102,15 +104,24 @@ def test_awake_candidates_win_by_score_whatever_the_cold_ones() -> None:
         assert choose_tiered(policy, [busy, *cold, calm], "m") is calm
 
 
-def test_model_awake_nowhere_goes_loading_then_sleeping_then_fits_then_evict() -> None:
+def test_model_awake_nowhere_goes_loading_then_sleeping_then_fits_then_evict_then_no_room() -> None:
     policy = LeastScore(rng=random.Random(2))
-    order = [C("loading", TIER_LOADING), C("asleep", TIER_SLEEPING), C("fits", TIER_FITS), C("evict", TIER_EVICT)]
-    pool = [C("no-room", None), *order]
+    order = [
+        C("loading", TIER_LOADING),
+        C("asleep", TIER_SLEEPING),
+        C("fits", TIER_FITS),
+        C("evict", TIER_EVICT),
+        C("no-room", TIER_NO_ROOM),  # a /state's "no room" may be stale: tried last, not skipped
+    ]
+    pool = [C("failed", None), *reversed(order)]
     for expected in order:
-        assert choose_tiered(policy, pool, "m") is expected
+        for _ in range(10):
+            assert choose_tiered(policy, pool, "m") is expected
         pool.remove(expected)
-    assert choose_tiered(policy, pool, "m") is None  # only "no room": no candidate at all
+    assert choose_tiered(policy, pool, "m") is None  # only a failed engine: no candidate at all
     assert choose_tiered(policy, [], "m") is None
+    # An awake node anywhere wins over any agent's cold route, "no room" ones included.
+    assert choose_tiered(policy, [C("no-room", TIER_NO_ROOM), C("awake", running=9)], "m").name == "awake"
 
 
 def test_a_tier_with_several_candidates_is_chosen_by_the_policy() -> None:
@@ -173,7 +184,7 @@ def test_state_becomes_routes_in_the_model_index() -> None:
     assert all(isinstance(r, AgentRoute) and r.agent is node for r in routes.values())
     assert reg.nodes_for("a-sql") == (routes["a"],)  # a LoRA adapter routes to its base engine
     tiers = {name: r.tier for name, r in routes.items()}
-    assert tiers == {"a": TIER_AWAKE, "b": TIER_SLEEPING, "c": TIER_FITS, "d": None, "e": None, "f": TIER_EVICT}
+    assert tiers == {"a": TIER_AWAKE, "b": TIER_SLEEPING, "c": TIER_FITS, "d": TIER_NO_ROOM, "e": None, "f": TIER_EVICT}
     a, c = routes["a"], routes["c"]
     assert (a.name, a.url, a.kind, a.capacity, a.running, a.waiting) == ("gpu-a", AGENT.url, "agent", 8, 3.0, 2.0)
     assert LeastScore().score(a) == pytest.approx((3 + 0.5 * 2) / 8)  # scored exactly as a static node
@@ -224,7 +235,8 @@ def test_routable_follows_the_agent_and_its_own_breaker() -> None:
     reg, node = registry_with_agent()
     apply(reg, node, STATE)
     a, c = reg.nodes_for("a")[0], reg.nodes_for("c")[0]
-    assert a.routable(0.0) and c.routable(0.0) and not reg.nodes_for("d")[0].routable(0.0)
+    assert a.routable(0.0) and c.routable(0.0) and reg.nodes_for("d")[0].routable(0.0)  # "no room": asked last
+    assert not reg.nodes_for("e")[0].routable(0.0)  # its engine failed
     for _ in range(2):
         a.breaker.on_failure(1.0)
     assert not a.routable(1.0) and c.routable(1.0)  # one engine ejected, not the whole agent
@@ -280,7 +292,7 @@ def test_load_stats_part_and_unknown_catalog_hint() -> None:
     insts = {i["name"]: i for i in part["agent"]["instances"]}
     assert insts["b"]["state"] == "sleeping" and insts["b"]["sleep_level"] == 1
     assert insts["a"]["router"]["rank"] == "awake" and insts["a"]["router"]["score"] == pytest.approx(0.5)
-    assert insts["d"]["router"]["rank"] == "unavailable"
+    assert insts["d"]["router"]["rank"] == "no_room" and insts["e"]["router"]["rank"] == "unavailable"
     assert [c["name"] for c in part["agent"]["catalog"]] == list("abcdef")
     assert part["agent"]["host"] == "h" and part["agent"]["state_age_s"] == pytest.approx(0.49)
 
@@ -290,3 +302,48 @@ def test_static_nodes_are_their_own_route_and_always_awake() -> None:
     s = reg.get("s")
     assert isinstance(s, Node) and not isinstance(s, AgentNode)
     assert reg.nodes_for("m") == (s,) and s.tier == TIER_AWAKE and s.agent is None
+
+
+# -- "no room on any agent" ------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    node: object
+
+
+def no_room(message: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "service_unavailable", "code": "no_room"}}).encode()
+
+
+def test_every_agent_answering_no_room_makes_one_message_naming_each() -> None:
+    reg, node = registry_with_agent()
+    apply(reg, node, STATE)
+    other = AgentNode(NodeConfig("gpu-b", "http://127.0.0.1:7071", kind="agent"), node.breaker, 8)
+    other.apply_state(STATE, 100.0, 100.0)
+    d_a, d_b = node.route_for("d"), other.route_for("d")
+    resp = no_room_answer(
+        "d",
+        [
+            Answer(503, {"Retry-After": "10"}, no_room("not enough GPU memory for d (GPU 0: 3.0 GiB short)"), d_a),
+            Answer(503, {"Retry-After": "4"}, no_room("not enough GPU memory for d yet: x still answering"), d_b),
+        ],
+    )
+    assert resp is not None and resp.status == 503 and resp.headers["Retry-After"] == "4"
+    err = json.loads(resp.body)["error"]
+    assert err["code"] == "no_room" and err["type"] == "service_unavailable"
+    assert err["message"] == (
+        "no room on any agent for model `d`: gpu-a: not enough GPU memory for d (GPU 0: 3.0 GiB short); "
+        "gpu-b: not enough GPU memory for d yet: x still answering"
+    )
+    # Anything else among the answers (a load timeout, a static server's 503, a 500): not "no room".
+    busy = json.dumps({"error": {"message": "still starting", "code": 503}}).encode()
+    static = reg.get("s")
+    assert no_room_answer("d", [Answer(503, {}, no_room("full"), d_a), Answer(503, {}, busy, d_b)]) is None
+    assert no_room_answer("d", [Answer(503, {}, no_room("full"), static)]) is None
+    assert no_room_answer("d", [Answer(500, {}, no_room("full"), d_a)]) is None
+    assert no_room_answer("d", [Answer(503, {}, b"<html>busy</html>", d_a)]) is None
+    assert no_room_answer("d", []) is None
