@@ -50,6 +50,7 @@ log = logging.getLogger("mvllm.agent")
 
 _GPU_RELEASE_WAIT_S = 15.0
 _READY_POLL_S = 0.2
+_PORT_RACE_RETRIES = 3  # engine starts retried on another port after losing a bind race
 FAILED_TAIL_LINES = 40  # log lines kept in /state for a failed model
 
 
@@ -455,33 +456,42 @@ class Supervisor:
                 inst.forget_process()
             spec = inst.spec
             util, total = self._launch_utilization(spec)
-            inst.port = self._free_port()
-            plan = launch_plan(self.cfg, spec, inst.port, util, total, self.agent_id, os.environ)
-            header = f"\n=== mvllm agent {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: {' '.join(plan.argv)}\n"
             if inst.state != STARTING:
                 inst.life.to(STARTING)
-            inst.popen = await asyncio.to_thread(engine.spawn, plan, self.log_path(inst), header, self.cfg.log_dir)
-            inst.expect_exit = False
-            inst.utilization = util
-            inst.loras.clear()
-            inst.memory = {}
-            self._seq += 1
-            inst.start_seq = self._seq
-            inst.started_at = time.time()
             inst.loads += 1
-            log.info("%s: started pid %d on port %d (utilization %s)", spec.name, inst.popen.pid, inst.port, util)
             t0 = time.monotonic()
-            try:
-                await self._wait_ready(inst)
-            except EngineExited:
-                self.metrics.loads.labels(spec.name, "crashed").inc()
-                await engine.kill_leftovers(inst.popen)
-                inst.forget_process()
-                raise
-            except BaseException:
-                self.metrics.loads.labels(spec.name, "failed").inc()
-                await self._stop_process(inst, reason="start_failed")
-                raise
+            for attempt in range(_PORT_RACE_RETRIES + 1):
+                inst.port = self._free_port()
+                plan = launch_plan(self.cfg, spec, inst.port, util, total, self.agent_id, os.environ)
+                header = f"\n=== mvllm agent {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: {' '.join(plan.argv)}\n"
+                inst.popen = await asyncio.to_thread(engine.spawn, plan, self.log_path(inst), header, self.cfg.log_dir)
+                inst.expect_exit = False
+                inst.utilization = util
+                inst.loras.clear()
+                inst.memory = {}
+                self._seq += 1
+                inst.start_seq = self._seq
+                inst.started_at = time.time()
+                log.info("%s: started pid %d on port %d (utilization %s)", spec.name, inst.popen.pid, inst.port, util)
+                try:
+                    await self._wait_ready(inst)
+                except EngineExited:
+                    await engine.kill_leftovers(inst.popen)
+                    port = inst.port
+                    if attempt < _PORT_RACE_RETRIES and await self._lost_port_race(inst):
+                        # Another process bound the port between our check and the engine's bind:
+                        # not the engine's fault, so no crash is counted; take the next free port.
+                        log.warning("%s: port %s was taken before the engine bound it; retrying on another port", spec.name, port)
+                        inst.forget_process()
+                        continue
+                    self.metrics.loads.labels(spec.name, "crashed").inc()
+                    inst.forget_process()
+                    raise
+                except BaseException:
+                    self.metrics.loads.labels(spec.name, "failed").inc()
+                    await self._stop_process(inst, reason="start_failed")
+                    raise
+                break
             inst.life.to(READY)
             inst.ready_at = time.time()
             inst.error = None
@@ -497,6 +507,22 @@ class Supervisor:
             await self.refresh_gpus()
         finally:
             inst.op = None
+
+    async def _lost_port_race(self, inst: Instance) -> bool:
+        """Whether an engine that exited during start failed to bind its port: the port is held by
+        someone else now, or its log (since this start) says the address was in use."""
+        port = inst.port
+        if port is None:
+            return False
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return True
+        tail = await asyncio.to_thread(engine.read_log_tail, self.log_path(inst), FAILED_TAIL_LINES)
+        since_start = "\n".join(tail).rsplit("=== mvllm agent ", 1)[-1]
+        return "address already in use" in since_start.lower()
 
     async def _wait_ready(self, inst: Instance) -> None:
         deadline = time.monotonic() + self.cfg.ready_timeout

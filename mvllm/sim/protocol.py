@@ -51,6 +51,16 @@ def parse_json_object(raw: bytes, content_type: str) -> dict:
         raise bad_request_body(f"JSON decode error: {exc}", "body") from exc
     if not isinstance(body, dict):
         raise bad_request_body("Input should be a valid dictionary or object to extract fields from", "body")
+    # A lone surrogate (`"\ud800"`) is valid JSON but no Unicode string: vLLM's request validation
+    # (pydantic) rejects it with a 400, so must we, rather than fail later on encoding it (a 500).
+    # Only a `\u` escape can produce one: raw UTF-8 surrogates already failed to decode above.
+    if b"\\u" in raw:
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad_request_body(
+                f"Input should be a valid string, unable to parse raw data as a unicode string: {exc.reason}", "body"
+            ) from exc
     return body
 
 

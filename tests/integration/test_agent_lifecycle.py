@@ -73,7 +73,7 @@ class Agent:
     ) -> None:
         self.tmp_path = tmp_path
         self.port = free_port()
-        base = random.randrange(20000, 60000, 50)
+        base = random.randrange(20000, 32700, 50)  # below the ephemeral ports (32768+) that free_port and clients take
         settings = {
             "port": self.port,
             "token": TOKEN,
@@ -268,15 +268,19 @@ def test_stale_engines_are_reported_then_reaped(tmp_path):
         first.proc.popen.send_signal(signal.SIGKILL)  # the agent dies; its engine (own session) lives
         first.proc.popen.wait(timeout=10)
         assert pid_alive(engine_pid)
+        # Tests running at the same time on this host may have stale engines too (the agent rightly
+        # reports every one): look only at the processes carrying our dead agent's launch marker.
+        ours = set(marked_processes(first.pids[0]))
+        assert ours == {engine_pid}
 
         second.start()
-        stale = second.state()["stale_engines"]
+        stale = [s for s in second.state()["stale_engines"] if s["pid"] in ours]
         assert [s["pid"] for s in stale] == [engine_pid] and stale[0]["instance"] == "st" and not stale[0]["reaped"]
         assert pid_alive(engine_pid)  # reported, left alone
         second.stop()
 
         second.start("--reap-stale")
-        stale = second.state()["stale_engines"]
+        stale = [s for s in second.state()["stale_engines"] if s["pid"] in ours]
         assert [s["pid"] for s in stale] == [engine_pid] and stale[0]["reaped"]
         assert not pid_alive(engine_pid)
     finally:

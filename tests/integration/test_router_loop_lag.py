@@ -26,10 +26,10 @@ async def test_a_stalled_loop_shows_in_the_lag_metric(tmp_path: Path) -> None:
         await asyncio.sleep(0.35)  # a few samples of a quiet loop
         quiet, count = await _lag(s, r.url)
         assert count >= 2
-        assert quiet < 0.2  # nothing blocks it (generous: the machine is shared)
+        assert quiet < 0.5  # nothing blocks it (generous: the machine is shared), well below the stall
         # A slow callback on the loop the router runs on (as blocking I/O would be).
-        asyncio.get_running_loop().call_soon(time.sleep, 0.4)
-        await asyncio.sleep(0.65)  # the stall, then the monitor's late wake-up is recorded
+        asyncio.get_running_loop().call_soon(time.sleep, 1.0)
+        await asyncio.sleep(1.25)  # the stall, then the monitor's late wake-up is recorded
         stalled, _ = await _lag(s, r.url)
-        # The monitor's next wake-up fell due at most 100 ms into the 400 ms stall.
-        assert 0.25 <= stalled < 5.0, stalled
+        # The monitor's next wake-up fell due at most 100 ms into the 1 s stall.
+        assert 0.85 <= stalled < 5.0, stalled

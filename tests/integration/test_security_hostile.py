@@ -86,10 +86,14 @@ async def test_malformed_json_wrong_types_missing_and_unknown_model(tmp_path: Pa
                 assert "error" in resp.json()
             assert node_state(r, "a")["breaker"] == "closed"  # a bad request is never the node's fault
             assert await engine_requests(s, sim.url) == 3
-            # A lone surrogate escaped in JSON is valid JSON: the router passes it on and relays what
-            # the engine says, whatever that is (the simulator answers 500 to it; vLLM 400).
+            # A lone surrogate escaped in JSON is valid JSON: the router passes it on, the engine rejects
+            # it as vLLM does (400 in its error shape), and that 400 comes back as is, not the node's fault.
             resp = await post(b'{"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "\\ud800"}]}')
-            assert resp.headers["x-mvllm-node"] == "a"
+            assert resp.status == 400 and resp.headers["x-mvllm-node"] == "a", resp.body
+            err = resp.json()["error"]
+            assert err["type"] == "Bad Request" and "unicode" in err["message"], err
+            assert await engine_requests(s, sim.url) == 4
+            assert node_state(r, "a")["breaker"] == "closed"
         await serves_normally(r.port)
 
 

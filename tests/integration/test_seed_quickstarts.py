@@ -116,7 +116,7 @@ def agent_process(
     """`mvllm agent` with a guide's agent.toml: simulated engines and GPUs, a free port, logs in tmp_path."""
     doc = copy.deepcopy(doc)
     port = free_port()
-    base = random.randrange(20000, 60000, 50)
+    base = random.randrange(20000, 32700, 50)  # below the ephemeral ports (32768+) that free_port and clients take
     doc.update(port=port, engine="sim", engine_port_range=[base, base + 40], log_dir=str(tmp_path / "logs"),
                poll_interval=0.2, stop_timeout=5, sim_gpus=[{"memory_gib": g} for g in sim_gpus])  # fmt: skip
     for entry in doc.get("models", {}).values():
