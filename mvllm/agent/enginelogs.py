@@ -35,6 +35,7 @@ from aiohttp import web
 from mvllm.agent.errors import BadRequest
 from mvllm.common.errors import error_response
 from mvllm.common.logfiles import LogConfig, file_entries, remove_older_than, rotated_files, summary
+from mvllm.common.tasks import background_task
 
 log = logging.getLogger("mvllm.agent.logs")
 
@@ -285,13 +286,8 @@ def register_log_routes(
         return web.json_response({"days": days, "removed": removed, "freed_bytes": sum(r["bytes"] for r in removed)})
 
     async def loop_ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.get_running_loop().create_task(_loop(app, logs, names, interval), name="mvllm-engine-logs")
-        try:
+        async with background_task(_loop(app, logs, names, interval), name="mvllm-engine-logs"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     app.router.add_get("/logs/stats", stats)
     app.router.add_post("/logs/cleanup", cleanup)

@@ -7,7 +7,6 @@ Wired by `mvllm.agent.app.create_app`; the supervisor exists once the app's own 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,6 +16,7 @@ from mvllm.agent.adhoc import AdhocManager, ParamRejected
 from mvllm.agent.app import CONFIG, SUPERVISOR, _api, _json_body
 from mvllm.agent.assign import Assigner
 from mvllm.common.errors import error_response
+from mvllm.common.tasks import background_task
 
 log = logging.getLogger("mvllm.agent")
 
@@ -94,13 +94,10 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
                 log.exception("ad-hoc expiry check failed")
             await asyncio.sleep(_EXPIRY_TICK_S)
 
-    task = asyncio.create_task(expiry_loop())
     try:
-        yield
+        async with background_task(expiry_loop(), name="mvllm-adhoc-expiry"):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await manager.close()  # the supervisor's own shutdown then stops every engine left
 
 

@@ -7,7 +7,6 @@ by cursor, what `mvllm logs` reads), and the hourly cleanup of the router's own 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from aiohttp import web
 from mvllm.common.errors import error_response
 from mvllm.common.logfiles import file_entries, remove_older_than, rotated_files, summary
 from mvllm.common.state import STOPPED
+from mvllm.common.tasks import background_task
 from mvllm.router.admin_models import _routes
 from mvllm.router.agents import AUTH_STATUSES, AgentNode, AgentRoute, describe
 from mvllm.router.app import STATE_KEY
@@ -215,13 +215,8 @@ async def _cleanup_loop(state: RouterState) -> None:
 
 
 async def _cleanup_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.get_running_loop().create_task(_cleanup_loop(app[STATE_KEY]), name="mvllm-log-cleanup")
-    try:
+    async with background_task(_cleanup_loop(app[STATE_KEY]), name="mvllm-log-cleanup"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def register_log_routes(app: web.Application) -> None:

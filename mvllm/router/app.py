@@ -19,10 +19,11 @@ from aiohttp import web
 
 from mvllm import __version__
 from mvllm.common.errors import error_response
+from mvllm.common.tasks import background_task
 from mvllm.router.agents import AgentNode, agent_stats
 from mvllm.router.auth import API_KEY, GATE_KEY, authenticate, visible_models
 from mvllm.router.config import RouterConfig
-from mvllm.router.eventloop import LoopLagMonitor, running_monitor
+from mvllm.router.eventloop import LoopLagMonitor
 from mvllm.router.guard import guard_check
 from mvllm.router.metrics import CONTENT_TYPE
 from mvllm.router.proxy import (
@@ -247,14 +248,13 @@ async def _scraper_ctx(app: web.Application) -> AsyncIterator[None]:
             log.warning("some nodes did not answer within %.0fs at start; they are checked again shortly", _STARTUP_PROBE_TIMEOUT)
     for n in nodes:
         log.info("node %s (%s): %s, models: %s", n.name, n.url, n.health.value, ", ".join(sorted(n.models)) or "none yet")
-    task = asyncio.get_running_loop().create_task(scraper.run(), name="mvllm-scraper")
     try:
-        yield
+        async with background_task(scraper.run(), name="mvllm-scraper"):
+            try:
+                yield
+            finally:
+                state.on_nodes_changed = None
     finally:
-        state.on_nodes_changed = None
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await scraper.close()
 
 
@@ -264,7 +264,7 @@ async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[STATE_KEY].metrics.registry
     registry.register(monitor)
     try:
-        async with running_monitor(monitor):
+        async with background_task(monitor.run(), name="mvllm-loop-lag"):
             yield
     finally:
         registry.unregister(monitor)

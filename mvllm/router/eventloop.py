@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -147,14 +146,3 @@ class LoopLagMonitor(Collector):
         g.add_metric([], st.window_max(now))
         yield g
 
-
-@contextlib.asynccontextmanager
-async def running_monitor(monitor: LoopLagMonitor) -> AsyncIterator[None]:
-    """Run `monitor` for the duration of the block (a cleanup_ctx wraps this)."""
-    task = asyncio.get_running_loop().create_task(monitor.run(), name="mvllm-loop-lag")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

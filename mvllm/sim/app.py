@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mvllm.common.tasks import background_task
 from mvllm.sim import pooling, protocol, responses, textgen, tokenizer
 from mvllm.sim.config import FAIL_KINDS, GIB, VLLM_VERSION, SimConfig
 from mvllm.sim.engine import Engine
@@ -115,12 +116,11 @@ class _Api:
 
     # --- app plumbing --------------------------------------------------------------------------
     async def engine_loop(self, app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.engine.run(), name="sim-engine")
-        yield
-        self.engine.abort_all("abort")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with background_task(self.engine.run(), name="sim-engine"):
+            try:
+                yield
+            finally:
+                self.engine.abort_all("abort")
 
     @web.middleware
     async def observe_middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable]) -> web.StreamResponse:
