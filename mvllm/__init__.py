@@ -1,3 +1,3 @@
 """mvllm: one OpenAI-compatible endpoint over a fleet of vLLM servers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
