@@ -1,15 +1,21 @@
 """Environment variables that override config keys of the router and the agent, read and
 type-checked in one place. Precedence: command-line flag > environment > config file > default.
 
+A `.env` file (python-dotenv's format) in the working directory and beside the config file fills in
+variables that the real environment leaves unset, as vllm-server's `.env` did: MVLLM_* settings,
+HF_TOKEN, HF_ENDPOINT, proxies (which then reach every engine).
+
 An empty variable counts as unset; an invalid value is a ConfigError that names the variable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dotenv import dotenv_values
 
 from mvllm.common.logfiles import LEVELS
 from mvllm.common.tomlconf import ConfigError
@@ -90,3 +96,40 @@ def read_env(variables: tuple[EnvVar, ...], environ: Mapping[str, str]) -> dict[
         if raw:
             out[var.key] = _value(var, raw)
     return out
+
+
+DOTENV_NAME = ".env"
+
+
+def load_dotenv(directory: Path, environ: MutableMapping[str, str]) -> Path | None:
+    """Set the variables of `directory/.env` that `environ` lacks; returns the file if one was read.
+    A variable already set (even to an empty string) wins: the real environment is the operator's
+    latest word. Unreadable or malformed lines are python-dotenv's to skip, with its warning."""
+    path = directory / DOTENV_NAME
+    if not path.is_file():
+        return None
+    try:
+        values = dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), None, f"cannot read it: {exc}") from None
+    for name, value in values.items():
+        if value is not None and name not in environ:
+            environ[name] = value
+    return path
+
+
+def load_dotenvs(config: Path | None, environ: MutableMapping[str, str]) -> list[Path]:
+    """`.env` of the working directory, then the one beside `config` (when that is another
+    directory); the first file read wins for a variable both set."""
+    loaded: list[Path] = []
+    cwd = Path.cwd()
+    first = load_dotenv(cwd, environ)
+    if first is not None:
+        loaded.append(first)
+    if config is not None:
+        directory = config.expanduser().resolve().parent
+        if directory != cwd.resolve():
+            second = load_dotenv(directory, environ)
+            if second is not None:
+                loaded.append(second)
+    return loaded
