@@ -32,8 +32,9 @@ def drop_connection(request: web.Request) -> None:
 
 def plan_choices(
     cfg: SimConfig, weights_valid: bool, req: GenRequest, lora: str | None
-) -> list[tuple[int, protocol.Prompt, textgen.Completion]]:
-    """(choice index, prompt, planned completion) for every choice of every prompt."""
+) -> list[tuple[int, protocol.Prompt, textgen.LazyCompletion]]:
+    """(choice index, prompt, lazily generated completion) for every choice of every prompt: cheap
+    per choice, so a large `n` costs time only as its tokens are generated."""
     out = []
     salt = f"{lora or ''}|{'' if req.seed is None else req.seed}"
     # Discarded (level-2) weights that were not reloaded: vLLM writes tokens without text and
@@ -50,22 +51,24 @@ def plan_choices(
             else:
                 natural = textgen.natural_length(cfg.seed, prompt.text + salt, i, cfg.max_tokens_default)
                 length, reason = (natural, "stop") if natural <= room else (room, "length")
-            pieces = textgen.generate_pieces(cfg.seed, prompt.text, i, length, salt,
-                                             leading_space=req.kind == "completion")
-            out.append((index, prompt, textgen.plan_completion(pieces, [] if garbage else req.stop, reason)))
+            pieces = textgen.iter_pieces(cfg.seed, prompt.text, i, salt, leading_space=req.kind == "completion")
+            out.append((index, prompt, textgen.LazyCompletion(pieces, length, [] if garbage else req.stop, reason)))
     return out
 
 
 def new_seq(cfg: SimConfig, engine: Engine, prompt: protocol.Prompt, target: int, reason: str, lora: str | None,
-            index: int, pooling_only: bool = False) -> Seq:
-    """One engine sequence for `prompt`, its prefix-cache block hashes salted by the adapter."""
+            index: int, pooling_only: bool = False, block_hashes: tuple[int, ...] | None = None) -> Seq:
+    """One engine sequence for `prompt`, its prefix-cache block hashes salted by the adapter
+    (`block_hashes`: already computed, for the choices of one prompt)."""
+    if block_hashes is None:
+        block_hashes = chained_block_hashes(prompt.token_ids, cfg.block_size, lora or "")
     return Seq(
         seq_id=engine.new_seq_id(),
         prompt_tokens=len(prompt.token_ids),
         target_tokens=target,
         finish_reason=reason,
         arrival=engine.clock(),
-        block_hashes=chained_block_hashes(prompt.token_ids, cfg.block_size, lora or ""),
+        block_hashes=block_hashes,
         lora=lora,
         index=index,
         pooling=pooling_only,
@@ -87,10 +90,15 @@ class Generation:
         self.midstream = midstream
         self.responses_api = responses_api
         self.plans = plan_choices(cfg, engine.weights_valid, req, lora)
-        self.queue: asyncio.Queue[tuple[int, str | None, bool]] = asyncio.Queue()
+        # (choice, finish reason or None for a token, the token's text, is it the choice's last)
+        self.queue: asyncio.Queue[tuple[int, str | None, str, bool]] = asyncio.Queue()
         self.seqs: list[Seq] = []
+        hashes: dict[int, tuple[int, ...]] = {}
         for index, prompt, comp in self.plans:
-            seq = new_seq(cfg, engine, prompt, len(comp.pieces), comp.finish_reason, lora, index)
+            key = id(prompt)
+            if key not in hashes:
+                hashes[key] = chained_block_hashes(prompt.token_ids, cfg.block_size, lora or "")
+            seq = new_seq(cfg, engine, prompt, comp.target, comp.finish_reason, lora, index, block_hashes=hashes[key])
             seq.sink = self._sink
             self.seqs.append(seq)
         k = len(self.plans)
@@ -100,22 +108,28 @@ class Generation:
         self.prompt_tokens = sum(len(p.token_ids) for p in req.prompts)
 
     def _sink(self, seq: Seq, reason: str | None) -> None:
-        self.queue.put_nowait((seq.index, reason, seq.weights_valid))
+        """Called by the engine as it steps: a token's text is made here, and a stop string it
+        completes shortens the sequence so that the engine ends it on this token."""
+        if reason is not None:
+            self.queue.put_nowait((seq.index, reason, "", False))
+            return
+        comp = self.plans[seq.index][2]
+        piece = comp.piece(seq.generated - 1) if seq.weights_valid else ""
+        if comp.target < seq.target_tokens:
+            seq.target_tokens, seq.finish_reason = comp.target, comp.finish_reason
+        self.queue.put_nowait((seq.index, None, piece, seq.generated >= seq.target_tokens))
 
-    def _take(self, event: tuple[int, str | None, bool]) -> tuple[int, str, bool] | None:
+    def _take(self, event: tuple[int, str | None, str, bool]) -> tuple[int, str, bool] | None:
         """Apply one engine event; returns (choice, new text, is_last) for a token that a client
         sees, or for an abort of a started choice; None otherwise."""
-        idx, reason, valid = event
+        idx, reason, piece, last = event
         if self.finish[idx] is not None:
             return None
-        comp = self.plans[idx][2]
         if reason is None:
             self.counts[idx] += 1
-            piece = comp.pieces[self.counts[idx] - 1] if valid else ""
             self.texts[idx].append(piece)
-            last = self.counts[idx] >= len(comp.pieces)
             if last:
-                self.finish[idx] = comp.finish_reason
+                self.finish[idx] = self.plans[idx][2].finish_reason
             return idx, piece, last
         self.finish[idx] = reason
         return (idx, "", True) if self.counts[idx] > 0 else None

@@ -49,6 +49,9 @@ def parse_json_object(raw: bytes, content_type: str) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request_body(f"JSON decode error: {exc}", "body") from exc
+    except RecursionError:
+        # Nesting deeper than the interpreter's stack: bad input, never a 500 with a traceback.
+        raise bad_request_body("JSON decode error: the body is nested too deeply", "body") from None
     if not isinstance(body, dict):
         raise bad_request_body("Input should be a valid dictionary or object to extract fields from", "body")
     # A lone surrogate (`"\ud800"`) is valid JSON but no Unicode string: vLLM's request validation
@@ -57,6 +60,8 @@ def parse_json_object(raw: bytes, content_type: str) -> dict:
     if b"\\u" in raw:
         try:
             json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise bad_request_body("JSON decode error: the body is nested too deeply", "body") from None
         except UnicodeEncodeError as exc:
             raise bad_request_body(
                 f"Input should be a valid string, unable to parse raw data as a unicode string: {exc.reason}", "body"
@@ -248,6 +253,13 @@ def parse_completion(body: Mapping[str, Any]) -> GenRequest:
         req.max_tokens = 16
     req.echo = _opt_bool(body, "echo")
     return req
+
+
+def check_n(req: GenRequest, max_n: int) -> None:
+    """vLLM's bound on `n` (SamplingParams, VLLM_MAX_N_SEQUENCES; 16384 by default)."""
+    if req.n > max_n:
+        raise ApiError(400, f"n must be at most {max_n}, got {req.n}. To increase this limit, set the "
+                            "VLLM_MAX_N_SEQUENCES environment variable.", "BadRequestError", None)
 
 
 def check_lengths(req: GenRequest, max_model_len: int) -> None:

@@ -8,7 +8,9 @@ Each generated token is one piece of text that the toy tokenizer also counts as 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 # Short, common words (<= 6 letters each, so each is a single token).
@@ -58,25 +60,81 @@ def generate_pieces(
 ) -> list[str]:
     """`n_tokens` token pieces forming sentences, deterministic in (seed, prompt, index, salt).
     `leading_space` starts with a space, as a completion that continues its prompt does."""
+    return list(itertools.islice(iter_pieces(seed, prompt, index, salt, leading_space=leading_space), n_tokens))
+
+
+def iter_pieces(seed: int, prompt: str, index: int, salt: str = "", *, leading_space: bool = False) -> Iterator[str]:
+    """The endless piece stream that generate_pieces cuts: pieces are made only as they are asked for."""
     rng = stable_rng("txt", seed, prompt, index, salt)
-    pieces: list[str] = []
     sentence_left = rng.randint(5, 14)
     start_of_sentence = True
-    while len(pieces) < n_tokens:
+    first = True
+    while True:
         if sentence_left == 0:
-            pieces.append(".")
+            yield "."
             sentence_left = rng.randint(5, 14)
             start_of_sentence = True
             continue
         word = rng.choice(_WORDS)
         if start_of_sentence:
             word = word.capitalize()
-        pieces.append(word if not pieces and not leading_space else " " + word)
+        yield word if first and not leading_space else " " + word
+        first = False
         start_of_sentence = False
         sentence_left -= 1
-        if sentence_left > 1 and rng.random() < 0.06 and len(pieces) < n_tokens:
-            pieces.append(rng.choice(_PUNCT_AFTER))
-    return pieces
+        if sentence_left > 1 and rng.random() < 0.06:
+            yield rng.choice(_PUNCT_AFTER)
+
+
+class LazyCompletion:
+    """The output of one choice, made token by token as the engine asks for it, with stop strings
+    applied exactly as plan_completion applies them to the whole output. Work and memory grow with
+    the tokens generated, never with what a request merely asks for (n, max_tokens)."""
+
+    def __init__(self, pieces: Iterator[str], target: int, stop: list[str], finish_if_complete: str) -> None:
+        self.target = target  # tokens it ends after; shrinks to the token that completes a stop string
+        self.finish_reason = finish_if_complete
+        self.stop_reason: str | None = None
+        self._source = pieces
+        self._stops = [s for s in stop if s]
+        # A stop string that starts within a token ends at most this many characters after it:
+        # a token's text is final once that much text follows it (vLLM holds back as much).
+        self._lookahead = max((len(s) for s in self._stops), default=1) - 1
+        self._raw: list[str] = []
+        self._ends: list[int] = []  # end offset of each raw piece in the output text
+        self._tail = ""  # the last _lookahead characters, where a stop string may begin
+        self._cut: int | None = None  # offset of the stop string that ended the output
+
+    def piece(self, j: int) -> str:
+        """The text token `j` (0-based, < target) shows: cut before a stop string."""
+        while len(self._raw) < self.target and (
+            len(self._raw) <= j or (self._stops and self._ends[-1] < self._ends[j] + self._lookahead)
+        ):
+            self._extend()
+        raw = self._raw[j]
+        if self._cut is None or self._ends[j] <= self._cut:
+            return raw
+        return raw[: max(0, self._cut - (self._ends[j] - len(raw)))]
+
+    def _extend(self) -> None:
+        p = next(self._source)
+        start = self._ends[-1] if self._ends else 0
+        self._raw.append(p)
+        self._ends.append(start + len(p))
+        if not self._stops:
+            return
+        window = self._tail + p
+        best: tuple[int, str] | None = None  # (end in window, stop string): the earliest end wins
+        for s in self._stops:
+            at = window.find(s)
+            if at >= 0 and (best is None or at + len(s) < best[0]):
+                best = (at + len(s), s)
+        if best is not None:
+            end, s = best
+            self._cut = start - len(self._tail) + end - len(s)
+            self.target = len(self._raw)
+            self.finish_reason, self.stop_reason = "stop", s
+        self._tail = window[-self._lookahead:] if self._lookahead else ""
 
 
 def plan_completion(pieces: list[str], stop: list[str], finish_if_complete: str) -> Completion:

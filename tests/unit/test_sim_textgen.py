@@ -1,3 +1,6 @@
+import itertools
+import random
+
 from mvllm.sim import textgen
 
 
@@ -42,3 +45,44 @@ def test_no_stop_match_keeps_everything():
     pieces = ["x", "y"]
     c = textgen.plan_completion(pieces, ["zz", ""], "length")
     assert c.text == "xy" and c.finish_reason == "length" and c.stop_reason is None
+
+
+def _lazy_all(pieces, stop, reason):
+    lazy = textgen.LazyCompletion(iter(pieces), len(pieces), stop, reason)
+    out = []
+    j = 0
+    while j < lazy.target:
+        out.append(lazy.piece(j))
+        j += 1
+    return lazy, out
+
+
+def test_lazy_completion_applies_stop_strings_exactly_as_the_whole_plan():
+    rng = random.Random(7)
+    alphabet = ["a", "b", "ab", "ba", " ", "bb", "aab", "."]
+    for _ in range(3000):
+        pieces = [rng.choice(alphabet) for _ in range(rng.randint(1, 12))]
+        stop = [rng.choice(["a", "b", " "]) * rng.randint(1, 3) + rng.choice(["", "a", "b."]) for _ in range(rng.randint(0, 3))]
+        whole = textgen.plan_completion(pieces, stop, "length")
+        lazy, out = _lazy_all(pieces, stop, "length")
+        assert tuple(out) == whole.pieces, (pieces, stop)
+        assert "".join(out) == whole.text
+        assert (lazy.finish_reason, lazy.stop_reason, lazy.target) == (whole.finish_reason, whole.stop_reason,
+                                                                        len(whole.pieces))
+
+
+def test_lazy_completion_generates_only_what_is_asked_plus_the_stop_lookahead():
+    made = []
+
+    def source():
+        for i in itertools.count():
+            made.append(i)
+            yield " w"
+
+    lazy = textgen.LazyCompletion(source(), 10**9, [], "length")
+    assert lazy.piece(0) == " w" and lazy.piece(4) == " w"
+    assert len(made) == 5
+    lazy = textgen.LazyCompletion(source(), 10**9, ["xxxx"], "length")
+    made.clear()
+    lazy.piece(0)
+    assert len(made) == 3  # " w" + 3 more characters decide whether a 4-character stop string starts in it
