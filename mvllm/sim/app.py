@@ -432,7 +432,7 @@ class _Api:
             self._resolve_model(body.get("model"))
             if "messages" in body:
                 messages = protocol.parse_messages(body)
-                prompt = protocol.chat_prompt(messages, bool(body.get("add_generation_prompt", True)))
+                prompt = protocol.chat_prompt(messages, *protocol.generation_prompt_flags(body))
             elif isinstance(body.get("prompt"), str):
                 prompt = protocol.text_prompt(body["prompt"], bool(body.get("add_special_tokens", True)))
             else:

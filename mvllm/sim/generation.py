@@ -49,9 +49,12 @@ def plan_choices(
             elif req.ignore_eos or garbage:
                 length, reason = room, "length"
             else:
-                natural = textgen.natural_length(cfg.seed, prompt.text + salt, i, cfg.max_tokens_default)
+                # A chat answer being continued: the length of the whole answer, less what it holds.
+                key = prompt.text if prompt.answer_of is None else prompt.answer_of
+                natural = textgen.natural_length(cfg.seed, key + salt, i, cfg.max_tokens_default)
+                natural = max(1, natural - prompt.answered)
                 length, reason = (natural, "stop") if natural <= room else (room, "length")
-            pieces = textgen.iter_pieces(cfg.seed, prompt.text, i, salt, leading_space=req.kind == "completion")
+            pieces = textgen.context_pieces(cfg.seed, prompt.text, i, salt)
             out.append((index, prompt, textgen.LazyCompletion(pieces, length, [] if garbage else req.stop, reason)))
     return out
 

@@ -1,4 +1,6 @@
-"""Deterministic output text: the same seed, prompt and choice index always give the same tokens.
+"""Deterministic output text, like greedy decoding: each token is a function of the seed, the choice
+index and the context before it (prompt + tokens so far), so a continuation of a partial answer
+yields exactly the rest of the uninterrupted answer.
 
 Each generated token is one piece of text that the toy tokenizer also counts as exactly one token
 (a word of at most six letters with its leading space, or a punctuation mark), so usage counts and
@@ -55,35 +57,56 @@ def natural_length(seed: int, prompt: str, index: int, default_max: int) -> int:
     return stable_rng("len", seed, prompt, index).randint(low, max(low, default_max))
 
 
-def generate_pieces(
-    seed: int, prompt: str, index: int, n_tokens: int, salt: str = "", *, leading_space: bool = False
-) -> list[str]:
-    """`n_tokens` token pieces forming sentences, deterministic in (seed, prompt, index, salt).
-    `leading_space` starts with a space, as a completion that continues its prompt does."""
-    return list(itertools.islice(iter_pieces(seed, prompt, index, salt, leading_space=leading_space), n_tokens))
+# The simulated chat template's generation prompt (protocol.render_chat): an answer starts after it.
+ANSWER_MARK = "assistant:"
+_SENTENCE_END = 1 / 9  # chance of "." after a word that does not open a sentence (mean ~9 words)
+_PUNCT_RATE = 0.06  # chance of ",", ";" or ":" after a word
 
 
-def iter_pieces(seed: int, prompt: str, index: int, salt: str = "", *, leading_space: bool = False) -> Iterator[str]:
-    """The endless piece stream that generate_pieces cuts: pieces are made only as they are asked for."""
-    rng = stable_rng("txt", seed, prompt, index, salt)
-    sentence_left = rng.randint(5, 14)
-    start_of_sentence = True
-    first = True
+def generate_pieces(seed: int, prompt: str, index: int, n_tokens: int, salt: str = "") -> list[str]:
+    """The first `n_tokens` pieces of context_pieces after the context `prompt`."""
+    return list(itertools.islice(context_pieces(seed, prompt, index, salt), n_tokens))
+
+
+def context_pieces(seed: int, context: str, index: int, salt: str = "") -> Iterator[str]:
+    """Token pieces the way greedy decoding makes them: each one is a function of (seed, salt,
+    choice index) and the whole text before it, the context plus the pieces so far. So a request
+    whose context already holds the first K pieces of an answer continues it with piece K+1.
+    The context is hashed once; each piece then costs one hash of a copy (a rolling state)."""
+    state = hashlib.blake2b(f"ctx\x1f{seed}\x1f{salt}\x1f".encode(), digest_size=16)
+    state.update(context.encode("utf-8", "surrogatepass"))
+    tag = b"\x00" + str(index).encode()
+    last = context[-1:]
+    at_mark = not context or context.endswith(ANSWER_MARK)
+    opens_sentence = _trailing_word(context)[:1].isupper()
     while True:
-        if sentence_left == 0:
-            yield "."
-            sentence_left = rng.randint(5, 14)
-            start_of_sentence = True
-            continue
-        word = rng.choice(_WORDS)
-        if start_of_sentence:
-            word = word.capitalize()
-        yield word if first and not leading_space else " " + word
-        first = False
-        start_of_sentence = False
-        sentence_left -= 1
-        if sentence_left > 1 and rng.random() < 0.06:
-            yield rng.choice(_PUNCT_AFTER)
+        probe = state.copy()
+        probe.update(tag)
+        r = int.from_bytes(probe.digest(), "big")
+        u = (r & 0xFFFFFFFF) / 2**32
+        after_word = last.isalpha()
+        if after_word and not opens_sentence and u < _SENTENCE_END:
+            piece = "."
+        elif after_word and u < _SENTENCE_END + _PUNCT_RATE:
+            piece = _PUNCT_AFTER[(r >> 32) % len(_PUNCT_AFTER)]
+        else:
+            word = _WORDS[(r >> 40) % len(_WORDS)]
+            capital = at_mark or last in ("", ".", "\n")
+            if capital:
+                word = word.capitalize()
+            piece = word if at_mark or last in ("", " ", "\n") else " " + word
+            opens_sentence = capital
+        yield piece
+        state.update(piece.encode())
+        last = piece[-1]
+        at_mark = False
+
+
+def _trailing_word(text: str) -> str:
+    i = len(text)
+    while i > 0 and text[i - 1].isalpha():
+        i -= 1
+    return text[i:]
 
 
 class LazyCompletion:
