@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -15,6 +16,8 @@ from mvllm.sim.engine import Engine
 from mvllm.sim.faults import MIDSTREAM_CHUNKS
 from mvllm.sim.protocol import GenRequest
 from mvllm.sim.scheduler import Seq, chained_block_hashes
+
+SUBMIT_BATCH = 256  # choices set up between two yields to the event loop
 
 
 def json_response(obj: object, status: int = 200) -> web.Response:
@@ -32,10 +35,9 @@ def drop_connection(request: web.Request) -> None:
 
 def plan_choices(
     cfg: SimConfig, weights_valid: bool, req: GenRequest, lora: str | None
-) -> list[tuple[int, protocol.Prompt, textgen.LazyCompletion]]:
-    """(choice index, prompt, lazily generated completion) for every choice of every prompt: cheap
-    per choice, so a large `n` costs time only as its tokens are generated."""
-    out = []
+) -> Iterator[tuple[int, protocol.Prompt, textgen.LazyCompletion]]:
+    """(choice index, prompt, lazily generated completion) for every choice of every prompt, in
+    index order: cheap per choice, so a large `n` costs time only as its tokens are generated."""
     salt = f"{lora or ''}|{'' if req.seed is None else req.seed}"
     # Discarded (level-2) weights that were not reloaded: vLLM writes tokens without text and
     # never an end-of-sequence token, so such an answer runs to its length limit.
@@ -55,8 +57,7 @@ def plan_choices(
                 natural = max(1, natural - prompt.answered)
                 length, reason = (natural, "stop") if natural <= room else (room, "length")
             pieces = textgen.context_pieces(cfg.seed, prompt.text, i, salt)
-            out.append((index, prompt, textgen.LazyCompletion(pieces, length, [] if garbage else req.stop, reason)))
-    return out
+            yield index, prompt, textgen.LazyCompletion(pieces, length, [] if garbage else req.stop, reason)
 
 
 def new_seq(cfg: SimConfig, engine: Engine, prompt: protocol.Prompt, target: int, reason: str, lora: str | None,
@@ -92,19 +93,13 @@ class Generation:
         self.model_name = model_name
         self.midstream = midstream
         self.responses_api = responses_api
-        self.plans = plan_choices(cfg, engine.weights_valid, req, lora)
+        self.lora = lora
+        self.plans: list[tuple[int, protocol.Prompt, textgen.LazyCompletion]] = []  # filled by run()
         # (choice, finish reason or None for a token, the token's text, is it the choice's last)
         self.queue: asyncio.Queue[tuple[int, str | None, str, bool]] = asyncio.Queue()
         self.seqs: list[Seq] = []
-        hashes: dict[int, tuple[int, ...]] = {}
-        for index, prompt, comp in self.plans:
-            key = id(prompt)
-            if key not in hashes:
-                hashes[key] = chained_block_hashes(prompt.token_ids, cfg.block_size, lora or "")
-            seq = new_seq(cfg, engine, prompt, comp.target, comp.finish_reason, lora, index, block_hashes=hashes[key])
-            seq.sink = self._sink
-            self.seqs.append(seq)
-        k = len(self.plans)
+        k = len(req.prompts) * req.n
+        self.unfinished = k
         self.counts = [0] * k
         self.texts: list[list[str]] = [[] for _ in range(k)]
         self.finish: list[str | None] = [None] * k
@@ -133,8 +128,10 @@ class Generation:
             self.texts[idx].append(piece)
             if last:
                 self.finish[idx] = self.plans[idx][2].finish_reason
+                self.unfinished -= 1
             return idx, piece, last
         self.finish[idx] = reason
+        self.unfinished -= 1
         return (idx, "", True) if self.counts[idx] > 0 else None
 
     def _finish_info(self, idx: int) -> tuple[str, str | None]:
@@ -143,10 +140,26 @@ class Generation:
         stop_reason = comp.stop_reason if reason == comp.finish_reason and reason == "stop" else None
         return reason, stop_reason
 
+    async def _submit(self) -> None:
+        """Plan and submit every choice, yielding to the event loop between batches: a request with
+        a large `n` starts at once and never stalls the server while its choices are set up."""
+        hashes: dict[int, tuple[int, ...]] = {}
+        for index, prompt, comp in plan_choices(self.cfg, self.engine.weights_valid, self.req, self.lora):
+            key = id(prompt)
+            if key not in hashes:
+                hashes[key] = chained_block_hashes(prompt.token_ids, self.cfg.block_size, self.lora or "")
+            seq = new_seq(self.cfg, self.engine, prompt, comp.target, comp.finish_reason, self.lora, index,
+                          block_hashes=hashes[key])
+            seq.sink = self._sink
+            self.plans.append((index, prompt, comp))
+            self.seqs.append(seq)
+            self.engine.submit(seq)
+            if len(self.seqs) % SUBMIT_BATCH == 0:
+                await asyncio.sleep(0)
+
     async def run(self) -> web.StreamResponse:
         try:
-            for seq in self.seqs:
-                self.engine.submit(seq)
+            await self._submit()
             if self.req.stream:
                 return await self._stream()
             return await self._whole()
@@ -155,7 +168,7 @@ class Generation:
                 self.engine.abort(seq)
 
     async def _whole(self) -> web.StreamResponse:
-        while any(f is None for f in self.finish):
+        while self.unfinished:
             self._take(await self.queue.get())
         completion_tokens = sum(self.counts)
         if self.responses_api:
@@ -199,7 +212,7 @@ class Generation:
         started = False
         sent_tokens = 0
         per_prompt = [len(p.token_ids) for _, p, _ in self.plans]
-        while any(f is None for f in self.finish):
+        while self.unfinished:
             events = [await self.queue.get()]
             while not self.queue.empty():  # one write for everything produced in this step
                 events.append(self.queue.get_nowait())
