@@ -82,7 +82,7 @@ def test_the_largest_n_never_blocks_the_event_loop(tmp_path):
             assert status == 200
             time.sleep(0.1)
         t.join(10)
-        assert worst < 1.0, f"/health took {worst:.2f} s while a request with n=16384 ran"
+        assert worst < 1.5, f"/health took {worst:.2f} s while a request with n=16384 ran"
         # Aborted by the client's timeout; the sim is fine afterwards.
         status, doc = post(sim.url + "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2})
         assert status == 200 and doc["usage"]["completion_tokens"] == 2
