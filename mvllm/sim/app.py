@@ -258,6 +258,7 @@ class _Api:
                 return early
             req = parse(await self._body(request))
             model_name, lora = self._resolve_model(req.model)
+            protocol.check_n(req, self.cfg.max_n_sequences)
             protocol.check_lengths(req, self.cfg.max_model_len)
         except ApiError as err:
             return _error(err)
@@ -431,7 +432,7 @@ class _Api:
             self._resolve_model(body.get("model"))
             if "messages" in body:
                 messages = protocol.parse_messages(body)
-                prompt = protocol.chat_prompt(messages, bool(body.get("add_generation_prompt", True)))
+                prompt = protocol.chat_prompt(messages, *protocol.generation_prompt_flags(body))
             elif isinstance(body.get("prompt"), str):
                 prompt = protocol.text_prompt(body["prompt"], bool(body.get("add_special_tokens", True)))
             else:
@@ -481,6 +482,8 @@ class _Api:
     async def collective_rpc(self, request: web.Request) -> web.Response:
         try:
             body = json.loads(await request.read())
+        except RecursionError:
+            return _error(ApiError(400, "JSON decode error: the body is nested too deeply", "Bad Request"))
         except ValueError as exc:
             return _error(ApiError(400, f"JSON decode error: {exc}", "Bad Request"))
         method = body.get("method") if isinstance(body, dict) else None

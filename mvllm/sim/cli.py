@@ -69,7 +69,7 @@ async def serve(cfg: SimConfig) -> int:
         app = build_app(cfg)
         # aiohttp reads a timeout of 0 as "no limit"; vLLM reads 0 as "abort now".
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=max(cfg.shutdown_timeout, 0.001),
-                               handler_cancellation=True, access_log=None)
+                               handler_cancellation=True, access_log=None, keepalive_timeout=cfg.keepalive_s)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         print(

@@ -7,12 +7,15 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 GIB = 1 << 30
 # What the simulated engine reports as its vLLM version (/version, system_fingerprint).
 VLLM_VERSION = "0.25.0"
 # Memory a sleeping engine keeps on its GPU (CUDA context, buffers), as measured on vLLM 0.25.
 SLEEP_RESIDUAL_BYTES = GIB // 2
+DEFAULT_MAX_N = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default
+DEFAULT_KEEPALIVE_S = 5.0  # vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE default
 
 
 def human_readable_int(value: str) -> int:
@@ -56,6 +59,13 @@ def _non_negative(value: str) -> float:
     return f
 
 
+def _positive_float(value: str) -> float:
+    f = float(value)
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return f
+
+
 def _positive_int(value: str) -> int:
     i = int(value)
     if i < 1:
@@ -92,6 +102,11 @@ class SimConfig:
     # Environment switches of vLLM, read once at start (see from_env_and_args).
     dev_mode: bool = False  # VLLM_SERVER_DEV_MODE=1: /sleep, /wake_up, /collective_rpc, ...
     runtime_lora_updating: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING=1: /v1/load_lora_adapter
+    max_n_sequences: int = DEFAULT_MAX_N  # VLLM_MAX_N_SEQUENCES: the largest `n` a request may ask for
+    # Seconds an idle keep-alive connection stays open: uvicorn's --timeout-keep-alive, which vLLM
+    # sets from VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5). A client that reuses a connection the server has
+    # just closed sees the error a proxy must survive.
+    keepalive_s: float = DEFAULT_KEEPALIVE_S
     # Simulation knobs.
     ttft_ms: float = 50.0
     itl_ms: float = 10.0
@@ -192,6 +207,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sim-max-tokens-default", type=_positive_int, default=32,
                    help="answers without max_tokens end (finish_reason stop) after N/2..N tokens")
     s.add_argument("--sim-embedding-dim", type=_positive_int, default=256)
+    s.add_argument("--sim-keepalive-s", type=_positive_float, default=None,
+                   help="close a connection idle this long (default: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, else 5, as vLLM)")
 
 
 def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> SimConfig:
@@ -239,7 +256,23 @@ def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = Non
         kv_bytes_per_token=ns.sim_kv_bytes_per_token,
         max_tokens_default=ns.sim_max_tokens_default,
         embedding_dim=ns.sim_embedding_dim,
+        max_n_sequences=_env_number(env, "VLLM_MAX_N_SEQUENCES", DEFAULT_MAX_N, int),
+        keepalive_s=(ns.sim_keepalive_s if ns.sim_keepalive_s is not None
+                     else _env_number(env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_KEEPALIVE_S, float)),
     )
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float, kind: type) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {raw!r}")
+    return value
 
 
 def _env_flag(env: Mapping[str, str], name: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -15,6 +16,8 @@ from mvllm.sim.engine import Engine
 from mvllm.sim.faults import MIDSTREAM_CHUNKS
 from mvllm.sim.protocol import GenRequest
 from mvllm.sim.scheduler import Seq, chained_block_hashes
+
+SUBMIT_BATCH = 256  # choices set up between two yields to the event loop
 
 
 def json_response(obj: object, status: int = 200) -> web.Response:
@@ -32,9 +35,9 @@ def drop_connection(request: web.Request) -> None:
 
 def plan_choices(
     cfg: SimConfig, weights_valid: bool, req: GenRequest, lora: str | None
-) -> list[tuple[int, protocol.Prompt, textgen.Completion]]:
-    """(choice index, prompt, planned completion) for every choice of every prompt."""
-    out = []
+) -> Iterator[tuple[int, protocol.Prompt, textgen.LazyCompletion]]:
+    """(choice index, prompt, lazily generated completion) for every choice of every prompt, in
+    index order: cheap per choice, so a large `n` costs time only as its tokens are generated."""
     salt = f"{lora or ''}|{'' if req.seed is None else req.seed}"
     # Discarded (level-2) weights that were not reloaded: vLLM writes tokens without text and
     # never an end-of-sequence token, so such an answer runs to its length limit.
@@ -48,24 +51,28 @@ def plan_choices(
             elif req.ignore_eos or garbage:
                 length, reason = room, "length"
             else:
-                natural = textgen.natural_length(cfg.seed, prompt.text + salt, i, cfg.max_tokens_default)
+                # A chat answer being continued: the length of the whole answer, less what it holds.
+                key = prompt.text if prompt.answer_of is None else prompt.answer_of
+                natural = textgen.natural_length(cfg.seed, key + salt, i, cfg.max_tokens_default)
+                natural = max(1, natural - prompt.answered)
                 length, reason = (natural, "stop") if natural <= room else (room, "length")
-            pieces = textgen.generate_pieces(cfg.seed, prompt.text, i, length, salt,
-                                             leading_space=req.kind == "completion")
-            out.append((index, prompt, textgen.plan_completion(pieces, [] if garbage else req.stop, reason)))
-    return out
+            pieces = textgen.context_pieces(cfg.seed, prompt.text, i, salt)
+            yield index, prompt, textgen.LazyCompletion(pieces, length, [] if garbage else req.stop, reason)
 
 
 def new_seq(cfg: SimConfig, engine: Engine, prompt: protocol.Prompt, target: int, reason: str, lora: str | None,
-            index: int, pooling_only: bool = False) -> Seq:
-    """One engine sequence for `prompt`, its prefix-cache block hashes salted by the adapter."""
+            index: int, pooling_only: bool = False, block_hashes: tuple[int, ...] | None = None) -> Seq:
+    """One engine sequence for `prompt`, its prefix-cache block hashes salted by the adapter
+    (`block_hashes`: already computed, for the choices of one prompt)."""
+    if block_hashes is None:
+        block_hashes = chained_block_hashes(prompt.token_ids, cfg.block_size, lora or "")
     return Seq(
         seq_id=engine.new_seq_id(),
         prompt_tokens=len(prompt.token_ids),
         target_tokens=target,
         finish_reason=reason,
         arrival=engine.clock(),
-        block_hashes=chained_block_hashes(prompt.token_ids, cfg.block_size, lora or ""),
+        block_hashes=block_hashes,
         lora=lora,
         index=index,
         pooling=pooling_only,
@@ -86,38 +93,45 @@ class Generation:
         self.model_name = model_name
         self.midstream = midstream
         self.responses_api = responses_api
-        self.plans = plan_choices(cfg, engine.weights_valid, req, lora)
-        self.queue: asyncio.Queue[tuple[int, str | None, bool]] = asyncio.Queue()
+        self.lora = lora
+        self.plans: list[tuple[int, protocol.Prompt, textgen.LazyCompletion]] = []  # filled by run()
+        # (choice, finish reason or None for a token, the token's text, is it the choice's last)
+        self.queue: asyncio.Queue[tuple[int, str | None, str, bool]] = asyncio.Queue()
         self.seqs: list[Seq] = []
-        for index, prompt, comp in self.plans:
-            seq = new_seq(cfg, engine, prompt, len(comp.pieces), comp.finish_reason, lora, index)
-            seq.sink = self._sink
-            self.seqs.append(seq)
-        k = len(self.plans)
+        k = len(req.prompts) * req.n
+        self.unfinished = k
         self.counts = [0] * k
         self.texts: list[list[str]] = [[] for _ in range(k)]
         self.finish: list[str | None] = [None] * k
         self.prompt_tokens = sum(len(p.token_ids) for p in req.prompts)
 
     def _sink(self, seq: Seq, reason: str | None) -> None:
-        self.queue.put_nowait((seq.index, reason, seq.weights_valid))
+        """Called by the engine as it steps: a token's text is made here, and a stop string it
+        completes shortens the sequence so that the engine ends it on this token."""
+        if reason is not None:
+            self.queue.put_nowait((seq.index, reason, "", False))
+            return
+        comp = self.plans[seq.index][2]
+        piece = comp.piece(seq.generated - 1) if seq.weights_valid else ""
+        if comp.target < seq.target_tokens:
+            seq.target_tokens, seq.finish_reason = comp.target, comp.finish_reason
+        self.queue.put_nowait((seq.index, None, piece, seq.generated >= seq.target_tokens))
 
-    def _take(self, event: tuple[int, str | None, bool]) -> tuple[int, str, bool] | None:
+    def _take(self, event: tuple[int, str | None, str, bool]) -> tuple[int, str, bool] | None:
         """Apply one engine event; returns (choice, new text, is_last) for a token that a client
         sees, or for an abort of a started choice; None otherwise."""
-        idx, reason, valid = event
+        idx, reason, piece, last = event
         if self.finish[idx] is not None:
             return None
-        comp = self.plans[idx][2]
         if reason is None:
             self.counts[idx] += 1
-            piece = comp.pieces[self.counts[idx] - 1] if valid else ""
             self.texts[idx].append(piece)
-            last = self.counts[idx] >= len(comp.pieces)
             if last:
-                self.finish[idx] = comp.finish_reason
+                self.finish[idx] = self.plans[idx][2].finish_reason
+                self.unfinished -= 1
             return idx, piece, last
         self.finish[idx] = reason
+        self.unfinished -= 1
         return (idx, "", True) if self.counts[idx] > 0 else None
 
     def _finish_info(self, idx: int) -> tuple[str, str | None]:
@@ -126,10 +140,26 @@ class Generation:
         stop_reason = comp.stop_reason if reason == comp.finish_reason and reason == "stop" else None
         return reason, stop_reason
 
+    async def _submit(self) -> None:
+        """Plan and submit every choice, yielding to the event loop between batches: a request with
+        a large `n` starts at once and never stalls the server while its choices are set up."""
+        hashes: dict[int, tuple[int, ...]] = {}
+        for index, prompt, comp in plan_choices(self.cfg, self.engine.weights_valid, self.req, self.lora):
+            key = id(prompt)
+            if key not in hashes:
+                hashes[key] = chained_block_hashes(prompt.token_ids, self.cfg.block_size, self.lora or "")
+            seq = new_seq(self.cfg, self.engine, prompt, comp.target, comp.finish_reason, self.lora, index,
+                          block_hashes=hashes[key])
+            seq.sink = self._sink
+            self.plans.append((index, prompt, comp))
+            self.seqs.append(seq)
+            self.engine.submit(seq)
+            if len(self.seqs) % SUBMIT_BATCH == 0:
+                await asyncio.sleep(0)
+
     async def run(self) -> web.StreamResponse:
         try:
-            for seq in self.seqs:
-                self.engine.submit(seq)
+            await self._submit()
             if self.req.stream:
                 return await self._stream()
             return await self._whole()
@@ -138,7 +168,7 @@ class Generation:
                 self.engine.abort(seq)
 
     async def _whole(self) -> web.StreamResponse:
-        while any(f is None for f in self.finish):
+        while self.unfinished:
             self._take(await self.queue.get())
         completion_tokens = sum(self.counts)
         if self.responses_api:
@@ -182,7 +212,7 @@ class Generation:
         started = False
         sent_tokens = 0
         per_prompt = [len(p.token_ids) for _, p, _ in self.plans]
-        while any(f is None for f in self.finish):
+        while self.unfinished:
             events = [await self.queue.get()]
             while not self.queue.empty():  # one write for everything produced in this step
                 events.append(self.queue.get_nowait())

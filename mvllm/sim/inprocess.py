@@ -52,6 +52,7 @@ async def start_sim(config: SimConfig, *, port: int = 0, shutdown_timeout: float
         handle_signals=False,
         handler_cancellation=True,
         access_log=None,
+        keepalive_timeout=config.keepalive_s,  # vLLM's uvicorn closes idle connections after 5 s
         # aiohttp reads 0 as "no limit"; vLLM's 0 means "abort in-flight requests now".
         shutdown_timeout=max(0.001, config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout),
     )

@@ -49,6 +49,9 @@ def parse_json_object(raw: bytes, content_type: str) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request_body(f"JSON decode error: {exc}", "body") from exc
+    except RecursionError:
+        # Nesting deeper than the interpreter's stack: bad input, never a 500 with a traceback.
+        raise bad_request_body("JSON decode error: the body is nested too deeply", "body") from None
     if not isinstance(body, dict):
         raise bad_request_body("Input should be a valid dictionary or object to extract fields from", "body")
     # A lone surrogate (`"\ud800"`) is valid JSON but no Unicode string: vLLM's request validation
@@ -57,6 +60,8 @@ def parse_json_object(raw: bytes, content_type: str) -> dict:
     if b"\\u" in raw:
         try:
             json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise bad_request_body("JSON decode error: the body is nested too deeply", "body") from None
         except UnicodeEncodeError as exc:
             raise bad_request_body(
                 f"Input should be a valid string, unable to parse raw data as a unicode string: {exc.reason}", "body"
@@ -71,6 +76,10 @@ def parse_json_object(raw: bytes, content_type: str) -> dict:
 class Prompt:
     text: str  # what the deterministic text generator keys on
     token_ids: list[int]
+    # A chat whose final assistant message is continued (continue_final_message): the prompt that
+    # answer was begun from, and the tokens of it already written.
+    answer_of: str | None = None
+    answered: int = 0
 
 
 @dataclass
@@ -159,11 +168,16 @@ def _max_tokens(body: Mapping[str, Any], req: GenRequest, keys: tuple[str, ...])
             return
 
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The simulated chat template: `role: content` lines, then `assistant:` to answer."""
+def render_chat(messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+    """The simulated chat template: `role: content` lines, then `assistant:` to answer. With
+    `continue_final_message` the last message is left open, `role:` then its text, so that an
+    assistant message holding the start of an answer renders as the prompt that began it plus
+    that start."""
     lines = []
-    for m in messages:
-        lines.append(f"{m['role']}: {message_text(m.get('content'))}\n")
+    last = len(messages) - 1 if continue_final_message else -1
+    for i, m in enumerate(messages):
+        text = message_text(m.get("content"))
+        lines.append(f"{m['role']}:{text}" if i == last else f"{m['role']}: {text}\n")
     if add_generation_prompt:
         lines.append("assistant:")
     return "".join(lines)
@@ -194,9 +208,23 @@ def parse_messages(body: Mapping[str, Any]) -> list[dict]:
     return messages
 
 
-def chat_prompt(messages: list[dict], add_generation_prompt: bool = True) -> Prompt:
-    text = render_chat(messages, add_generation_prompt)
-    return Prompt(text, [tokenizer.BOS_ID, *tokenizer.encode(text)])
+def chat_prompt(messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> Prompt:
+    text = render_chat(messages, add_generation_prompt, continue_final_message)
+    prompt = Prompt(text, [tokenizer.BOS_ID, *tokenizer.encode(text)])
+    if continue_final_message and messages and messages[-1]["role"] == "assistant":
+        prompt.answer_of = render_chat(messages[:-1])
+        prompt.answered = tokenizer.count(message_text(messages[-1].get("content")))
+    return prompt
+
+
+def generation_prompt_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(add_generation_prompt, continue_final_message), refused together as vLLM refuses them."""
+    add_gen = bool(body.get("add_generation_prompt", True))
+    cont = bool(body.get("continue_final_message", False))
+    if add_gen and cont:
+        raise bad_request_body("Value error, Cannot set both `continue_final_message` and "
+                               "`add_generation_prompt` to True.", "body")
+    return add_gen, cont
 
 
 def text_prompt(text: str, add_special_tokens: bool = True) -> Prompt:
@@ -217,8 +245,8 @@ def parse_chat(body: Mapping[str, Any]) -> GenRequest:
     req = GenRequest(kind="chat", model=None, prompts=[])
     _common(body, req)
     _max_tokens(body, req, ("max_completion_tokens", "max_tokens"))
-    add_gen = body.get("add_generation_prompt", True)
-    req.prompts = [chat_prompt(messages, bool(add_gen))]
+    add_gen, cont = generation_prompt_flags(body)
+    req.prompts = [chat_prompt(messages, add_gen, cont)]
     return req
 
 
@@ -248,6 +276,13 @@ def parse_completion(body: Mapping[str, Any]) -> GenRequest:
         req.max_tokens = 16
     req.echo = _opt_bool(body, "echo")
     return req
+
+
+def check_n(req: GenRequest, max_n: int) -> None:
+    """vLLM's bound on `n` (SamplingParams, VLLM_MAX_N_SEQUENCES; 16384 by default)."""
+    if req.n > max_n:
+        raise ApiError(400, f"n must be at most {max_n}, got {req.n}. To increase this limit, set the "
+                            "VLLM_MAX_N_SEQUENCES environment variable.", "BadRequestError", None)
 
 
 def check_lengths(req: GenRequest, max_model_len: int) -> None:

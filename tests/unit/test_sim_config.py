@@ -114,3 +114,16 @@ async def test_without_sleep_mode_sleep_only_pauses():
     assert engine.is_sleeping and engine.memory_bytes() == before and engine.weights_valid
     await engine.wake_up()
     assert not engine.is_sleeping
+
+
+def test_keepalive_and_max_n_follow_vllms_environment():
+    cfg, _ = parse(["m"])
+    assert cfg.keepalive_s == 5.0 and cfg.max_n_sequences == 16384
+    cfg, _ = parse(["m"], {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "2.5", "VLLM_MAX_N_SEQUENCES": "8"})
+    assert cfg.keepalive_s == 2.5 and cfg.max_n_sequences == 8
+    cfg, _ = parse(["m", "--sim-keepalive-s", "0.2"], {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "2.5"})
+    assert cfg.keepalive_s == 0.2  # the flag wins
+    with pytest.raises(ValueError, match="VLLM_MAX_N_SEQUENCES must be a number"):
+        parse(["m"], {"VLLM_MAX_N_SEQUENCES": "lots"})
+    with pytest.raises(ValueError, match="VLLM_HTTP_TIMEOUT_KEEP_ALIVE must be > 0"):
+        parse(["m"], {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "0"})
