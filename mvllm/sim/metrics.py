@@ -115,8 +115,11 @@ class SimMetrics:
     def on_scheduled(self, seq: Seq, now: float, first_time: bool) -> None:
         if not self.enabled:
             return
-        self.prefix_queries.inc(seq.prompt_tokens + seq.generated)
-        self.prefix_hits.inc(seq.cached_tokens)
+        if self.cfg.enable_prefix_caching:
+            # As vLLM's KV cache manager: queried tokens are the whole sequence so far, hits the
+            # block-aligned computed tokens found; with caching off it records nothing.
+            self.prefix_queries.inc(seq.prompt_tokens + seq.generated)
+            self.prefix_hits.inc(seq.cached_tokens)
         if first_time:
             self.prompt_tokens.inc(seq.prompt_tokens)
 
