@@ -2,7 +2,8 @@
 
 Four identical sim nodes with prefix caching on and a prefill cost of PREFILL_MS_PER_TOKEN per
 prompt token not found in a node's cache (docs/simulator.md: a prompt's blocks become hits only
-once its prefill is done, counted as vLLM counts them).
+once its prefill is done, counted as vLLM counts them). Each node's KV pool (and so its prefix
+cache, LRU) holds KV_TOKENS: the conversations' prefixes fit in the fleet once, not on every node.
 
 Main leg: 24 multi-turn conversations, each with its own ~2,000-token system prompt, interleaved.
 Conversation c starts at a seeded offset and sends its turn k at start_c + k * gap_c (seeded), or
@@ -53,7 +54,14 @@ from mvllm.common.prom import iter_samples
 
 POLICIES = ("least-score", "round-robin", "cache-aware")
 PREFILL_MS_PER_TOKEN = 0.5
-NODE = SimSpec(max_num_seqs=8, ttft_ms=20, itl_ms=10, prefill_ms_per_token=PREFILL_MS_PER_TOKEN)
+# A node's KV pool holds KV_TOKENS: the 24 conversations' prefixes (~55k tokens) fit in the fleet
+# once, not on every node, as a real fleet's working set does (a sim's default pool never evicts).
+KV_TOKENS = 32768
+KV_BYTES_PER_TOKEN = 131072  # the sim's default
+NODE = SimSpec(
+    max_num_seqs=8, ttft_ms=20, itl_ms=10, prefill_ms_per_token=PREFILL_MS_PER_TOKEN,
+    extra=("--kv-cache-memory-bytes", str(KV_TOKENS * KV_BYTES_PER_TOKEN)),
+)
 NODES = 4
 CONVERSATIONS = 24
 SYSTEM_WORDS = 2000  # the sim's tokenizer: about one token per short word
@@ -242,6 +250,7 @@ async def run(ctx: Context, policies: Sequence[str] = POLICIES) -> ScenarioResul
     res.checks.extend(_checks(legs))
     res.notes.append(
         f"{NODES} sim nodes: max_num_seqs {NODE.max_num_seqs}, ttft {NODE.ttft_ms:g} ms, itl {NODE.itl_ms:g} ms, "
+        f"KV pool {KV_TOKENS} tokens, "
         f"{PREFILL_MS_PER_TOKEN:g} ms per uncached prompt token, prefix caching on; conversations: "
         f"{CONVERSATIONS} x {sched.turns} turns, ~{SYSTEM_WORDS}-token system prompts, max_tokens {MAX_TOKENS}; "
         f"skewed: {skew_rate:.1f} req/s for {skew_s:g} s, {SKEW_HOT:.0%} on one prefix (one node serves "
