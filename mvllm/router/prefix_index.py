@@ -79,12 +79,10 @@ class CacheAwareParams:
 class _Key:
     """One prefix (chunk chain) of the index."""
 
-    __slots__ = ("children", "end", "last", "nbytes", "parent", "targets")
+    __slots__ = ("end", "last", "nbytes", "targets")
 
-    def __init__(self, parent: int | None, end: int) -> None:
-        self.parent = parent
+    def __init__(self, end: int) -> None:
         self.end = end  # chars of the prompt covered up to and including this chunk
-        self.children = 0
         self.targets: dict[str, float] = {}
         self.last = 0.0
         self.nbytes = 0
@@ -95,7 +93,7 @@ class _Key:
 # growth headroom), and per target a dict slot and a float.
 _TABLE_ENTRY_BYTES = 120
 _KEY_BYTES = (
-    sys.getsizeof(_Key(None, 0)) + sys.getsizeof({"x": 0.0}) + sys.getsizeof(2**62) + _TABLE_ENTRY_BYTES
+    sys.getsizeof(_Key(0)) + sys.getsizeof({"x": 0.0}) + sys.getsizeof(2**62) + _TABLE_ENTRY_BYTES
 )
 _TARGET_BYTES = sys.getsizeof(0.5) + 48
 
@@ -137,22 +135,18 @@ class PrefixIndex:
     def insert(self, model: str, target: str, text: str, now: float) -> None:
         """Record that `target` was sent `text` (so it holds its prefix)."""
         hashes = self._chain(model, text)
-        parent: int | None = None
         for h, end in zip(hashes, self._ends(text), strict=True):
             key = self._keys.get(h)
             if key is None:
-                key = _Key(parent, end)
+                key = _Key(end)
                 key.nbytes = _KEY_BYTES
                 self._keys[h] = key
                 self._bytes += key.nbytes
-                if parent is not None:
-                    self._keys[parent].children += 1
             if target not in key.targets:
                 key.nbytes += _TARGET_BYTES
                 self._bytes += _TARGET_BYTES
             key.targets[target] = now
             key.last = now
-            parent = h
         # Touch leaf first, root last: a key is always more recent than its descendants.
         for h in reversed(hashes):
             self._keys.move_to_end(h)
@@ -205,12 +199,7 @@ class PrefixIndex:
 
     def _drop(self, h: int) -> None:
         # Callers drop leaves (eviction) or whole emptied subtrees (remove_target), never orphans.
-        key = self._keys.pop(h)
-        self._bytes -= key.nbytes
-        if key.parent is not None:
-            parent = self._keys.get(key.parent)
-            if parent is not None:
-                parent.children -= 1
+        self._bytes -= self._keys.pop(h).nbytes
 
 
 @dataclass(frozen=True)
