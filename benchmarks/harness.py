@@ -303,13 +303,16 @@ class Harness:
 
     # -- sims ---------------------------------------------------------------------------------
 
-    async def start_sims(self, specs: Sequence[SimSpec], model: str = "bench-model") -> list[SimNode]:
-        """Start one `mvllm sim serve` per spec, all at once, and wait until each answers /health."""
+    async def start_sims(
+        self, specs: Sequence[SimSpec], model: str = "bench-model", env: Mapping[str, str] | None = None
+    ) -> list[SimNode]:
+        """Start one `mvllm sim serve` per spec, all at once, and wait until each answers /health;
+        `env` adds to their environment (VLLM_SERVER_DEV_MODE=1 mounts /reset_prefix_cache)."""
         nodes: list[SimNode] = []
         for i, spec in enumerate(specs):
             port = free_port()
             argv = [sys.executable, "-m", "mvllm", "sim", "serve", model, "--host", HOST, "--port", str(port), *spec.args()]
-            svc = self._spawn(f"sim{i}-{port}", argv)
+            svc = self._spawn(f"sim{i}-{port}", argv, env)
             nodes.append(SimNode(svc, port, model, spec.max_num_seqs))
         await asyncio.gather(*(self.wait_ok(f"{n.url}/health", n.service, n.port) for n in nodes))
         return nodes

@@ -3,6 +3,7 @@
 Timing model (all configurable, see docs/simulator.md):
 - a sequence admitted at time t emits its first token at
       t + ttft_ms + prefill_ms_per_token * (prompt tokens not found in the prefix cache);
+  a prompt's blocks become cache hits for others only once its prefill is done;
 - running sequences then decode in lock-step batches; one step, i.e. the time between two tokens of
   every running sequence, lasts
       itl_ms * (1 + batch_slowdown * (running - 1) / max_num_seqs)
@@ -240,6 +241,7 @@ class Engine:
                 self._next_step_at = None  # the next step is timed from now, below
             for seq in list(self.sched.running):
                 if seq.phase is Phase.PREFILL and seq.ready_at <= now + eps:
+                    self.sched.mark_computed(seq)
                     if seq.pooling:
                         seq.first_token_at = now
                         self.sched.finish(seq)

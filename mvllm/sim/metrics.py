@@ -115,8 +115,13 @@ class SimMetrics:
     def on_scheduled(self, seq: Seq, now: float, first_time: bool) -> None:
         if not self.enabled:
             return
-        self.prefix_queries.inc(seq.prompt_tokens + seq.generated)
-        self.prefix_hits.inc(seq.cached_tokens)
+        if self.cfg.enable_prefix_caching and seq.preemptions == 0:
+            # As vLLM's KV cache manager: queried tokens are the whole sequence, hits the
+            # block-aligned computed tokens found; a preempted request's new lookup is counted
+            # apart and not exported (so a victim re-hitting its own blocks does not inflate the
+            # ratio); with caching off nothing is recorded.
+            self.prefix_queries.inc(seq.prompt_tokens + seq.generated)
+            self.prefix_hits.inc(seq.cached_tokens)
         if first_time:
             self.prompt_tokens.inc(seq.prompt_tokens)
 

@@ -10,9 +10,12 @@ The rules follow vLLM's FCFS scheduler closely enough for load balancing to see 
 - each generated token that crosses a block boundary takes a block; when none is free, the most
   recently admitted running request is preempted (blocks freed, put back at the head of the queue,
   recomputed later), as vLLM's recompute preemption does;
-- full prompt blocks are hashed (chained, as vLLM's prefix caching does); the hashes of blocks that
-  were computed stay cached (LRU, at most the size of the pool) until evicted or reset, and a new
-  request's leading blocks found there count as prefix cache hits.
+- full prompt blocks are hashed (chained, as vLLM's prefix caching does); a block enters the cache
+  only once its prefill is done (`mark_computed`), so a request admitted while the same prefix is
+  still being prefilled by another computes it again, as vLLM does; cached hashes stay (LRU, at most
+  the size of the pool) until evicted or reset, and a new request's leading blocks found there count
+  as prefix cache hits, block-aligned and capped below the full prompt (the last token is always
+  computed, so a full hit recomputes its last block, as vLLM's `max_cache_hit_length = n - 1`).
 """
 
 from __future__ import annotations
@@ -185,6 +188,16 @@ class Scheduler:
     def reset_prefix_cache(self) -> None:
         self._cache.clear()
 
+    def mark_computed(self, seq: Seq) -> None:
+        """`seq`'s prefill is done: its prompt blocks are now in the KV cache for later requests."""
+        if not self.enable_prefix_caching:
+            return
+        for h in seq.block_hashes:
+            self._cache[h] = None
+            self._cache.move_to_end(h)
+        while len(self._cache) > self._cache_capacity:
+            self._cache.popitem(last=False)
+
     # --- internals -----------------------------------------------------------------------------
     def _preempt(self, seq: Seq) -> None:
         self._release(seq)
@@ -199,22 +212,20 @@ class Scheduler:
         seq.blocks = 0
 
     def _lookup_prefix(self, seq: Seq) -> int:
-        """Tokens of `seq`'s prompt found in the prefix cache; also caches its own blocks."""
+        """Tokens of `seq`'s prompt found already computed in the prefix cache (whole blocks)."""
         if not self.enable_prefix_caching:
             return 0
+        total = seq.prompt_tokens + seq.generated
+        # At least one token is always computed, and hits are whole blocks: as vLLM, a full hit
+        # recomputes the whole last block.
+        limit = max(0, total - 1) // self.block_size
         hits = 0
-        for h in seq.block_hashes:
+        for h in seq.block_hashes[:limit]:
             if h not in self._cache:
                 break
+            self._cache.move_to_end(h)  # a hit refreshes its LRU position
             hits += 1
-        for h in seq.block_hashes:
-            self._cache[h] = None
-            self._cache.move_to_end(h)
-        while len(self._cache) > self._cache_capacity:
-            self._cache.popitem(last=False)
-        # At least one prompt token is always computed (as vLLM does for a full hit).
-        return min(hits * self.block_size, max(0, seq.prompt_tokens - 1))
-
+        return hits * self.block_size
 
 def chained_block_hashes(token_ids: list[int], block_size: int, salt: str = "") -> tuple[int, ...]:
     """One hash per full block of `token_ids`, each covering all blocks before it (prefix identity)."""

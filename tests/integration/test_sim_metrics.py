@@ -144,9 +144,28 @@ async def test_prefix_cache_hits_on_repeated_prompt(start):
     second = await scrape(sim)
     hits = value(second, "vllm:prefix_cache_hits")
     queries = value(second, "vllm:prefix_cache_queries")
-    # Every full 16-token block of the prompt hits, but one prompt token is always computed.
-    assert hits == min(r.usage.prompt_tokens // 16 * 16, r.usage.prompt_tokens - 1) and hits >= 96
+    # Every full 16-token block hits within the first n - 1 tokens (vLLM always computes the last
+    # token, and hits are whole blocks).
+    assert hits == (r.usage.prompt_tokens - 1) // 16 * 16 and hits >= 96
     assert queries == 2 * value(first, "vllm:prefix_cache_queries") == 2 * r.usage.prompt_tokens
+
+
+async def test_prefix_still_prefilling_is_computed_again(start):
+    sim = await start(prefill_ms_per_token=1.0)
+    c = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0)
+    long = [{"role": "user", "content": "another shared system prompt " * 30}]
+    t0 = time.monotonic()
+    both = await asyncio.gather(*(c.chat.completions.create(model="sim-model", messages=long, max_tokens=1)
+                                  for _ in range(2)))
+    together = time.monotonic() - t0
+    fams = await scrape(sim)
+    # Both arrived before either prefill was done: neither found the prefix computed, both paid.
+    assert value(fams, "vllm:prefix_cache_hits") == 0
+    assert together >= both[0].usage.prompt_tokens * 1.0 / 1000.0
+    t1 = time.monotonic()
+    await c.chat.completions.create(model="sim-model", messages=long, max_tokens=1)
+    assert value(await scrape(sim), "vllm:prefix_cache_hits") >= 96
+    assert time.monotonic() - t1 < together
 
 
 async def test_timing_follows_ttft_and_itl(start):

@@ -65,6 +65,7 @@ def test_prefix_cache_hits_count_whole_leading_blocks():
     s.add(first)
     s.schedule(0.0)
     assert first.cached_tokens == 0
+    s.mark_computed(first)
     s.add(second)
     s.schedule(0.0)
     assert second.cached_tokens == 32
@@ -78,6 +79,45 @@ def test_prefix_cache_hits_count_whole_leading_blocks():
     s.add(fourth)
     s.schedule(0.0)
     assert fourth.cached_tokens == 0
+
+
+def test_prefix_still_prefilling_is_not_a_hit():
+    hashes = chained_block_hashes(list(range(40)), 16)
+    s = Scheduler(max_num_seqs=10, num_gpu_blocks=100, block_size=16)
+    first, second, third = (seq(i, prompt=40, hashes=hashes) for i in (1, 2, 3))
+    s.add(first)
+    s.add(second)
+    s.schedule(0.0)  # both admitted together: neither block is computed yet
+    assert first.cached_tokens == 0 and second.cached_tokens == 0
+    s.mark_computed(first)
+    s.add(third)
+    s.schedule(0.0)
+    assert third.cached_tokens == 32
+
+
+def test_full_hit_recomputes_the_last_block_as_vllm():
+    hashes = chained_block_hashes(list(range(32)), 16)  # exactly two full blocks
+    s = Scheduler(max_num_seqs=10, num_gpu_blocks=100, block_size=16)
+    first, second = seq(1, prompt=32, hashes=hashes), seq(2, prompt=32, hashes=hashes)
+    s.add(first)
+    s.schedule(0.0)
+    s.mark_computed(first)
+    s.add(second)
+    s.schedule(0.0)
+    # vLLM caps the hit at n - 1 tokens, block-aligned: 31 // 16 = one block.
+    assert second.cached_tokens == 16
+
+
+def test_prefix_caching_off_never_hits():
+    hashes = chained_block_hashes(list(range(40)), 16)
+    s = Scheduler(max_num_seqs=10, num_gpu_blocks=100, block_size=16, enable_prefix_caching=False)
+    first, second = seq(1, prompt=40, hashes=hashes), seq(2, prompt=40, hashes=hashes)
+    s.add(first)
+    s.schedule(0.0)
+    s.mark_computed(first)
+    s.add(second)
+    s.schedule(0.0)
+    assert second.cached_tokens == 0
 
 
 def test_admit_limit_holds_newer_requests():
