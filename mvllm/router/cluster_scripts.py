@@ -360,21 +360,25 @@ return used
 )
 
 # KEYS: the slot sets, one per lease; ARGV = {unused, now, ttl, lease_1, ..., lease_n}. Pushes each
-# live lease's expiry to now + ttl; returns how many were still live (a lapsed one stays gone).
+# live lease's expiry to now + ttl; returns the ids of those that had lapsed (they stay gone: their
+# slot may already be someone else's).
 REFRESH_LEASES = (
     _CLOCK
     + """
 local ttl = tonumber(ARGV[3])
-local alive = 0
+local lapsed = {}
 for i, key in ipairs(KEYS) do
-  local score = redis.call('ZSCORE', key, ARGV[i + 3])
+  local lease = ARGV[i + 3]
+  local score = redis.call('ZSCORE', key, lease)
   if score and tonumber(score) > now then
-    redis.call('ZADD', key, 'XX', fmt(now + ttl), ARGV[i + 3])
-    alive = alive + 1
+    redis.call('ZADD', key, 'XX', fmt(now + ttl), lease)
     redis.call('PEXPIRE', key, math.ceil(ttl * 2000) + 1000)
+  else
+    if score then redis.call('ZREM', key, lease) end
+    table.insert(lapsed, lease)
   end
 end
-return alive
+return lapsed
 """
 )
 

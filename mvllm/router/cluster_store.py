@@ -237,8 +237,10 @@ class ClusterStore:
         ttl = ttl_s if ttl_s is not None else max(lease.ttl_s for lease in leases)
         keys = [lease.redis_key for lease in leases]
         argv = ["", self._now_arg(now), repr(float(ttl)), *(lease.lease_id for lease in leases)]
-        alive = await self._run(lambda: self._refresh(keys=keys, args=argv))
-        return int(alive)
+        lapsed = await self._run(lambda: self._refresh(keys=keys, args=argv))
+        for lease_id in lapsed:
+            self._leases.pop(lease_id.decode() if isinstance(lease_id, bytes) else str(lease_id), None)
+        return len(leases) - len(lapsed)
 
     async def slots_in_use(self, key_id: str, *, now: float | None = None) -> int:
         key = scripts.redis_key(self.prefix, SlotCheck(key_id, None))
