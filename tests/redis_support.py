@@ -24,6 +24,10 @@ DEBIAN_PATH = "/usr/bin/redis-server"
 
 
 def redis_server_binary() -> str | None:
+    """MVLLM_TEST_REDIS_SERVER when set (a path; a missing one counts as absent), else PATH, else Debian's."""
+    override = os.environ.get("MVLLM_TEST_REDIS_SERVER")
+    if override is not None:
+        return override if override and os.access(override, os.X_OK) else None
     found = shutil.which("redis-server")
     if found:
         return found

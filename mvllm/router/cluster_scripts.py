@@ -113,14 +113,16 @@ class Admission:
 
     @property
     def worst(self) -> Denial | None:
-        """The denial with the longest wait (never > unknown > the longest finite), as LimitSet reports."""
+        """The denial to report, ranked as LimitSet ranks them: a wait no time cures first, then the
+        longest Retry-After (ceil of the wait, >= 1; an unknown wait counts as 1 s), then the wait."""
         if not self.denials:
             return None
 
-        def rank(d: Denial) -> tuple[int, float]:
-            if d.wait is None:
-                return (1, 0.0)
-            return (2 if math.isinf(d.wait) else 0, d.wait)
+        def rank(d: Denial) -> tuple[bool, int, float]:
+            if d.wait is not None and math.isinf(d.wait):
+                return (True, 0, math.inf)
+            wait = d.wait or 0.0
+            return (False, max(1, math.ceil(wait - 1e-9)), wait)
 
         return max(self.denials, key=rank)
 

@@ -69,7 +69,10 @@ def test_parse_denials_and_pick_the_worst_as_limitset_does():
     got = parse_admission(reply, checks, ["k1", "k2", "k3"], [None, "l", None])
     assert not got.allowed and got.leases == ()
     assert got.denials == (Denial(0, "requests_per_second", 0.25), Denial(1, "max_concurrent", None))
-    assert got.worst == Denial(1, "max_concurrent", None)  # unknown beats a finite wait
+    # As LimitSet: Retry-After 1 for both, then the known wait decides.
+    assert got.worst == Denial(0, "requests_per_second", 0.25)
+    slot_first = Admission(False, (Denial(1, "max_concurrent", None), Denial(0, "requests_per_second", 1.5)))
+    assert slot_first.worst is not None and slot_first.worst.limit == "requests_per_second"
     never = Admission(False, (*got.denials, Denial(2, "requests_total", math.inf)))
     assert never.worst is not None and never.worst.limit == "requests_total"
     finite = Admission(False, (Denial(0, "requests_per_second", 0.2), Denial(1, "tokens_per_minute", 3.0)))
