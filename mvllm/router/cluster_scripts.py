@@ -320,30 +320,55 @@ return out
 """
 )
 
-# KEYS[1]: the tpm hash; ARGV = {slot, now, delta, window, resolution} (ARGV[2] is the clock in
-# every script). delta > 0 is charged to the current slot; delta < 0 refunds `slot` (a reservation's),
+# Moves `delta` tokens: > 0 is charged to the current slot; < 0 refunds `slot` (a reservation's),
 # unless that slot already left the window (its tokens were given back when it expired).
+_MOVE_TOKENS = """
+local function move_tokens(key, slot, delta, window, res)
+  if delta < 0 then
+    if tonumber(slot) + window + res <= now then return 0 end
+    local have = tonumber(redis.call('HGET', key, slot) or '0') or 0
+    local give = math.min(-delta, have)
+    if give > 0 then redis.call('HINCRBY', key, slot, -give) end
+    return -give
+  end
+  if delta > 0 then
+    redis.call('HINCRBY', key, fmt(math.floor(now / res) * res), delta)
+    redis.call('PEXPIRE', key, math.ceil((window + 2 * res) * 1000))
+  end
+  return delta
+end
+"""
+
+# KEYS[1]: the tpm hash; ARGV = {slot, now, delta, window, resolution} (ARGV[2] is the clock in
+# every script).
 ADD_TOKENS = (
     _CLOCK
+    + _MOVE_TOKENS
     + """
-local delta = tonumber(ARGV[3])
-local window = tonumber(ARGV[4])
-local res = tonumber(ARGV[5])
-local key = KEYS[1]
-if delta < 0 then
-  local slot = ARGV[1]
-  if tonumber(slot) + window + res <= now then return 0 end
-  local have = tonumber(redis.call('HGET', key, slot) or '0') or 0
-  local give = math.min(-delta, have)
-  if give > 0 then redis.call('HINCRBY', key, slot, -give) end
-  return -give
+return move_tokens(KEYS[1], ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+"""
+)
+
+# The end of a request, in one trip: settle its token reservations and drop its leases.
+# KEYS = {tpm_1, ..., tpm_m, slots_1, ..., slots_k}; ARGV = {m, now, used ("" = do not settle),
+# then per reservation: slot, amount, window, resolution; then lease_1, ..., lease_k}.
+FINISH = (
+    _CLOCK
+    + _MOVE_TOKENS
+    + """
+local m = tonumber(ARGV[1])
+local used = tonumber(ARGV[3])
+for i = 1, m do
+  local at = 3 + (i - 1) * 4
+  if used ~= nil then
+    local delta = math.max(0, used) - tonumber(ARGV[at + 2])
+    move_tokens(KEYS[i], ARGV[at + 1], delta, tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4]))
+  end
 end
-if delta > 0 then
-  local start = fmt(math.floor(now / res) * res)
-  redis.call('HINCRBY', key, start, delta)
-  redis.call('PEXPIRE', key, math.ceil((window + 2 * res) * 1000))
+for j = m + 1, #KEYS do
+  redis.call('ZREM', KEYS[j], ARGV[3 + m * 4 + (j - m)])
 end
-return delta
+return 1
 """
 )
 

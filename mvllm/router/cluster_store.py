@@ -100,6 +100,7 @@ class ClusterStore:
         )
         self._admit = self._redis.register_script(scripts.ADMIT)
         self._add_tokens = self._redis.register_script(scripts.ADD_TOKENS)
+        self._finish = self._redis.register_script(scripts.FINISH)
         self._tokens_in_window = self._redis.register_script(scripts.TOKENS_IN_WINDOW)
         self._refresh = self._redis.register_script(scripts.REFRESH_LEASES)
         self._slots_in_use = self._redis.register_script(scripts.SLOTS_IN_USE)
@@ -223,6 +224,20 @@ class ClusterStore:
             await pipe.execute()
 
         await self._run(op)
+
+    async def finish(self, admission: Admission, used_tokens: int | None = None, *, now: float | None = None) -> None:
+        """A request is over: settle its token reservations with `used_tokens` (None: leave them
+        charged, the engine may have spent them) and release its leases, in one round trip."""
+        for lease in admission.leases:
+            self._leases.pop(lease.lease_id, None)
+        if not admission.leases and (used_tokens is None or not admission.reservations):
+            return
+        keys = [r.redis_key for r in admission.reservations] + [lease.redis_key for lease in admission.leases]
+        argv = [str(len(admission.reservations)), self._now_arg(now), "" if used_tokens is None else str(int(used_tokens))]
+        for r in admission.reservations:
+            argv += [r.slot, str(r.amount), repr(r.window_s), repr(r.resolution_s)]
+        argv += [lease.lease_id for lease in admission.leases]
+        await self._run(lambda: self._finish(keys=keys, args=argv))
 
     @property
     def held_leases(self) -> int:

@@ -139,6 +139,24 @@ async def test_tokens_per_window_shared_reserve_and_settle(two):
     assert await a.tokens_in_window("t", now=200.0) == 100
 
 
+async def test_finish_settles_and_releases_in_one_call(two):
+    a, b = two
+    checks = [SlotCheck("f", 1), TokenCheck("f", 100, 60), TokenCheck("g", 100, 60)]
+    admission = await a.admit(checks, now=20.0)
+    assert admission.allowed and a.held_leases == 1
+    assert not (await b.admit(checks, now=20.0)).allowed
+    await a.finish(admission, 25, now=21.0)
+    assert a.held_leases == 0
+    assert await b.slots_in_use("f", now=21.0) == 0
+    assert await b.tokens_in_window("f", now=21.0) == 25
+    assert await b.tokens_in_window("g", now=21.0) == 25
+    # Unsettled (None): the leases go, the reservations stay charged.
+    again = await b.admit(checks, now=22.0)
+    await b.finish(again, None, now=22.0)
+    assert await a.slots_in_use("f", now=22.0) == 0
+    assert await a.tokens_in_window("f", now=22.0) == 85
+
+
 async def test_quota_and_atomic_admit_charges_nothing_on_denial(two):
     a, b = two
     checks = [RateCheck("g", 100, 100), QuotaCheck("q", requests_total=3)]
