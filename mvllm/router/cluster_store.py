@@ -6,6 +6,10 @@ pipeline), so limits stay exact across routers. When Redis cannot be reached, a 
 ClusterUnavailable within about one socket timeout, and for `retry_interval` s afterwards at once
 (no caller waits on a dead server twice); the next call after that tries again, so the store
 reconnects by itself. What to do instead (local limits, 503) is the caller's choice.
+
+A `key_id` is the caller's scope name, shared by every router: keep scopes apart (e.g. "global"
+and "key:<name>", so no key can be called "global"). `now`, where a verb takes it, is epoch
+seconds (quotas count UTC days from it); leave it None in production to use Redis's clock.
 """
 
 from __future__ import annotations
@@ -256,6 +260,14 @@ class ClusterStore:
         for lease_id in lapsed:
             self._leases.pop(lease_id.decode() if isinstance(lease_id, bytes) else str(lease_id), None)
         return len(leases) - len(lapsed)
+
+    async def heartbeat(self, interval_s: float = 1.5) -> None:
+        """refresh_leases every `interval_s` until cancelled (a background task; keep the interval
+        well under the leases' ttl). An outage is ridden out: leases that lapse meanwhile are dropped."""
+        while True:
+            with contextlib.suppress(ClusterUnavailable):
+                await self.refresh_leases()
+            await asyncio.sleep(interval_s)
 
     async def slots_in_use(self, key_id: str, *, now: float | None = None) -> int:
         key = scripts.redis_key(self.prefix, SlotCheck(key_id, None))

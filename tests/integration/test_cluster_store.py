@@ -88,12 +88,7 @@ async def test_killed_routers_lease_lapses_within_ttl_and_refreshed_ones_stay(tw
     assert await b.acquire_slot("k", 2, ttl_s=2.0) is None
 
     # Router a is "killed": it never refreshes again. Router b keeps its heartbeat.
-    async def heartbeat() -> None:
-        while True:
-            await b.refresh_leases()
-            await asyncio.sleep(0.5)
-
-    task = asyncio.create_task(heartbeat())
+    task = asyncio.create_task(b.heartbeat(0.5))
     try:
         start = time.monotonic()
         lease, took = await eventually(lambda: b.acquire_slot("k", 2, ttl_s=2.0), timeout=10.0, interval=0.1)
@@ -273,9 +268,12 @@ async def test_redis_down_fails_fast_then_reconnects_by_itself(redis_server, two
     assert time.monotonic() - start < 0.5
     with pytest.raises(ClusterUnavailable):
         await a.refresh_leases()
+    beating = asyncio.create_task(a.heartbeat(0.05))  # rides out the outage
     assert await b.ping() is False
     await asyncio.sleep(0.5)
     assert not watcher.done()  # the watcher rides out the outage
+    assert not beating.done()
+    beating.cancel()
 
     redis_server.start()
     resyncs = sum(1 for c in seen if c.kind == "resync")
