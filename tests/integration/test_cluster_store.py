@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -301,3 +302,25 @@ async def test_unreachable_host_times_out_quickly():
         assert store.last_error is not None
     finally:
         await store.close()
+
+
+async def test_a_redis_that_never_answers_costs_about_two_socket_timeouts():
+    # A listener that accepts and then says nothing: a hung Redis, or a network that drops replies.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        store = ClusterStore(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3, retry_interval=0.5)
+        try:
+            start = time.monotonic()
+            with pytest.raises(ClusterUnavailable):
+                await store.try_acquire_rate("k", 5)
+            took = time.monotonic() - start
+            assert 0.25 <= took < 1.5, took  # the timeout, once retried: never a hang
+            start = time.monotonic()
+            with pytest.raises(ClusterUnavailable):
+                await store.acquire_slot("k", 1)
+            assert time.monotonic() - start < 0.05  # within retry_interval: no second wait
+            assert await store.ping() is False
+        finally:
+            await store.close()
