@@ -99,14 +99,19 @@ def chat(base: str, stream: bool, max_tokens: int = 8, timeout: float = 20.0) ->
         return exc.code, [exc.read()]
 
 
-def upstreams(tmp: Path) -> list[list[str]]:
-    """For each chat request nginx logged, the routers it tried, in order."""
-    out = []
-    for line in (tmp / "access.log").read_text().splitlines():
-        uri, _status, addrs = line.split(" ", 2)
-        if uri == "/v1/chat/completions":
-            out.append([a.strip() for a in addrs.split(",")])
-    return out
+def upstreams(tmp: Path, at_least: int) -> list[list[str]]:
+    """For each chat request nginx logged, the routers it tried, in order. nginx writes a line
+    after the client has its answer, so wait (bounded) until `at_least` are there."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        out = []
+        for line in (tmp / "access.log").read_text().splitlines():
+            uri, _status, addrs = line.split(" ", 2)
+            if uri == "/v1/chat/completions":
+                out.append([a.strip() for a in addrs.split(",")])
+        if len(out) >= at_least or time.monotonic() > deadline:
+            return out
+        time.sleep(0.02)
 
 
 def test_shipped_nginx_config_streams_and_survives_a_killed_router(tmp_path: Path) -> None:
@@ -135,7 +140,7 @@ def test_shipped_nginx_config_streams_and_survives_a_killed_router(tmp_path: Pat
 
                 for _ in range(10):
                     assert chat(base, stream=False)[0] == 200
-                served = upstreams(tmp_path)
+                served = upstreams(tmp_path, at_least=11)
                 assert len(served) == 11
                 # least_conn over equal routers alternates: both served.
                 assert {f"127.0.0.1:{p}" for p in ports} <= {addr for addrs in served for addr in addrs}
@@ -145,7 +150,7 @@ def test_shipped_nginx_config_streams_and_survives_a_killed_router(tmp_path: Pat
                 results = [chat(base, stream=i % 2 == 0)[0] for i in range(20)]
                 assert results == [200] * 20, results
                 assert time.monotonic() - start < 20
-                after = upstreams(tmp_path)[11:]
+                after = upstreams(tmp_path, at_least=31)[11:]
                 # The dead router was tried (refused) and the request went on to the live one.
                 assert any(addrs == [f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"] for addrs in after), after
                 assert all(addrs[-1] == f"127.0.0.1:{ports[1]}" for addrs in after), after
