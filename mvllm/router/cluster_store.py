@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -51,6 +52,19 @@ T = TypeVar("T")
 # What "Redis is not there" looks like from the client; anything else (a script error, a wrong
 # type) is a bug and propagates as is.
 _DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class ClusterUnavailable(Exception):
@@ -89,6 +103,7 @@ class ClusterStore:
         events_max: int = 10_000,
     ) -> None:
         self.url = url
+        self.display_url = redact_url(url)
         self.prefix = prefix
         self.router_id = router_id or uuid.uuid4().hex[:12]
         self.retry_interval = retry_interval
@@ -137,18 +152,18 @@ class ClusterStore:
         self._last_error = f"{type(exc).__name__}: {exc}"
         self._down_until = time.monotonic() + self.retry_interval
         if self._healthy:  # logged once per outage, not once per request
-            log.warning("cluster store: Redis at %s unreachable (%s)", self.url, self._last_error)
+            log.warning("cluster store: Redis at %s unreachable (%s)", self.display_url, self._last_error)
         self._healthy = False
-        return ClusterUnavailable(f"Redis at {self.url} unreachable: {self._last_error}")
+        return ClusterUnavailable(f"Redis at {self.display_url} unreachable: {self._last_error}")
 
     def _mark_up(self) -> None:
         if not self._healthy:
-            log.warning("cluster store: Redis at %s reachable again", self.url)
+            log.warning("cluster store: Redis at %s reachable again", self.display_url)
         self._healthy = True
 
     async def _run(self, op: Callable[[], Awaitable[T]]) -> T:
         if not self._healthy and time.monotonic() < self._down_until:
-            raise ClusterUnavailable(f"Redis at {self.url} unreachable: {self._last_error}")
+            raise ClusterUnavailable(f"Redis at {self.display_url} unreachable: {self._last_error}")
         try:
             result = await op()
         except _DOWN_ERRORS as exc:
