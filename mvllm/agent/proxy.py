@@ -9,8 +9,6 @@ it arrives, chunk by chunk, never parsed: SSE streams reach the client unbuffere
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import time
 
 import aiohttp
@@ -21,18 +19,14 @@ from mvllm.agent.errors import AgentError, BadRequest, Busy, NoRoom
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.supervisor import Supervisor
 from mvllm.common.errors import error_response
+from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and what aiohttp recomputes itself. Authorization is the
-# agent's token: engines listen on loopback without a key of their own.
-_DROP_REQUEST = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-     "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
-)
-_DROP_RESPONSE = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-     "transfer-encoding", "upgrade", "content-length", "server", "date"}
-)
-_MULTIPART_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*?\r\n([^\r\n]*)\r\n')
+# Besides the hop-by-hop set, what aiohttp recomputes itself. Authorization is the agent's token:
+# engines listen on loopback without a key of their own.
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization"}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date"}
+_NOT_JSON = "request body is not valid JSON"
+_NOT_AN_OBJECT = "request body must be a JSON object"
 _UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
 
 
@@ -40,15 +34,13 @@ def body_model(body: bytes, content_type: str) -> str | None:
     """The `model` a request names: a JSON body's field, or a multipart form field (audio uploads)."""
     if not body:
         return None
-    if content_type.startswith("multipart/form-data"):
-        m = _MULTIPART_MODEL.search(body)
-        return m.group(1).decode(errors="replace") if m else None
+    if is_multipart(content_type):
+        return multipart_field(body, content_type, "model")
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
+        data = json_object(body)
+    except BodyError as exc:
+        # The agent's wording since 0.1, which its clients may match on.
+        raise BadRequest(_NOT_AN_OBJECT if exc.message.endswith("JSON object") else _NOT_JSON) from None
     model = data.get("model")
     return model if isinstance(model, str) else None
 
@@ -146,7 +138,7 @@ class Gatekeeper:
             inst.end()
 
     async def _forward(self, request: web.Request, inst: Instance, body: bytes) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+        headers = copy_headers(request.headers, _DROP_REQUEST)
         resp: web.StreamResponse | None = None
         try:
             async with self.session.request(
@@ -158,9 +150,7 @@ class Gatekeeper:
                 allow_redirects=False,
             ) as upstream:
                 resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for k, v in upstream.headers.items():
-                    if k.lower() not in _DROP_RESPONSE:
-                        resp.headers.add(k, v)
+                resp.headers.extend(copy_headers(upstream.headers, _DROP_RESPONSE))
                 if upstream.content_length is not None:
                     resp.content_length = upstream.content_length
                 resp.headers["x-mvllm-instance"] = inst.name
