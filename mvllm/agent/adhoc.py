@@ -176,7 +176,7 @@ class AdhocManager:
             spec,
             restart=RestartPolicy(sup.cfg.restart_max, sup.cfg.restart_window, sup.cfg.restart_backoff, sup.cfg.restart_backoff_max),
         )
-        sup.cfg.models[spec.name] = spec
+        sup.catalog.add(spec)
         sup.instances[spec.name] = inst
         log.info(
             "ad-hoc instance %s: %s on GPU(s) %s, served as %s, ttl %s, flags %s",
@@ -203,7 +203,7 @@ class AdhocManager:
     def _spec(self, req: AdhocRequest) -> ModelSpec:
         sup = self.sup
         acfg = sup.cfg.adhoc
-        taken = {n for n, _inst, _lora in sup.routable()} | set(sup.instances) | set(sup.cfg.models)
+        taken = {n for n, _inst, _lora in sup.routable()} | set(sup.instances) | set(sup.catalog)
         if req.name is not None:
             name = req.name
             if name in taken:
@@ -286,8 +286,7 @@ class AdhocManager:
     async def _remove(self, inst: Instance, reason: str) -> None:
         sup = self.sup
         inst.retired = True  # no start from here on (mvllm.agent.supervisor checks it)
-        if sup.cfg.models.get(inst.name) is inst.spec:
-            del sup.cfg.models[inst.name]  # new requests for its names now get 404
+        sup.catalog.remove(inst.spec)  # new requests for its names now get 404
         log.info("ad-hoc instance %s: removing (%s)", inst.name, reason)
         await sup.unload(inst.name, reason=reason)
         if inst.popen is None and sup.instances.get(inst.name) is inst:

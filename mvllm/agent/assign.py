@@ -107,7 +107,7 @@ class Assigner:
         changes, restart = parse_body(body)
         base = inst.pending_spec or inst.spec  # a second assignment builds on a pending one
         try:
-            new = model_from_table(cfg, name, apply_changes(spec_table(base), changes))
+            new = model_from_table(cfg, name, apply_changes(spec_table(base), changes), sup.catalog.specs())
         except ConfigError as exc:
             raise BadRequest(f"invalid assignment: {exc.key or 'models.' + name}: {exc.problem}") from None
         new.shape, new.shape_source = base.shape, base.shape_source  # same model, same config.json
@@ -119,7 +119,7 @@ class Assigner:
             saved = SaveResult(False, None, reason="the agent runs without a config file: the change holds until it restarts")
         if not saved.saved:
             log.warning("%s: assignment not saved: %s", name, saved.reason)
-        cfg.models[name] = new
+        sup.catalog.replace(new)
         running = inst.popen is not None or inst.op is not None or (inst.ready_task is not None and not inst.ready_task.done())
         if not running:
             inst.spec, inst.pending_spec = new, None

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from mvllm.agent import engine, engine_metrics, placement, procs
+from mvllm.agent.catalog import Catalog
 from mvllm.agent.config import AgentConfig, ModelSpec
 from mvllm.agent.engine import EngineClient, Instance
 from mvllm.agent.errors import (
@@ -64,6 +65,7 @@ class Supervisor:
         agent_id: str,
     ) -> None:
         self.cfg = cfg
+        self.catalog = Catalog(cfg.models)
         self.gpus = gpus
         self.session = session
         self.engines = EngineClient(session)
@@ -96,7 +98,7 @@ class Supervisor:
 
     def resolve(self, model: str) -> tuple[Instance, str | None] | None:
         """The instance serving `model` (a served name or a LoRA name), and the adapter if it is one."""
-        found = self.cfg.model_for(model)
+        found = self.catalog.model_for(model)
         if found is not None:
             return self.instances[found[0].name], found[1]
         for inst in self.instances.values():
