@@ -87,7 +87,7 @@ async def state(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
     own = request.app[METRICS].render()
-    texts = {i.name: i.metrics_text for i in sup.instances.values() if i.metrics_text}
+    texts = {i.name: i.stats.metrics_text for i in sup.instances.values() if i.stats.metrics_text}
     body = own + engine_metrics.merge(texts).encode()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -175,9 +175,9 @@ async def model_lora(request: web.Request) -> web.Response:
         path = body.get("lora_path")
         if path is not None and not isinstance(path, str):
             raise BadRequest("lora_path must be a string")
-        await sup.load_lora(inst, lname, path)
+        await inst.add_lora(lname, path)
     else:
-        await sup.unload_lora(inst, lname)
+        await inst.remove_lora(lname)
     return _instance_json(request, name)
 
 

@@ -14,9 +14,9 @@ import time
 import aiohttp
 from aiohttp import web
 
-from mvllm.agent.engine import Instance
 from mvllm.agent.errors import AgentError, BadRequest, Busy, NoRoom
 from mvllm.agent.metrics import AgentMetrics
+from mvllm.agent.process import EngineProcess
 from mvllm.agent.supervisor import Supervisor
 from mvllm.common.errors import error_response
 from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
@@ -57,11 +57,11 @@ class Gatekeeper:
 
     # ------------------------------------------------------------ /v1/models
 
-    def _model_card(self, name: str, inst: Instance, lora: str | None) -> dict:
+    def _model_card(self, name: str, inst: EngineProcess, lora: str | None) -> dict:
         return {
             "id": name,
             "object": "model",
-            "created": int(inst.started_at or self.sup.started_at),
+            "created": int(inst.history.started_at or self.sup.started_at),
             "owned_by": "mvllm-agent",
             "root": inst.spec.model if lora is None else (inst.spec.lora_adapters.get(lora) or inst.extra_loras.get(lora)),
             "parent": None if lora is None else inst.spec.served_model_names[0],
@@ -83,7 +83,7 @@ class Gatekeeper:
 
     # --------------------------------------------------------------- relay
 
-    async def _acquire(self, inst: Instance, lora: str | None) -> None:
+    async def _acquire(self, inst: EngineProcess, lora: str | None) -> None:
         """Wait until `inst` can take the request, then count it in flight (no yield in between)."""
         if inst.can_serve_now(lora):
             inst.begin()
@@ -91,17 +91,17 @@ class Gatekeeper:
         if inst.queued >= self.max_queue:
             self.metrics.rejected.labels(inst.name, "queue_full").inc()
             raise Busy(f"model {inst.name}: {inst.queued} requests already wait for it to load; try again")
-        inst.queued += 1
         deadline = time.monotonic() + self.load_timeout
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(self.sup.ensure_ready(inst, lora), left)
-                if inst.can_serve_now(lora):
-                    inst.begin()
-                    return
+            with inst.queue_slot():
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(self.sup.ensure_ready(inst, lora), left)
+                    if inst.can_serve_now(lora):
+                        inst.begin()
+                        return
         except asyncio.TimeoutError:
             if inst.room_wait:  # its load still waits for busy models to make room: say so
                 self.metrics.rejected.labels(inst.name, "no_room").inc()
@@ -111,8 +111,6 @@ class Gatekeeper:
                 ) from None
             self.metrics.rejected.labels(inst.name, "load_timeout").inc()
             raise Busy(f"model {inst.name} is still {inst.state} after {self.load_timeout:g} s; try again") from None
-        finally:
-            inst.queued -= 1
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -137,7 +135,7 @@ class Gatekeeper:
         finally:
             inst.end()
 
-    async def _forward(self, request: web.Request, inst: Instance, body: bytes) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, inst: EngineProcess, body: bytes) -> web.StreamResponse:
         headers = copy_headers(request.headers, _DROP_REQUEST)
         resp: web.StreamResponse | None = None
         try:
