@@ -1,4 +1,5 @@
-"""The engines of one agent: on-demand loads and wakes, placement with eviction, crash restarts, idle timers.
+"""The thin layer across one agent's engines (mvllm.agent.process.EngineProcess, one per catalog
+entry): on-demand loads and wakes, placement with eviction, crash restarts, idle timers.
 
 Locking: an operation that changes GPU memory (start, wake, sleep, stop) holds the locks of the
 GPUs it touches, taken in index order, then the instance's own lock. A start or wake also locks
@@ -24,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from mvllm.agent import engine_metrics, placement, procs
+from mvllm.agent import engine_metrics, gpu_view, placement, procs
 from mvllm.agent.catalog import Catalog
 from mvllm.agent.config import AgentConfig, ModelSpec
 from mvllm.agent.engine import EngineClient
@@ -193,71 +194,13 @@ class Supervisor:
         for inst, text in zip(targets, texts, strict=True):
             inst.set_engine_metrics(text, engine_metrics.load_signal(text) if text is not None else None)
 
-    def gpu_map(self) -> dict[int, placement.Gpu]:
-        return {g.index: placement.Gpu(g.index, g.memory_total_bytes, g.memory_used_bytes) for g in self.sample.gpus}
-
     def need(self, spec: ModelSpec) -> dict[int, int]:
-        """Budget per GPU of `spec`; GPUs we know nothing of are left out (no placement check there)."""
-        gpus = self.gpu_map()
-        est = spec.memory_estimate  # no budget given: estimated from its shape (None: 0.9 of the GPU)
-        return {
-            d: placement.need_bytes(spec.memory_gib, spec.gpu_memory_utilization, gpus[d].total, est and est.bytes)
-            for d in spec.devices
-            if d in gpus
-        }
-
-    def _held(self, inst: EngineProcess) -> dict[int, int]:
-        """What `inst` holds per GPU: measured, or (NVML pids not ours to see, as in a container
-        without the host's PID namespace) estimated from its budget and state."""
-        if inst.stats.memory:
-            return dict(inst.stats.memory)
-        if inst.state == SLEEPING:
-            return {d: min(n, placement.SLEEP_RESIDUAL) for d, n in self.need(inst.spec).items()}
-        if inst.state == READY:
-            return self.need(inst.spec)
-        return {}
-
-    def _residents(self) -> list[placement.Resident]:
-        return [
-            placement.Resident(
-                name=i.name,
-                state=i.state,
-                memory=self._held(i),
-                last_used=i.last_used,
-                in_flight=i.in_flight,
-                busy=i.op is not None,
-                pinned=i.spec.pinned,
-                sleep_level_on_idle=i.spec.sleep_level_on_idle,
-                lora_enabled=i.spec.lora_enabled,
-            )
-            for i in self.instances.values()
-            if i.has_process
-        ]
-
-    def _pending(self, exclude: str) -> dict[int, int]:
-        """Memory that starting engines (other than `exclude`) will take and do not hold yet."""
-        out: dict[int, int] = {}
-        for i in self.instances.values():
-            if i.name == exclude or i.state != STARTING or not i.has_process:
-                continue
-            for d, n in self.need(i.spec).items():
-                out[d] = out.get(d, 0) + max(0, n - i.stats.memory.get(d, 0))
-        return out
+        """Budget per GPU of `spec` (mvllm.agent.gpu_view.need)."""
+        return gpu_view.need(spec, gpu_view.gpu_map(self.sample))
 
     def plan_for(self, inst: EngineProcess, *, include_in_flight: bool = False) -> placement.Plan:
-        need = self.need(inst.spec)
-        if inst.state == SLEEPING:
-            held = self._held(inst)
-            need = {d: max(0, n - held.get(d, 0)) for d, n in need.items()}
-        return placement.plan(
-            inst.name,
-            need,
-            self.gpu_map(),
-            self._residents(),
-            self.cfg.reserve_bytes,
-            self._pending(inst.name),
-            include_in_flight=include_in_flight,
-        )
+        engines = list(self.instances.values())
+        return gpu_view.plan_for(inst, engines, self.sample, self.cfg.reserve_bytes, include_in_flight=include_in_flight)
 
     # ------------------------------------------------------------------ locks
 
@@ -434,17 +377,6 @@ class Supervisor:
             return port
         raise NoRoom(f"no free port in engine_port_range {first}-{last}")
 
-    def _launch_utilization(self, spec: ModelSpec) -> tuple[float | None, int | None]:
-        """(--gpu-memory-utilization, total bytes of its first GPU) from the memory free now."""
-        gpus = self.gpu_map()
-        known = [d for d in spec.devices if d in gpus]
-        if not known:
-            return spec.gpu_memory_utilization, None  # no NVML: the configured fraction, if any
-        first = gpus[known[0]]
-        need = self.need(spec)[first.index]
-        free = min(gpus[d].total - gpus[d].used for d in known)
-        return placement.launch_utilization(need, first.total, free, self.cfg.reserve_bytes), first.total
-
     async def _start_locked(self, inst: EngineProcess) -> None:
         inst.op = "start"
         try:
@@ -456,7 +388,7 @@ class Supervisor:
                 raise
             # It died and the supervision tick has not seen it yet: clear what is left of it.
             await inst.clear_dead()
-            util, total = self._launch_utilization(inst.spec)
+            util, total = gpu_view.launch_utilization(inst.spec, self.sample, self.cfg.reserve_bytes)
             await inst.start(util, total, self._free_port)
             await self.refresh_gpus()
         finally:
