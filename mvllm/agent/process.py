@@ -148,6 +148,24 @@ class EngineProcess:
     def log_path(self) -> Path:
         return self.ctx.cfg.log_dir / f"{self.name}.log"
 
+    # -------------------------------------------------------------- operations
+
+    def claim(self, op: str) -> None:
+        """An operation (start, wake, sleep, stop) is under way: from here, no request takes the fast path."""
+        self.op = op
+
+    def release(self) -> None:
+        self.op = None
+
+    @contextlib.contextmanager
+    def operation(self, op: str) -> Iterator[None]:
+        """`claim` for the length of the block (claimed without yielding)."""
+        self.claim(op)
+        try:
+            yield
+        finally:
+            self.release()
+
     # ---------------------------------------------------------------- requests
 
     def can_serve_now(self, lora: str | None = None) -> bool:

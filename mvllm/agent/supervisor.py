@@ -349,15 +349,12 @@ class Supervisor:
     async def _evict(self, victim: EngineProcess, step: placement.Step, inst: EngineProcess) -> None:
         level = f" level {step.level}" if step.action == placement.ACTION_SLEEP else ""
         log.warning("evicting %s (%s%s) to make room for %s", victim.name, step.action, level, inst.name)
-        victim.op = step.action
-        try:
+        with victim.operation(step.action):
             async with victim.lock:
                 if step.action == placement.ACTION_SLEEP:
                     await victim.sleep(step.level, reason="evict")
                 else:
                     await victim.stop(reason="evict")
-        finally:
-            victim.op = None
 
     # ------------------------------------------------------------------ start
 
@@ -378,8 +375,7 @@ class Supervisor:
         raise NoRoom(f"no free port in engine_port_range {first}-{last}")
 
     async def _start_locked(self, inst: EngineProcess) -> None:
-        inst.op = "start"
-        try:
+        with inst.operation("start"):
             try:
                 await self._make_room(inst)
             except BaseException:
@@ -391,8 +387,6 @@ class Supervisor:
             util, total = gpu_view.launch_utilization(inst.spec, self.sample, self.cfg.reserve_bytes)
             await inst.start(util, total, self._free_port)
             await self.refresh_gpus()
-        finally:
-            inst.op = None
 
     # ------------------------------------------------------------------ crash
 
@@ -429,12 +423,9 @@ class Supervisor:
     # ------------------------------------------------------------ sleep / wake
 
     async def _wake_locked(self, inst: EngineProcess) -> None:
-        inst.op = "wake"
-        try:
+        with inst.operation("wake"):
             await self._make_room(inst)
             await inst.wake()
-        finally:
-            inst.op = None
 
     # ---------------------------------------------------------- lifecycle API
 
@@ -457,14 +448,11 @@ class Supervisor:
         if inst.state != READY:
             raise Conflict(f"model {name} is {inst.state}; only a ready model can sleep")
         # Claimed before taking the locks, without yielding: new requests wait for the wake.
-        inst.op = "sleep"
-        try:
+        with inst.operation("sleep"):
             async with self._locked(inst, neighbours=False):
                 if inst.state != READY or not inst.process_alive:
                     raise Conflict(f"model {name} is {inst.state}; only a ready model can sleep")
                 await inst.sleep(level, reason=reason)
-        finally:
-            inst.op = None
         return inst
 
     async def wake(self, name: str) -> EngineProcess:
@@ -481,13 +469,10 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await inst.ready_task
         await self._wait_no_op(inst)
-        inst.op = "stop"
-        try:
+        with inst.operation("stop"):
             async with self._locked(inst, neighbours=False):
                 await inst.wait_idle(self.cfg.drain_timeout)
                 await inst.stop(reason=reason)
-        finally:
-            inst.op = None
         return inst
 
     # ------------------------------------------------------------ idle timers
@@ -510,7 +495,7 @@ class Supervisor:
             # try again on the next tick.
             if action is None or not self._locks_free(inst):
                 continue
-            inst.op = "sleep" if action == IDLE_SLEEP else "stop"
+            inst.claim("sleep" if action == IDLE_SLEEP else "stop")
             self._spawn_task(self._idle(inst, action))
 
     async def _idle(self, inst: EngineProcess, action: str) -> None:
@@ -523,7 +508,7 @@ class Supervisor:
                 elif action != IDLE_SLEEP and inst.state in (READY, SLEEPING):
                     await inst.stop(reason="idle")
         finally:
-            inst.op = None
+            inst.release()
 
 
 async def _until_one_idle(busy: list[EngineProcess], timeout: float) -> None:
