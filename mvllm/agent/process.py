@@ -372,6 +372,23 @@ class EngineProcess:
             return None
         return self.handle.poll()
 
+    async def after_exit(self, code: int) -> float | None:
+        """It exited unasked with `code` (see `exited`): clear what is left and count the crash. The
+        delay before the restart the caller schedules, or None when none is due (failed, or it was
+        asleep: it held nothing worth restarting for and loads again on its next request)."""
+        was = self.state
+        await self.clear_dead()
+        delay = self.on_crash(f"engine exited with code {code} while {was}", restart=was != SLEEPING)
+        if delay is None:
+            return None
+        if was == SLEEPING:
+            self.life.to(STOPPING)
+            self.life.to(STOPPED)
+            return None
+        if self.state != STARTING:
+            self.life.to(STARTING)
+        return delay
+
     def fail(self) -> None:
         if self.state != FAILED:
             self.life.to(FAILED)

@@ -45,7 +45,7 @@ from mvllm.agent.launcher import Launcher, PlainLauncher
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.process import EngineContext, EngineProcess
 from mvllm.agent.states import IDLE_SLEEP, idle_action
-from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, STOPPING, StaleEngine
+from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, StaleEngine
 
 log = logging.getLogger("mvllm.agent")
 
@@ -395,19 +395,9 @@ class Supervisor:
             code = inst.exited()  # None too while an operation under way watches its own process
             if code is None:
                 continue
-            was = inst.state
-            await inst.clear_dead()
-            delay = inst.on_crash(f"engine exited with code {code} while {was}", restart=was != SLEEPING)
-            if delay is None:
-                continue
-            if was == SLEEPING:
-                # It held nothing worth restarting for; it loads again on its next request.
-                inst.life.to(STOPPING)
-                inst.life.to(STOPPED)
-                continue
-            if inst.state != STARTING:
-                inst.life.to(STARTING)
-            self._ensure_task(inst, delay)
+            delay = await inst.after_exit(code)
+            if delay is not None:
+                self._ensure_task(inst, delay)
 
     # ------------------------------------------------------------------- stop
 
