@@ -23,11 +23,11 @@ from typing import Any
 from mvllm.agent import report
 from mvllm.agent.adhoc_params import AdhocInfo, ParamError, merged_params, param_args, validate_params
 from mvllm.agent.config import ModelSpec
-from mvllm.agent.engine import Instance, read_log_tail
+from mvllm.agent.engine import read_log_tail
 from mvllm.agent.errors import AgentError, BadRequest, Conflict, UnknownModel
 from mvllm.agent.estimate import VLLM_DTYPES
 from mvllm.agent.modelfiles import read_shape
-from mvllm.agent.states import RestartPolicy
+from mvllm.agent.process import EngineProcess
 from mvllm.agent.supervisor import Supervisor
 
 log = logging.getLogger("mvllm.agent.adhoc")
@@ -125,16 +125,16 @@ class AdhocManager:
 
     # ----------------------------------------------------------------- reading
 
-    def instances(self) -> list[Instance]:
+    def instances(self) -> list[EngineProcess]:
         return [i for i in self.sup.instances.values() if i.spec.adhoc is not None and not i.retired]
 
-    def get(self, name: str) -> Instance:
+    def get(self, name: str) -> EngineProcess:
         inst = self.sup.instances.get(name)
         if inst is None or inst.spec.adhoc is None or inst.retired:
             raise UnknownModel(f"no ad-hoc instance named {name!r} on this agent")
         return inst
 
-    def describe(self, inst: Instance) -> dict[str, Any]:
+    def describe(self, inst: EngineProcess) -> dict[str, Any]:
         """/state's instance entry plus what it was started with."""
         info = inst.spec.adhoc
         assert info is not None
@@ -151,7 +151,7 @@ class AdhocManager:
 
     # ---------------------------------------------------------------- creating
 
-    async def create(self, body: dict[str, Any], *, wait: bool) -> tuple[Instance, bool]:
+    async def create(self, body: dict[str, Any], *, wait: bool) -> tuple[EngineProcess, bool]:
         """Register an ad-hoc instance and start its engine; (instance, ready) once ready, or at
         once with `wait` false. A start that fails removes it again and says why."""
         sup = self.sup
@@ -172,12 +172,7 @@ class AdhocManager:
         spec = self._spec(req)
         if shape is not None:
             spec.shape, spec.shape_source = shape
-        inst = Instance(
-            spec,
-            restart=RestartPolicy(sup.cfg.restart_max, sup.cfg.restart_window, sup.cfg.restart_backoff, sup.cfg.restart_backoff_max),
-        )
-        sup.cfg.models[spec.name] = spec
-        sup.instances[spec.name] = inst
+        inst = sup.add(spec)
         log.info(
             "ad-hoc instance %s: %s on GPU(s) %s, served as %s, ttl %s, flags %s",
             spec.name, spec.model, spec.devices, ", ".join(spec.served_model_names),
@@ -193,9 +188,9 @@ class AdhocManager:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             return inst, False
         except AgentError as exc:
-            tail = await asyncio.to_thread(read_log_tail, sup.log_path(inst), _START_FAILED_TAIL)
+            tail = await asyncio.to_thread(read_log_tail, inst.log_path, _START_FAILED_TAIL)
             await self.remove(spec.name, reason="start_failed")
-            where = f"; engine log {sup.log_path(inst)}: " + " | ".join(tail) if tail else ""
+            where = f"; engine log {inst.log_path}: " + " | ".join(tail) if tail else ""
             exc.message = f"ad-hoc instance {spec.name} did not start, removed: {exc.message}{where}"
             raise
         return inst, True
@@ -203,7 +198,7 @@ class AdhocManager:
     def _spec(self, req: AdhocRequest) -> ModelSpec:
         sup = self.sup
         acfg = sup.cfg.adhoc
-        taken = {n for n, _inst, _lora in sup.routable()} | set(sup.instances) | set(sup.cfg.models)
+        taken = {n for n, _inst, _lora in sup.routable()} | set(sup.instances) | set(sup.catalog)
         if req.name is not None:
             name = req.name
             if name in taken:
@@ -269,7 +264,7 @@ class AdhocManager:
 
     # ---------------------------------------------------------------- removing
 
-    async def remove(self, name: str, *, reason: str) -> Instance:
+    async def remove(self, name: str, *, reason: str) -> EngineProcess:
         """Stop it (in-flight requests drain first, up to drain_timeout) and forget it. Concurrent
         calls share one removal."""
         inst = self.sup.instances.get(name)
@@ -283,15 +278,13 @@ class AdhocManager:
         await asyncio.shield(task)
         return inst
 
-    async def _remove(self, inst: Instance, reason: str) -> None:
+    async def _remove(self, inst: EngineProcess, reason: str) -> None:
         sup = self.sup
-        inst.retired = True  # no start from here on (mvllm.agent.supervisor checks it)
-        if sup.cfg.models.get(inst.name) is inst.spec:
-            del sup.cfg.models[inst.name]  # new requests for its names now get 404
+        inst.retire()  # no start from here on (mvllm.agent.supervisor checks it)
+        sup.catalog.remove(inst.spec)  # new requests for its names now get 404
         log.info("ad-hoc instance %s: removing (%s)", inst.name, reason)
         await sup.unload(inst.name, reason=reason)
-        if inst.popen is None and sup.instances.get(inst.name) is inst:
-            del sup.instances[inst.name]
+        if sup.forget(inst):
             log.info("ad-hoc instance %s: removed", inst.name)
 
     # ------------------------------------------------------------------ expiry
@@ -307,7 +300,7 @@ class AdhocManager:
                 deadline = info.deadline()
                 if deadline is None or now < deadline:
                     continue
-                if inst.in_flight or inst.queued or inst.op is not None or (inst.ready_task and not inst.ready_task.done()):
+                if inst.in_flight or inst.queued or inst.busy:
                     continue  # postponed: a request is in flight or waits, or an operation is under way
                 log.info("ad-hoc instance %s: ttl of %g s is over", inst.name, info.ttl)
             try:

@@ -17,10 +17,12 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mvllm.agent import engine_metrics, enginelogs, procs, report
+from mvllm.agent import engine_metrics, enginelogs, procs, report, runtime_api
+from mvllm.agent.appkeys import CONFIG, GATEKEEPER, METRICS, REAP_STALE, SUPERVISOR
 from mvllm.agent.config import AgentConfig
-from mvllm.agent.errors import AgentError, BadRequest, Busy
+from mvllm.agent.errors import BadRequest
 from mvllm.agent.gpu import GpuBackend, NvmlBackend, SimBackend
+from mvllm.agent.http_helpers import Handler, api, json_body, wants_wait
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.proxy import Gatekeeper
 from mvllm.agent.supervisor import Supervisor
@@ -28,18 +30,10 @@ from mvllm.common.errors import error_response
 
 log = logging.getLogger("mvllm.agent")
 
-CONFIG = web.AppKey("config", AgentConfig)
-SUPERVISOR = web.AppKey("supervisor", Supervisor)
-GATEKEEPER = web.AppKey("gatekeeper", Gatekeeper)
-METRICS = web.AppKey("metrics", AgentMetrics)
-REAP_STALE = web.AppKey("reap_stale", bool)
-
 _TICK_S = 0.25
 _OPEN_PATHS = frozenset({"/health"})
 # vLLM's un-versioned aliases, relayed like /v1/*.
 _ALIASES = ("/tokenize", "/detokenize", "/rerank", "/score", "/pooling", "/classify", "/invocations")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _auth_middleware(token: str | None) -> Any:
@@ -73,52 +67,27 @@ async def _http_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(exc.status, exc.text or exc.reason)
 
 
-def _error(exc: AgentError) -> web.Response:
-    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
-    return error_response(exc.status, exc.message, code=exc.code, headers=headers)
-
-
-def _api(fn: Handler) -> Handler:
-    """Lifecycle handlers raise AgentError; answer it in OpenAI form."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await fn(request)
-        except AgentError as exc:
-            return _error(exc)
-        except asyncio.TimeoutError:
-            return _error(Busy(f"not done within load_timeout ({request.app[CONFIG].load_timeout:g} s); see GET /state"))
-
-    return wrapped
-
-
-async def _json_body(request: web.Request) -> dict:
-    if not request.can_read_body:
-        return {}
-    try:
-        data = await request.json()
-    except ValueError:
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    return data
+routes = web.RouteTableDef()
 
 
 # ------------------------------------------------------------------ handlers
 
 
+@routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@routes.get("/state")
 async def state(request: web.Request) -> web.Response:
     return web.json_response(report.snapshot(request.app[SUPERVISOR]).to_dict())
 
 
+@routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
     own = request.app[METRICS].render()
-    texts = {i.name: i.metrics_text for i in sup.instances.values() if i.metrics_text}
+    texts = {i.name: i.stats.metrics_text for i in sup.instances.values() if i.stats.metrics_text}
     body = own + engine_metrics.merge(texts).encode()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -128,17 +97,19 @@ def _instance_json(request: web.Request, name: str) -> web.Response:
     return web.json_response(report.instance_state(sup, sup.get(name)).to_dict())
 
 
-@_api
+@routes.get("/models/{name}")
+@api
 async def model_get(request: web.Request) -> web.Response:
     return _instance_json(request, request.match_info["name"])
 
 
-@_api
+@routes.post("/models/{name}/load")
+@api
 async def model_load(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
     name = request.match_info["name"]
     sup.get(name)
-    wait = request.query.get("wait", "true").lower() not in ("0", "false", "no")
+    wait = wants_wait(request)
     task = asyncio.ensure_future(sup.load(name))
     if not wait:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -151,19 +122,21 @@ async def model_load(request: web.Request) -> web.Response:
     return _instance_json(request, name)
 
 
-@_api
+@routes.post("/models/{name}/unload")
+@api
 async def model_unload(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await request.app[SUPERVISOR].unload(name)
     return _instance_json(request, name)
 
 
-@_api
+@routes.post("/models/{name}/sleep")
+@api
 async def model_sleep(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
     name = request.match_info["name"]
     inst = sup.get(name)
-    body = await _json_body(request)
+    body = await json_body(request)
     raw = request.query.get("level", body.get("level", inst.spec.sleep_level_on_idle or 1))
     try:
         level = int(raw)
@@ -173,7 +146,8 @@ async def model_sleep(request: web.Request) -> web.Response:
     return _instance_json(request, name)
 
 
-@_api
+@routes.post("/models/{name}/wake")
+@api
 async def model_wake(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     sup = request.app[SUPERVISOR]
@@ -181,12 +155,13 @@ async def model_wake(request: web.Request) -> web.Response:
     return _instance_json(request, name)
 
 
-@_api
+@routes.post("/models/{name}/lora")
+@api
 async def model_lora(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
     name = request.match_info["name"]
     inst = sup.get(name)
-    body = await _json_body(request)
+    body = await json_body(request)
     action = body.get("action", "load")
     lname = body.get("lora_name")
     if action not in ("load", "unload"):
@@ -200,13 +175,14 @@ async def model_lora(request: web.Request) -> web.Response:
         path = body.get("lora_path")
         if path is not None and not isinstance(path, str):
             raise BadRequest("lora_path must be a string")
-        await sup.load_lora(inst, lname, path)
+        await inst.add_lora(lname, path)
     else:
-        await sup.unload_lora(inst, lname)
+        await inst.remove_lora(lname)
     return _instance_json(request, name)
 
 
-@_api
+@routes.get("/models/{name}/logs")
+@api
 async def model_logs(request: web.Request) -> web.Response:
     inst = request.app[SUPERVISOR].get(request.match_info["name"])
     return await enginelogs.model_logs(request, inst.name)  # ?tail=N, or ?cursor= to follow
@@ -216,12 +192,20 @@ async def relay(request: web.Request) -> web.StreamResponse:
     return await request.app[GATEKEEPER].relay(request)
 
 
+@routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     return await request.app[GATEKEEPER].list_models(request)
 
 
+@routes.get("/v1/models/{model}")
 async def get_model(request: web.Request) -> web.Response:
     return await request.app[GATEKEEPER].get_model(request)
+
+
+# After /v1/models: routes match in the order they were added.
+routes.route("*", "/v1/{tail:.*}")(relay)
+for _path in _ALIASES:
+    routes.post(_path)(relay)
 
 
 # ------------------------------------------------------------------ lifetime
@@ -281,25 +265,9 @@ def create_app(cfg: AgentConfig, *, reap_stale: bool = False) -> web.Application
     app[CONFIG] = cfg
     app[REAP_STALE] = reap_stale
     app.cleanup_ctx.append(_agent_ctx)
-    r = app.router
-    r.add_get("/health", health)
-    r.add_get("/state", state)
-    r.add_get("/metrics", metrics)
-    r.add_get("/models/{name}", model_get)
-    r.add_post("/models/{name}/load", model_load)
-    r.add_post("/models/{name}/unload", model_unload)
-    r.add_post("/models/{name}/sleep", model_sleep)
-    r.add_post("/models/{name}/wake", model_wake)
-    r.add_post("/models/{name}/lora", model_lora)
-    r.add_get("/models/{name}/logs", model_logs)
-    r.add_get("/v1/models", list_models)
-    r.add_get("/v1/models/{model}", get_model)
-    r.add_route("*", "/v1/{tail:.*}", relay)
-    for path in _ALIASES:
-        r.add_post(path, relay)
-    from mvllm.agent.runtime_api import register_runtime_routes  # imported here: it imports this module
-
-    register_runtime_routes(app)  # ad-hoc instances, assign
+    app.add_routes(routes)
+    app.add_routes(runtime_api.routes)  # ad-hoc instances, assign
+    app.cleanup_ctx.append(runtime_api.runtime_ctx)  # after the agent's own: it needs the supervisor
     logs = enginelogs.EngineLogs(cfg.log_dir, cfg.engine_log_max_bytes, cfg.engine_log_backups, cfg.log)
     enginelogs.register_log_routes(app, logs, lambda a: list(a[SUPERVISOR].instances), cfg.log_check_interval)
     return app

@@ -3,7 +3,7 @@ at run time, checked as the config loader checks agent.toml, and saved to agent.
 
 The new entry takes effect at once when no engine runs for it, else at its next start; with
 `restart` a running engine is drained (in-flight requests finish, up to drain_timeout), stopped
-and started again with it. The supervisor swaps `Instance.pending_spec` in when it starts it.
+and started again with it. The supervisor swaps `EngineProcess.pending_spec` in when it starts it.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Assigner:
         changes, restart = parse_body(body)
         base = inst.pending_spec or inst.spec  # a second assignment builds on a pending one
         try:
-            new = model_from_table(cfg, name, apply_changes(spec_table(base), changes))
+            new = model_from_table(cfg, name, apply_changes(spec_table(base), changes), sup.catalog.specs())
         except ConfigError as exc:
             raise BadRequest(f"invalid assignment: {exc.key or 'models.' + name}: {exc.problem}") from None
         new.shape, new.shape_source = base.shape, base.shape_source  # same model, same config.json
@@ -119,14 +119,9 @@ class Assigner:
             saved = SaveResult(False, None, reason="the agent runs without a config file: the change holds until it restarts")
         if not saved.saved:
             log.warning("%s: assignment not saved: %s", name, saved.reason)
-        cfg.models[name] = new
-        running = inst.popen is not None or inst.op is not None or (inst.ready_task is not None and not inst.ready_task.done())
-        if not running:
-            inst.spec, inst.pending_spec = new, None
-            applied = APPLIED_NOW
-        else:
-            inst.pending_spec = new
-            applied = APPLIED_NEXT_START
+        sup.catalog.replace(new)
+        running = not inst.assign(new)
+        applied = APPLIED_NEXT_START if running else APPLIED_NOW
         log.info("%s: assigned %s (%s%s)", name, changes, applied, "; saved" if saved.saved else "; not saved")
         if running and restart:
             restart_error = None

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,10 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = args.config or read_env(AGENT_ENV, os.environ).get("config") or "agent.toml"
         cfg = apply_env(load_config(Path(path)), os.environ)
-        if args.host:
-            cfg.host = args.host
-        if args.port is not None:
-            cfg.port = args.port
+        cfg = replace(cfg, host=args.host or cfg.host, port=cfg.port if args.port is None else args.port)
         check_listen(cfg)
     except ConfigError as exc:
         print(f"mvllm agent: {exc}", file=sys.stderr)

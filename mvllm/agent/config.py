@@ -6,8 +6,8 @@ import ipaddress
 import os
 import re
 import shlex
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,13 @@ class SimGpuSpec:
     name: str = "mvllm simulated GPU"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentConfig:
+    """The agent's settings as loaded (agent.toml, then MVLLM_AGENT_* and flags); frozen from then on.
+
+    `models` is the catalog as the file gave it; what changes at run time (ad-hoc entries,
+    assignments) lives in `mvllm.agent.catalog.Catalog`."""
+
     path: Path | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -142,12 +147,17 @@ class AgentConfig:
 
     def model_for(self, requested: str) -> tuple[ModelSpec, str | None] | None:
         """The catalog entry serving `requested`, and the LoRA adapter name if it names one."""
-        for spec in self.models.values():
-            if requested in spec.served_model_names:
-                return spec, None
-            if requested in spec.lora_adapters:
-                return spec, requested
-        return None
+        return model_for(self.models.values(), requested)
+
+
+def model_for(specs: Iterable[ModelSpec], requested: str) -> tuple[ModelSpec, str | None] | None:
+    """The entry of `specs` serving `requested`, and the LoRA adapter name if it names one."""
+    for spec in specs:
+        if requested in spec.served_model_names:
+            return spec, None
+        if requested in spec.lora_adapters:
+            return spec, requested
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -267,9 +277,10 @@ def read_shapes(cfg: AgentConfig, environ: Mapping[str, str], base: Path | None 
 def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentConfig:
     root = Section(data, path, "")
     base = Path(path).resolve().parent if path else Path.cwd()
-    cfg = AgentConfig(path=Path(path) if path else None)
-    cfg.host = root.str("host", cfg.host) or cfg.host
-    cfg.port = root.int("port", cfg.port, min=0, max=65535) or 0
+    d = AgentConfig()  # the defaults
+    kw: dict[str, Any] = {"path": Path(path) if path else None}
+    kw["host"] = root.str("host", d.host) or d.host
+    kw["port"] = root.int("port", d.port, min=0, max=65535) or 0
     token = root.str("token")
     token_env = root.str("token_env")
     if token and token_env:
@@ -278,11 +289,11 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
         token = os.environ.get(token_env) or None
         if token is None:
             raise root.error("token_env", f"environment variable {token_env} is not set or empty")
-        cfg.token_env = token_env
-    cfg.token = token
-    cfg.engine = root.choice("engine", cfg.engine, ENGINES)
-    cfg.engine_binary = _command(root, "engine_binary", cfg.engine_binary)
-    rng = root.raw("engine_port_range", list(cfg.engine_port_range))
+        kw["token_env"] = token_env
+    kw["token"] = token
+    kw["engine"] = root.choice("engine", d.engine, ENGINES)
+    kw["engine_binary"] = _command(root, "engine_binary", d.engine_binary)
+    rng = root.raw("engine_port_range", list(d.engine_port_range))
     if (
         not isinstance(rng, list)
         or len(rng) != 2
@@ -290,49 +301,50 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
         or not 1024 <= rng[0] <= rng[1] <= 65535
     ):
         raise root.error("engine_port_range", f"expected [first, last] ports within 1024..65535, got {rng!r}")
-    cfg.engine_port_range = (rng[0], rng[1])
+    kw["engine_port_range"] = (rng[0], rng[1])
     log_dir = Path(root.str("log_dir", "logs") or "logs").expanduser()
-    cfg.log_dir = log_dir if log_dir.is_absolute() else base / log_dir
-    cfg.gpu_memory_reserve_gib = root.float("gpu_memory_reserve_gib", cfg.gpu_memory_reserve_gib, min=0) or 0.0
-    cfg.load_timeout = root.float("load_timeout", cfg.load_timeout, min=0.1) or cfg.load_timeout
-    cfg.ready_timeout = root.float("ready_timeout", cfg.ready_timeout, min=1) or cfg.ready_timeout
-    cfg.stop_timeout = root.float("stop_timeout", cfg.stop_timeout, min=0.1) or cfg.stop_timeout
-    cfg.drain_timeout = root.float("drain_timeout", cfg.drain_timeout, min=0) or 0.0
-    cfg.max_queue = root.int("max_queue", cfg.max_queue, min=1) or cfg.max_queue
-    cfg.restart_max = root.int("restart_max", cfg.restart_max, min=0) or 0
-    cfg.restart_window = root.float("restart_window", cfg.restart_window, min=1) or cfg.restart_window
-    cfg.restart_backoff = root.float("restart_backoff", cfg.restart_backoff, min=0) or 0.0
-    cfg.restart_backoff_max = root.float("restart_backoff_max", cfg.restart_backoff_max, min=0) or 0.0
-    cfg.poll_interval = root.float("poll_interval", cfg.poll_interval, min=0.05) or cfg.poll_interval
-    cfg.reap_stale = root.bool("reap_stale", False)
-    cfg.log = parse_log_keys(root, base)
-    cfg.engine_log_max_bytes = root.int("engine_log_max_bytes", cfg.engine_log_max_bytes, min=1024) or 1024
-    cfg.engine_log_backups = root.int("engine_log_backups", cfg.engine_log_backups, min=0, max=100) or 0
-    cfg.log_check_interval = root.float("log_check_interval", cfg.log_check_interval, min=0.05) or 5.0
+    kw["log_dir"] = log_dir if log_dir.is_absolute() else base / log_dir
+    kw["gpu_memory_reserve_gib"] = root.float("gpu_memory_reserve_gib", d.gpu_memory_reserve_gib, min=0) or 0.0
+    kw["load_timeout"] = root.float("load_timeout", d.load_timeout, min=0.1) or d.load_timeout
+    kw["ready_timeout"] = root.float("ready_timeout", d.ready_timeout, min=1) or d.ready_timeout
+    kw["stop_timeout"] = root.float("stop_timeout", d.stop_timeout, min=0.1) or d.stop_timeout
+    kw["drain_timeout"] = root.float("drain_timeout", d.drain_timeout, min=0) or 0.0
+    kw["max_queue"] = root.int("max_queue", d.max_queue, min=1) or d.max_queue
+    kw["restart_max"] = root.int("restart_max", d.restart_max, min=0) or 0
+    kw["restart_window"] = root.float("restart_window", d.restart_window, min=1) or d.restart_window
+    kw["restart_backoff"] = root.float("restart_backoff", d.restart_backoff, min=0) or 0.0
+    kw["restart_backoff_max"] = root.float("restart_backoff_max", d.restart_backoff_max, min=0) or 0.0
+    kw["poll_interval"] = root.float("poll_interval", d.poll_interval, min=0.05) or d.poll_interval
+    kw["reap_stale"] = root.bool("reap_stale", False)
+    kw["log"] = parse_log_keys(root, base)
+    kw["engine_log_max_bytes"] = root.int("engine_log_max_bytes", d.engine_log_max_bytes, min=1024) or 1024
+    kw["engine_log_backups"] = root.int("engine_log_backups", d.engine_log_backups, min=0, max=100) or 0
+    kw["log_check_interval"] = root.float("log_check_interval", d.log_check_interval, min=0.05) or 5.0
     defaults = {
         "idle_timeout": root.float("idle_timeout", 600.0, min=0),
         "unload_timeout": root.float("unload_timeout", 3600.0, min=0),
         "sleep_level_on_idle": root.choice("sleep_level_on_idle", 1, (0, 1, 2)),
     }
+    sim_gpus: list[SimGpuSpec] = []
     sims = root.raw("sim_gpus", [])
     if not isinstance(sims, list):
         raise root.error("sim_gpus", "expected an array of tables ([[sim_gpus]])")
     for i, raw in enumerate(sims):
         s = Section(raw, path, f"sim_gpus[{i}]")
-        cfg.sim_gpus.append(
+        sim_gpus.append(
             SimGpuSpec(
                 memory_gib=s.float("memory_gib", 80.0, min=0.1) or 80.0,
                 name=s.str("name", "mvllm simulated GPU") or "",
             )
         )
         s.check_unknown()
-    if cfg.engine == "sim" and not cfg.sim_gpus:
-        cfg.sim_gpus.append(SimGpuSpec())
+    if kw["engine"] == "sim" and not sim_gpus:
+        sim_gpus.append(SimGpuSpec())
     models = root.section("models")
-    for name in models.data:
-        cfg.models[name] = _model(models.section(name), name, defaults, base)
-    cfg.adhoc = parse_adhoc(root.section("adhoc"))
+    kw["models"] = {name: _model(models.section(name), name, defaults, base) for name in models.data}
+    kw["adhoc"] = parse_adhoc(root.section("adhoc"))
     root.check_unknown()
+    cfg = AgentConfig(**kw, sim_gpus=sim_gpus)
     _check_catalog(cfg, path)
     read_shapes(cfg, os.environ, base)
     return cfg
@@ -364,14 +376,20 @@ def _check_catalog(cfg: AgentConfig, path: str | Path | None) -> None:
             )
 
 
-def model_from_table(cfg: AgentConfig, name: str, table: dict[str, Any]) -> ModelSpec:
+def model_from_table(
+    cfg: AgentConfig, name: str, table: dict[str, Any], models: Mapping[str, ModelSpec] | None = None
+) -> ModelSpec:
     """One `[models.NAME]` table read as the loader reads it (ConfigError names the key), then the
-    catalog checks run with it in place of the entry of that name (for changes at run time)."""
+    catalog checks run with it in place of the entry of that name among `models` (the catalog at
+    run time; default: the file's) (for changes at run time)."""
     base = Path(cfg.path).resolve().parent if cfg.path else Path.cwd()
     defaults = {"idle_timeout": 600.0, "unload_timeout": 3600.0, "sleep_level_on_idle": 1}
     spec = _model(Section(table, cfg.path, f"models.{name}"), name, defaults, base)
-    trial = AgentConfig(path=cfg.path, engine=cfg.engine, engine_port_range=(1024, 65535), sim_gpus=cfg.sim_gpus)
-    trial.models = {**cfg.models, name: spec}
+    others = cfg.models if models is None else models
+    trial = AgentConfig(
+        path=cfg.path, engine=cfg.engine, engine_port_range=(1024, 65535), sim_gpus=cfg.sim_gpus,
+        models={**others, name: spec},
+    )  # fmt: skip
     _check_catalog(trial, cfg.path)
     return spec
 
@@ -384,26 +402,37 @@ TOKEN_ENV = "MVLLM_AGENT_TOKEN"
 
 
 def apply_env(cfg: AgentConfig, environ: Mapping[str, str]) -> AgentConfig:
-    """Let the MVLLM_AGENT_* (and MVLLM_LOG_LEVEL) variables override the file's keys, in place
-    (mvllm.common.envvars.AGENT_ENV); ConfigError names a variable with an invalid value."""
+    """Let the MVLLM_AGENT_* (and MVLLM_LOG_LEVEL) variables override the file's keys
+    (mvllm.common.envvars.AGENT_ENV); ConfigError names a variable with an invalid value.
+
+    The last step of loading, so it still writes `cfg` in place (and returns it); nothing after it can."""
     env = read_env(AGENT_ENV, environ)
-    cfg.host = env.get("host", cfg.host)
-    cfg.port = env.get("port", cfg.port)
+    changes: dict[str, Any] = {
+        "host": env.get("host", cfg.host),
+        "port": env.get("port", cfg.port),
+        "engine_log_max_bytes": max(1024, env.get("engine_log_max_bytes", cfg.engine_log_max_bytes)),
+    }
     if "token" in env:
-        cfg.token = env["token"]
-        cfg.token_env = TOKEN_ENV  # so it is kept out of the engines' environment too
+        changes["token"] = env["token"]
+        changes["token_env"] = TOKEN_ENV  # so it is kept out of the engines' environment too
     if "log_dir" in env:
-        cfg.log_dir = env["log_dir"]
-    cfg.engine_log_max_bytes = max(1024, env.get("engine_log_max_bytes", cfg.engine_log_max_bytes))
+        changes["log_dir"] = env["log_dir"]
     log = cfg.log
-    cfg.log = LogConfig(
+    changes["log"] = LogConfig(
         level=env.get("log_level", log.level),
         file=env.get("log_file", log.file),
         max_bytes=max(4096, env.get("log_max_bytes", log.max_bytes)),
         backups=env.get("log_backups", log.backups),
         retention_days=env.get("log_retention_days", log.retention_days),
     )
+    _overwrite(cfg, replace(cfg, **changes))
     return cfg
+
+
+def _overwrite(cfg: AgentConfig, new: AgentConfig) -> None:
+    """Copy `new` into `cfg`: the loader's own write to a frozen config (callers hold `cfg` already)."""
+    for f in fields(AgentConfig):
+        object.__setattr__(cfg, f.name, getattr(new, f.name))
 
 
 def check_listen(cfg: AgentConfig) -> None:

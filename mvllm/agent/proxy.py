@@ -9,30 +9,24 @@ it arrives, chunk by chunk, never parsed: SSE streams reach the client unbuffere
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import time
 
 import aiohttp
 from aiohttp import web
 
-from mvllm.agent.engine import Instance
 from mvllm.agent.errors import AgentError, BadRequest, Busy, NoRoom
 from mvllm.agent.metrics import AgentMetrics
+from mvllm.agent.process import EngineProcess
 from mvllm.agent.supervisor import Supervisor
 from mvllm.common.errors import error_response
+from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and what aiohttp recomputes itself. Authorization is the
-# agent's token: engines listen on loopback without a key of their own.
-_DROP_REQUEST = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-     "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
-)
-_DROP_RESPONSE = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-     "transfer-encoding", "upgrade", "content-length", "server", "date"}
-)
-_MULTIPART_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*?\r\n([^\r\n]*)\r\n')
+# Besides the hop-by-hop set, what aiohttp recomputes itself. Authorization is the agent's token:
+# engines listen on loopback without a key of their own.
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization"}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date"}
+_NOT_JSON = "request body is not valid JSON"
+_NOT_AN_OBJECT = "request body must be a JSON object"
 _UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
 
 
@@ -40,15 +34,13 @@ def body_model(body: bytes, content_type: str) -> str | None:
     """The `model` a request names: a JSON body's field, or a multipart form field (audio uploads)."""
     if not body:
         return None
-    if content_type.startswith("multipart/form-data"):
-        m = _MULTIPART_MODEL.search(body)
-        return m.group(1).decode(errors="replace") if m else None
+    if is_multipart(content_type):
+        return multipart_field(body, content_type, "model")
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
+        data = json_object(body)
+    except BodyError as exc:
+        # The agent's wording since 0.1, which its clients may match on.
+        raise BadRequest(_NOT_AN_OBJECT if exc.message.endswith("JSON object") else _NOT_JSON) from None
     model = data.get("model")
     return model if isinstance(model, str) else None
 
@@ -65,11 +57,11 @@ class Gatekeeper:
 
     # ------------------------------------------------------------ /v1/models
 
-    def _model_card(self, name: str, inst: Instance, lora: str | None) -> dict:
+    def _model_card(self, name: str, inst: EngineProcess, lora: str | None) -> dict:
         return {
             "id": name,
             "object": "model",
-            "created": int(inst.started_at or self.sup.started_at),
+            "created": int(inst.history.started_at or self.sup.started_at),
             "owned_by": "mvllm-agent",
             "root": inst.spec.model if lora is None else (inst.spec.lora_adapters.get(lora) or inst.extra_loras.get(lora)),
             "parent": None if lora is None else inst.spec.served_model_names[0],
@@ -91,7 +83,7 @@ class Gatekeeper:
 
     # --------------------------------------------------------------- relay
 
-    async def _acquire(self, inst: Instance, lora: str | None) -> None:
+    async def _acquire(self, inst: EngineProcess, lora: str | None) -> None:
         """Wait until `inst` can take the request, then count it in flight (no yield in between)."""
         if inst.can_serve_now(lora):
             inst.begin()
@@ -99,17 +91,17 @@ class Gatekeeper:
         if inst.queued >= self.max_queue:
             self.metrics.rejected.labels(inst.name, "queue_full").inc()
             raise Busy(f"model {inst.name}: {inst.queued} requests already wait for it to load; try again")
-        inst.queued += 1
         deadline = time.monotonic() + self.load_timeout
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(self.sup.ensure_ready(inst, lora), left)
-                if inst.can_serve_now(lora):
-                    inst.begin()
-                    return
+            with inst.queue_slot():
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(self.sup.ensure_ready(inst, lora), left)
+                    if inst.can_serve_now(lora):
+                        inst.begin()
+                        return
         except asyncio.TimeoutError:
             if inst.room_wait:  # its load still waits for busy models to make room: say so
                 self.metrics.rejected.labels(inst.name, "no_room").inc()
@@ -119,8 +111,6 @@ class Gatekeeper:
                 ) from None
             self.metrics.rejected.labels(inst.name, "load_timeout").inc()
             raise Busy(f"model {inst.name} is still {inst.state} after {self.load_timeout:g} s; try again") from None
-        finally:
-            inst.queued -= 1
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -145,8 +135,8 @@ class Gatekeeper:
         finally:
             inst.end()
 
-    async def _forward(self, request: web.Request, inst: Instance, body: bytes) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+    async def _forward(self, request: web.Request, inst: EngineProcess, body: bytes) -> web.StreamResponse:
+        headers = copy_headers(request.headers, _DROP_REQUEST)
         resp: web.StreamResponse | None = None
         try:
             async with self.session.request(
@@ -158,9 +148,7 @@ class Gatekeeper:
                 allow_redirects=False,
             ) as upstream:
                 resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for k, v in upstream.headers.items():
-                    if k.lower() not in _DROP_RESPONSE:
-                        resp.headers.add(k, v)
+                resp.headers.extend(copy_headers(upstream.headers, _DROP_RESPONSE))
                 if upstream.content_length is not None:
                     resp.content_length = upstream.content_length
                 resp.headers["x-mvllm-instance"] = inst.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from mvllm import __version__
-from mvllm.agent.engine import Instance
+from mvllm.agent.process import EngineProcess
 from mvllm.agent.supervisor import Supervisor
 from mvllm.common.state import (
     FAILED,
@@ -22,7 +22,7 @@ from mvllm.common.state import (
 )
 
 
-def instance_state(sup: Supervisor, inst: Instance) -> InstanceState:
+def instance_state(sup: Supervisor, inst: EngineProcess) -> InstanceState:
     return InstanceState(
         name=inst.name,
         state=inst.state,
@@ -36,24 +36,24 @@ def instance_state(sup: Supervisor, inst: Instance) -> InstanceState:
         last_used=inst.last_used_wall,
         in_flight=inst.in_flight,
         queued=inst.queued,
-        running=inst.running,
-        waiting=inst.waiting,
+        running=inst.stats.running,
+        waiting=inst.stats.waiting,
         capacity=inst.spec.max_num_seqs,
         # Unknown (None) while an engine runs and nothing measured it (no NVML); 0 when none runs.
-        memory_bytes=sum(inst.memory.values()) if inst.memory else (0 if inst.popen is None else None),
-        started_at=inst.started_at,
-        ready_at=inst.ready_at,
-        restarts=inst.restarts,
-        loads=inst.loads,
+        memory_bytes=sum(inst.stats.memory.values()) if inst.stats.memory else (0 if not inst.has_process else None),
+        started_at=inst.history.started_at,
+        ready_at=inst.history.ready_at,
+        restarts=inst.history.restarts,
+        loads=inst.history.loads,
         pinned=inst.spec.pinned,
-        error=inst.error,
-        log_tail=list(inst.log_tail) if inst.state == FAILED else [],
+        error=inst.history.error,
+        log_tail=list(inst.history.log_tail) if inst.state == FAILED else [],
         adhoc=inst.spec.adhoc is not None,
         expires_at=inst.spec.adhoc.expires_at() if inst.spec.adhoc is not None else None,
     )
 
 
-def catalog_entry(sup: Supervisor, inst: Instance) -> CatalogEntry:
+def catalog_entry(sup: Supervisor, inst: EngineProcess) -> CatalogEntry:
     spec = inst.spec
     need = sup.need(spec)
     evict: list[str] = []

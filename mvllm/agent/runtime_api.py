@@ -1,7 +1,8 @@
 """The agent's routes that change what it serves at run time: ad-hoc instances (`/instances`) and
 catalog re-assignment (`POST /models/NAME/assign`), with the ttl expiry loop in a cleanup_ctx.
 
-Wired by `mvllm.agent.app.create_app`; the supervisor exists once the app's own context ran.
+Wired by `mvllm.agent.app.create_app` (`routes`, `runtime_ctx`); the supervisor exists once the
+app's own context ran.
 """
 
 from __future__ import annotations
@@ -13,35 +14,33 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mvllm.agent.adhoc import AdhocManager, ParamRejected
-from mvllm.agent.app import CONFIG, SUPERVISOR, _api, _json_body
+from mvllm.agent.appkeys import ADHOC, ASSIGNER, CONFIG, SUPERVISOR
 from mvllm.agent.assign import Assigner
+from mvllm.agent.http_helpers import api, json_body, wants_wait
 from mvllm.common.errors import error_response
 from mvllm.common.tasks import background_task
 
 log = logging.getLogger("mvllm.agent")
 
-ADHOC = web.AppKey("adhoc", AdhocManager)
-ASSIGNER = web.AppKey("assigner", Assigner)
-
 _EXPIRY_TICK_S = 0.25
 
-
-def _wait(request: web.Request) -> bool:
-    return request.query.get("wait", "true").lower() not in ("0", "false", "no")
+routes = web.RouteTableDef()
 
 
-@_api
+@routes.post("/instances")
+@api
 async def create_instance(request: web.Request) -> web.Response:
     manager = request.app[ADHOC]
     try:
-        inst, ready = await manager.create(await _json_body(request), wait=_wait(request))
+        inst, ready = await manager.create(await json_body(request), wait=wants_wait(request))
     except ParamRejected as exc:
         # The message names the flag; the code tells this 400 from the others.
         return error_response(400, exc.message, code="invalid_parameter")
     return web.json_response(manager.describe(inst), status=201 if ready else 202)
 
 
-@_api
+@routes.get("/instances")
+@api
 async def list_instances(request: web.Request) -> web.Response:
     manager = request.app[ADHOC]
     acfg = request.app[CONFIG].adhoc
@@ -56,13 +55,15 @@ async def list_instances(request: web.Request) -> web.Response:
     )
 
 
-@_api
+@routes.get("/instances/{name}")
+@api
 async def get_instance(request: web.Request) -> web.Response:
     manager = request.app[ADHOC]
     return web.json_response(manager.describe(manager.get(request.match_info["name"])))
 
 
-@_api
+@routes.delete("/instances/{name}")
+@api
 async def delete_instance(request: web.Request) -> web.Response:
     manager = request.app[ADHOC]
     inst = manager.get(request.match_info["name"])
@@ -72,13 +73,14 @@ async def delete_instance(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
-@_api
+@routes.post("/models/{name}/assign")
+@api
 async def assign_model(request: web.Request) -> web.Response:
-    result = await request.app[ASSIGNER].assign(request.match_info["name"], await _json_body(request))
+    result = await request.app[ASSIGNER].assign(request.match_info["name"], await json_body(request))
     return web.json_response(result)
 
 
-async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     sup = app[SUPERVISOR]
     manager = AdhocManager(sup)
     app[ADHOC] = manager
@@ -99,14 +101,3 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
             yield
     finally:
         await manager.close()  # the supervisor's own shutdown then stops every engine left
-
-
-def register_runtime_routes(app: web.Application) -> None:
-    """Routes and loop of this module; call after the app's own cleanup_ctx was added."""
-    app.cleanup_ctx.append(_runtime_ctx)
-    r = app.router
-    r.add_post("/instances", create_instance)
-    r.add_get("/instances", list_instances)
-    r.add_get("/instances/{name}", get_instance)
-    r.add_delete("/instances/{name}", delete_instance)
-    r.add_post("/models/{name}/assign", assign_model)

@@ -4,7 +4,7 @@
        ▲           │           │          │
        └─ stopping ◀───────────┴──────────┘        any live state ──crash──▶ starting | failed
 
-No I/O here: the supervisor asks these objects what to do and does it.
+No I/O here: an engine (mvllm.agent.process) and the supervisor ask these objects what to do and do it.
 """
 
 from __future__ import annotations

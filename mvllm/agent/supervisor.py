@@ -1,4 +1,5 @@
-"""The engines of one agent: on-demand loads and wakes, placement with eviction, crash restarts, idle timers.
+"""The thin layer across one agent's engines (mvllm.agent.process.EngineProcess, one per catalog
+entry): on-demand loads and wakes, placement with eviction, crash restarts, idle timers.
 
 Locking: an operation that changes GPU memory (start, wake, sleep, stop) holds the locks of the
 GPUs it touches, taken in index order, then the instance's own lock. A start or wake also locks
@@ -16,19 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from mvllm.agent import engine, engine_metrics, placement, procs
+from mvllm.agent import engine_metrics, gpu_view, placement, procs
+from mvllm.agent.catalog import Catalog
 from mvllm.agent.config import AgentConfig, ModelSpec
-from mvllm.agent.engine import EngineClient, Instance
+from mvllm.agent.engine import EngineClient
 from mvllm.agent.errors import (
     AgentError,
     BadRequest,
@@ -41,20 +41,20 @@ from mvllm.agent.errors import (
     UnknownModel,
 )
 from mvllm.agent.gpu import EngineRef, GpuBackend, GpuSample
-from mvllm.agent.launch import launch_plan
+from mvllm.agent.launcher import Launcher, PlainLauncher
 from mvllm.agent.metrics import AgentMetrics
-from mvllm.agent.states import IDLE_SLEEP, RestartPolicy, idle_action
-from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, STOPPING, StaleEngine
+from mvllm.agent.process import EngineContext, EngineProcess
+from mvllm.agent.states import IDLE_SLEEP, idle_action
+from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, StaleEngine
 
 log = logging.getLogger("mvllm.agent")
 
 _GPU_RELEASE_WAIT_S = 15.0
-_READY_POLL_S = 0.2
-_PORT_RACE_RETRIES = 3  # engine starts retried on another port after losing a bind race
-FAILED_TAIL_LINES = 40  # log lines kept in /state for a failed model
 
 
 class Supervisor:
+    """The engines of one agent, across its GPUs (one `EngineProcess` per catalog entry)."""
+
     def __init__(
         self,
         cfg: AgentConfig,
@@ -62,41 +62,38 @@ class Supervisor:
         session: aiohttp.ClientSession,
         metrics: AgentMetrics,
         agent_id: str,
+        launcher: Launcher | None = None,
     ) -> None:
         self.cfg = cfg
+        self.catalog = Catalog(cfg.models)
         self.gpus = gpus
         self.session = session
-        self.engines = EngineClient(session)
         self.metrics = metrics
         self.agent_id = agent_id
         self.started_at = time.time()
         self.host = socket.gethostname()
-        self.instances: dict[str, Instance] = {
-            name: Instance(
-                spec,
-                restart=RestartPolicy(cfg.restart_max, cfg.restart_window, cfg.restart_backoff, cfg.restart_backoff_max),
-            )
-            for name, spec in cfg.models.items()
-        }
+        self.ctx = EngineContext(
+            cfg, launcher or PlainLauncher(), EngineClient(session), metrics, agent_id, self.refresh_gpus, self._gpu_pids_of
+        )
+        self.instances: dict[str, EngineProcess] = {name: EngineProcess(spec, self.ctx) for name, spec in cfg.models.items()}
         self.sample = GpuSample()
         self.stale: list[StaleEngine] = []
         self._gpu_locks: dict[int, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._seq = 0
         self._closing = False
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
 
     # ----------------------------------------------------------------- lookup
 
-    def get(self, name: str) -> Instance:
+    def get(self, name: str) -> EngineProcess:
         inst = self.instances.get(name)
         if inst is None:
             raise UnknownModel(f"no model named {name!r} in this agent's catalog")
         return inst
 
-    def resolve(self, model: str) -> tuple[Instance, str | None] | None:
+    def resolve(self, model: str) -> tuple[EngineProcess, str | None] | None:
         """The instance serving `model` (a served name or a LoRA name), and the adapter if it is one."""
-        found = self.cfg.model_for(model)
+        found = self.catalog.model_for(model)
         if found is not None:
             return self.instances[found[0].name], found[1]
         for inst in self.instances.values():
@@ -104,7 +101,7 @@ class Supervisor:
                 return inst, model
         return None
 
-    def routable(self) -> list[tuple[str, Instance, str | None]]:
+    def routable(self) -> list[tuple[str, EngineProcess, str | None]]:
         """(name a client may send, its instance, the LoRA adapter it is or None)."""
         out = []
         for inst in self.instances.values():
@@ -112,8 +109,19 @@ class Supervisor:
             out += [(n, inst, n) for n in [*inst.spec.lora_adapters, *inst.extra_loras]]
         return out
 
-    def log_path(self, inst: Instance) -> Path:
-        return self.cfg.log_dir / f"{inst.name}.log"
+    def add(self, spec: ModelSpec) -> EngineProcess:
+        """A new catalog entry (an ad-hoc instance) and its engine, stopped."""
+        self.catalog.add(spec)
+        inst = self.instances[spec.name] = EngineProcess(spec, self.ctx)
+        return inst
+
+    def forget(self, inst: EngineProcess) -> bool:
+        """Drop a retired entry's engine once no process is left of it; whether it did."""
+        self.catalog.remove(inst.spec)
+        if inst.has_process or self.instances.get(inst.name) is not inst:
+            return False
+        del self.instances[inst.name]
+        return True
 
     # --------------------------------------------------------- agent lifetime
 
@@ -144,11 +152,11 @@ class Supervisor:
         for t in pending:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        live = sorted((i for i in self.instances.values() if i.popen), key=lambda i: i.start_seq, reverse=True)
+        live = sorted((i for i in self.instances.values() if i.has_process), key=lambda i: i.history.start_seq, reverse=True)
         for inst in live:
             log.info("shutdown: stopping %s (pid %s)", inst.name, inst.pid)
             try:
-                await self._stop_process(inst, reason="shutdown")
+                await inst.stop(reason="shutdown")
             except Exception:
                 log.exception("shutdown: stopping %s failed", inst.name)
 
@@ -171,11 +179,11 @@ class Supervisor:
     # ------------------------------------------------------------- measuring
 
     async def refresh_gpus(self) -> GpuSample:
-        refs = [EngineRef(i.name, i.pid, i.url, tuple(i.spec.devices)) for i in self.instances.values() if i.popen]
+        refs = [EngineRef(i.name, i.pid, i.url, tuple(i.spec.devices)) for i in self.instances.values() if i.has_process]
         sample = await self.gpus.sample(refs)
         self.sample = sample
         for inst in self.instances.values():
-            inst.memory = dict(sample.by_instance.get(inst.name, {})) if inst.popen is not None else {}
+            inst.set_memory(sample.by_instance.get(inst.name, {}))
         return sample
 
     async def poll(self) -> None:
@@ -184,82 +192,22 @@ class Supervisor:
         targets = [i for i in self.instances.values() if i.state in (READY, SLEEPING) and i.url]
         texts = await asyncio.gather(*(engine_metrics.fetch(self.session, i.url) for i in targets))
         for inst, text in zip(targets, texts, strict=True):
-            inst.metrics_text = text
-            if text is not None:
-                inst.running, inst.waiting = engine_metrics.load_signal(text)
-
-    def gpu_map(self) -> dict[int, placement.Gpu]:
-        return {g.index: placement.Gpu(g.index, g.memory_total_bytes, g.memory_used_bytes) for g in self.sample.gpus}
+            inst.set_engine_metrics(text, engine_metrics.load_signal(text) if text is not None else None)
 
     def need(self, spec: ModelSpec) -> dict[int, int]:
-        """Budget per GPU of `spec`; GPUs we know nothing of are left out (no placement check there)."""
-        gpus = self.gpu_map()
-        est = spec.memory_estimate  # no budget given: estimated from its shape (None: 0.9 of the GPU)
-        return {
-            d: placement.need_bytes(spec.memory_gib, spec.gpu_memory_utilization, gpus[d].total, est and est.bytes)
-            for d in spec.devices
-            if d in gpus
-        }
+        """Budget per GPU of `spec` (mvllm.agent.gpu_view.need)."""
+        return gpu_view.need(spec, gpu_view.gpu_map(self.sample))
 
-    def _held(self, inst: Instance) -> dict[int, int]:
-        """What `inst` holds per GPU: measured, or (NVML pids not ours to see, as in a container
-        without the host's PID namespace) estimated from its budget and state."""
-        if inst.memory:
-            return dict(inst.memory)
-        if inst.state == SLEEPING:
-            return {d: min(n, placement.SLEEP_RESIDUAL) for d, n in self.need(inst.spec).items()}
-        if inst.state == READY:
-            return self.need(inst.spec)
-        return {}
-
-    def _residents(self) -> list[placement.Resident]:
-        return [
-            placement.Resident(
-                name=i.name,
-                state=i.state,
-                memory=self._held(i),
-                last_used=i.last_used,
-                in_flight=i.in_flight,
-                busy=i.op is not None,
-                pinned=i.spec.pinned,
-                sleep_level_on_idle=i.spec.sleep_level_on_idle,
-                lora_enabled=i.spec.lora_enabled,
-            )
-            for i in self.instances.values()
-            if i.popen is not None
-        ]
-
-    def _pending(self, exclude: str) -> dict[int, int]:
-        """Memory that starting engines (other than `exclude`) will take and do not hold yet."""
-        out: dict[int, int] = {}
-        for i in self.instances.values():
-            if i.name == exclude or i.state != STARTING or i.popen is None:
-                continue
-            for d, n in self.need(i.spec).items():
-                out[d] = out.get(d, 0) + max(0, n - i.memory.get(d, 0))
-        return out
-
-    def plan_for(self, inst: Instance, *, include_in_flight: bool = False) -> placement.Plan:
-        need = self.need(inst.spec)
-        if inst.state == SLEEPING:
-            held = self._held(inst)
-            need = {d: max(0, n - held.get(d, 0)) for d, n in need.items()}
-        return placement.plan(
-            inst.name,
-            need,
-            self.gpu_map(),
-            self._residents(),
-            self.cfg.reserve_bytes,
-            self._pending(inst.name),
-            include_in_flight=include_in_flight,
-        )
+    def plan_for(self, inst: EngineProcess, *, include_in_flight: bool = False) -> placement.Plan:
+        engines = list(self.instances.values())
+        return gpu_view.plan_for(inst, engines, self.sample, self.cfg.reserve_bytes, include_in_flight=include_in_flight)
 
     # ------------------------------------------------------------------ locks
 
     def _gpu_lock(self, d: int) -> asyncio.Lock:
         return self._gpu_locks.setdefault(d, asyncio.Lock())
 
-    def _lock_set(self, inst: Instance, *, neighbours: bool) -> list[int]:
+    def _lock_set(self, inst: EngineProcess, *, neighbours: bool) -> list[int]:
         devs = set(inst.spec.devices)
         if neighbours:
             for other in self.instances.values():
@@ -267,18 +215,18 @@ class Supervisor:
                     devs |= set(other.spec.devices)
         return sorted(devs)
 
-    def _locks_free(self, inst: Instance) -> bool:
+    def _locks_free(self, inst: EngineProcess) -> bool:
         return not inst.lock.locked() and not any(self._gpu_lock(d).locked() for d in inst.spec.devices)
 
     @contextlib.asynccontextmanager
-    async def _locked(self, inst: Instance, *, neighbours: bool) -> AsyncIterator[None]:
+    async def _locked(self, inst: EngineProcess, *, neighbours: bool) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             for d in self._lock_set(inst, neighbours=neighbours):
                 await stack.enter_async_context(self._gpu_lock(d))
             await stack.enter_async_context(inst.lock)
             yield
 
-    async def _wait_no_op(self, inst: Instance) -> None:
+    async def _wait_no_op(self, inst: EngineProcess) -> None:
         deadline = time.monotonic() + self.cfg.load_timeout
         while inst.op is not None:
             if time.monotonic() >= deadline:
@@ -287,7 +235,7 @@ class Supervisor:
 
     # ------------------------------------------------------- ready on demand
 
-    def _ensure_task(self, inst: Instance, delay: float = 0.0) -> asyncio.Task:
+    def _ensure_task(self, inst: EngineProcess, delay: float = 0.0) -> asyncio.Task:
         task = inst.ready_task
         if task is None or task.done():
             task = inst.ready_task = asyncio.create_task(self._make_ready(inst, delay))
@@ -295,7 +243,7 @@ class Supervisor:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
-    async def ensure_ready(self, inst: Instance, lora: str | None = None) -> None:
+    async def ensure_ready(self, inst: EngineProcess, lora: str | None = None) -> None:
         """Return once `inst` can take a request (with adapter `lora` loaded), loading or waking it.
 
         Concurrent callers share one load. The caller bounds the wait (load_timeout).
@@ -306,24 +254,23 @@ class Supervisor:
             if self._closing:
                 raise LoadFailed("the agent is shutting down")
             if inst.state == FAILED and (inst.ready_task is None or inst.ready_task.done()):
-                raise LoadFailed(f"model {inst.name} failed: {inst.error}; POST /models/{inst.name}/load to retry")
+                raise LoadFailed(f"model {inst.name} failed: {inst.history.error}; POST /models/{inst.name}/load to retry")
             if inst.state == READY and inst.op is None and lora is not None:
-                await self.load_lora(inst, lora, None)
+                await inst.add_lora(lora, None)
                 continue
             await asyncio.shield(self._ensure_task(inst))
         if not inst.can_serve_now(lora):
             raise LoadFailed(f"model {inst.name} did not become ready ({inst.state})")
 
-    async def _make_ready(self, inst: Instance, delay: float = 0.0) -> None:
+    async def _make_ready(self, inst: EngineProcess, delay: float = 0.0) -> None:
         if delay:
             await asyncio.sleep(delay)
         while True:
             if inst.retired:
                 raise LoadFailed(f"instance {inst.name} was removed")
-            if inst.pending_spec is not None and inst.popen is None:
-                # An assignment made while it ran (mvllm.agent.assign) takes effect at this start;
-                # swapped before the locks are taken, so they cover its new devices.
-                inst.spec, inst.pending_spec = inst.pending_spec, None
+            # An assignment made while it ran (mvllm.agent.assign) takes effect at this start;
+            # swapped before the locks are taken, so they cover its new devices.
+            inst.take_pending_spec()
             try:
                 async with self._locked(inst, neighbours=True):
                     if inst.state == READY and inst.process_alive:
@@ -334,18 +281,18 @@ class Supervisor:
                             return
                         except EngineError as exc:
                             log.error("%s: wake failed (%s); restarting the engine", inst.name, exc)
-                            await self._stop_process(inst, reason="wake_failed")
+                            await inst.stop(reason="wake_failed")
                     await self._start_locked(inst)
                     return
             except EngineExited as exc:
-                delay = self._after_crash(inst, str(exc))
+                delay = inst.on_crash(str(exc))
                 if delay is None:
-                    raise LoadFailed(f"model {inst.name} failed: {inst.error}") from None
+                    raise LoadFailed(f"model {inst.name} failed: {inst.history.error}") from None
                 await asyncio.sleep(delay)
 
     # -------------------------------------------------------------- placement
 
-    async def _make_room(self, inst: Instance) -> None:
+    async def _make_room(self, inst: EngineProcess) -> None:
         """Evict idle models, one step at a time, measuring after each, until `inst` fits.
 
         A model that has to go but is answering requests is waited for, up to load_timeout, and
@@ -399,18 +346,15 @@ class Supervisor:
         if not self.plan_for(inst).fits:
             raise NoRoom(f"could not make room for {inst.name}")
 
-    async def _evict(self, victim: Instance, step: placement.Step, inst: Instance) -> None:
+    async def _evict(self, victim: EngineProcess, step: placement.Step, inst: EngineProcess) -> None:
         level = f" level {step.level}" if step.action == placement.ACTION_SLEEP else ""
         log.warning("evicting %s (%s%s) to make room for %s", victim.name, step.action, level, inst.name)
-        victim.op = step.action
-        try:
+        with victim.operation(step.action):
             async with victim.lock:
                 if step.action == placement.ACTION_SLEEP:
-                    await self._sleep_locked(victim, step.level, reason="evict")
+                    await victim.sleep(step.level, reason="evict")
                 else:
-                    await self._stop_process(victim, reason="evict")
-        finally:
-            victim.op = None
+                    await victim.stop(reason="evict")
 
     # ------------------------------------------------------------------ start
 
@@ -430,183 +374,32 @@ class Supervisor:
             return port
         raise NoRoom(f"no free port in engine_port_range {first}-{last}")
 
-    def _launch_utilization(self, spec: ModelSpec) -> tuple[float | None, int | None]:
-        """(--gpu-memory-utilization, total bytes of its first GPU) from the memory free now."""
-        gpus = self.gpu_map()
-        known = [d for d in spec.devices if d in gpus]
-        if not known:
-            return spec.gpu_memory_utilization, None  # no NVML: the configured fraction, if any
-        first = gpus[known[0]]
-        need = self.need(spec)[first.index]
-        free = min(gpus[d].total - gpus[d].used for d in known)
-        return placement.launch_utilization(need, first.total, free, self.cfg.reserve_bytes), first.total
-
-    async def _start_locked(self, inst: Instance) -> None:
-        inst.op = "start"
-        try:
+    async def _start_locked(self, inst: EngineProcess) -> None:
+        with inst.operation("start"):
             try:
                 await self._make_room(inst)
             except BaseException:
-                if inst.state == STARTING and inst.popen is None:
+                if inst.state == STARTING and not inst.has_process:
                     inst.life.to(STOPPED)  # a crash restart that found no room: nothing runs
                 raise
-            if inst.popen is not None:
-                # It died and the supervision tick has not seen it yet: clear what is left of it.
-                await engine.kill_leftovers(inst.popen)
-                inst.forget_process()
-            spec = inst.spec
-            util, total = self._launch_utilization(spec)
-            if inst.state != STARTING:
-                inst.life.to(STARTING)
-            inst.loads += 1
-            t0 = time.monotonic()
-            for attempt in range(_PORT_RACE_RETRIES + 1):
-                inst.port = self._free_port()
-                plan = launch_plan(self.cfg, spec, inst.port, util, total, self.agent_id, os.environ)
-                header = f"\n=== mvllm agent {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: {' '.join(plan.argv)}\n"
-                inst.popen = await asyncio.to_thread(engine.spawn, plan, self.log_path(inst), header, self.cfg.log_dir)
-                inst.expect_exit = False
-                inst.utilization = util
-                inst.loras.clear()
-                inst.memory = {}
-                self._seq += 1
-                inst.start_seq = self._seq
-                inst.started_at = time.time()
-                log.info("%s: started pid %d on port %d (utilization %s)", spec.name, inst.popen.pid, inst.port, util)
-                try:
-                    await self._wait_ready(inst)
-                except EngineExited:
-                    await engine.kill_leftovers(inst.popen)
-                    port = inst.port
-                    if attempt < _PORT_RACE_RETRIES and await self._lost_port_race(inst):
-                        # Another process bound the port between our check and the engine's bind:
-                        # not the engine's fault, so no crash is counted; take the next free port.
-                        log.warning("%s: port %s was taken before the engine bound it; retrying on another port", spec.name, port)
-                        inst.forget_process()
-                        continue
-                    self.metrics.loads.labels(spec.name, "crashed").inc()
-                    inst.forget_process()
-                    raise
-                except BaseException:
-                    self.metrics.loads.labels(spec.name, "failed").inc()
-                    await self._stop_process(inst, reason="start_failed")
-                    raise
-                break
-            inst.life.to(READY)
-            inst.ready_at = time.time()
-            inst.error = None
-            inst.touch()
-            self.metrics.loads.labels(spec.name, "ok").inc()
-            self.metrics.load_seconds.labels(spec.name).observe(time.monotonic() - t0)
-            log.info("%s: ready in %.1f s", spec.name, time.monotonic() - t0)
-            for lname, lpath in {**spec.lora_adapters, **inst.extra_loras}.items():
-                try:
-                    await self.engines.load_lora(inst, lname, lpath)
-                except EngineError as exc:
-                    log.error("%s: LoRA %s not loaded: %s", inst.name, lname, exc)
+            # It died and the supervision tick has not seen it yet: clear what is left of it.
+            await inst.clear_dead()
+            util, total = gpu_view.launch_utilization(inst.spec, self.sample, self.cfg.reserve_bytes)
+            await inst.start(util, total, self._free_port)
             await self.refresh_gpus()
-        finally:
-            inst.op = None
-
-    async def _lost_port_race(self, inst: Instance) -> bool:
-        """Whether an engine that exited during start failed to bind its port: the port is held by
-        someone else now, or its log (since this start) says the address was in use."""
-        port = inst.port
-        if port is None:
-            return False
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return True
-        tail = await asyncio.to_thread(engine.read_log_tail, self.log_path(inst), FAILED_TAIL_LINES)
-        since_start = "\n".join(tail).rsplit("=== mvllm agent ", 1)[-1]
-        return "address already in use" in since_start.lower()
-
-    async def _wait_ready(self, inst: Instance) -> None:
-        deadline = time.monotonic() + self.cfg.ready_timeout
-        while time.monotonic() < deadline:
-            if await self.engines.ready(inst):
-                return
-            await asyncio.sleep(_READY_POLL_S)
-        raise LoadFailed(f"{inst.name}: not ready within ready_timeout ({self.cfg.ready_timeout:g} s)")
 
     # ------------------------------------------------------------------ crash
 
-    def _fail(self, inst: Instance) -> None:
-        if inst.state != FAILED:
-            inst.life.to(FAILED)
-        inst.log_tail = []
-        self._spawn_task(self._capture_tail(inst))
-
-    async def _capture_tail(self, inst: Instance) -> None:
-        inst.log_tail = await asyncio.to_thread(engine.read_log_tail, self.log_path(inst), FAILED_TAIL_LINES)
-
-    def _after_crash(self, inst: Instance, why: str, *, restart: bool = True) -> float | None:
-        """Record a crash; the delay before restarting, or None when the model is now failed."""
-        self.metrics.crashes.labels(inst.name).inc()
-        inst.error = why
-        delay = inst.restart.on_crash(time.monotonic())
-        if delay is None:
-            self._fail(inst)
-            log.error("%s: %s; crashed too often, now failed", inst.name, why)
-        elif restart:
-            inst.restarts += 1
-            log.warning("%s: %s; restarting in %.1f s", inst.name, why, delay)
-        else:
-            log.warning("%s: %s; it loads again on its next request", inst.name, why)
-        return delay
-
     async def check_crashes(self) -> None:
         for inst in self.instances.values():
-            if inst.popen is None or inst.expect_exit or inst.op is not None:
-                continue  # an operation under way watches its own process
-            code = inst.popen.poll()
+            code = inst.exited()  # None too while an operation under way watches its own process
             if code is None:
                 continue
-            was = inst.state
-            await engine.kill_leftovers(inst.popen)
-            inst.forget_process()
-            delay = self._after_crash(inst, f"engine exited with code {code} while {was}", restart=was != SLEEPING)
-            if delay is None:
-                continue
-            if was == SLEEPING:
-                # It held nothing worth restarting for; it loads again on its next request.
-                inst.life.to(STOPPING)
-                inst.life.to(STOPPED)
-                continue
-            if inst.state != STARTING:
-                inst.life.to(STARTING)
-            self._ensure_task(inst, delay)
+            delay = await inst.after_exit(code)
+            if delay is not None:
+                self._ensure_task(inst, delay)
 
     # ------------------------------------------------------------------- stop
-
-    async def _stop_process(self, inst: Instance, *, reason: str) -> None:
-        """SIGTERM the engine's group, wait, SIGKILL the group, then confirm no member holds GPU memory."""
-        popen = inst.popen
-        if popen is None:
-            if inst.state not in (STOPPED, FAILED):
-                inst.life.to(STOPPING)
-                inst.life.to(STOPPED)
-            return
-        inst.expect_exit = True
-        if inst.state != STOPPING:
-            inst.life.to(STOPPING)
-        members = set(await asyncio.to_thread(procs.session_members, popen.pid)) | {popen.pid}
-        t0 = time.monotonic()
-        gone = await engine.terminate(popen, self.cfg.stop_timeout)
-        port = inst.port
-        inst.forget_process()
-        held = await self._gpu_pids_of(members)
-        self.metrics.stops.labels(inst.name, reason).inc()
-        if not gone or held:
-            inst.error = f"engine group {popen.pid} did not exit" if not gone else f"GPU memory still held by pids {sorted(held)}"
-            log.error("%s: %s after stop", inst.name, inst.error)
-            self._fail(inst)
-            return
-        inst.life.to(STOPPED)
-        log.info("%s: stopped (%s) in %.1f s; port %s free", inst.name, reason, time.monotonic() - t0, port)
 
     async def _gpu_pids_of(self, pids: set[int]) -> set[int]:
         """Pids of `pids` that NVML (or the sim GPUs) still lists, after waiting a little for release."""
@@ -619,74 +412,21 @@ class Supervisor:
 
     # ------------------------------------------------------------ sleep / wake
 
-    async def _drain(self, inst: Instance) -> None:
-        if inst.in_flight > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(inst.idle.wait(), self.cfg.drain_timeout)
-
-    def effective_level(self, inst: Instance, level: int) -> int:
-        """The sleep level carried out for `level`: 2 becomes 1 for a LoRA engine (warned once)."""
-        effective = placement.effective_sleep_level(level, inst.spec.lora_enabled)
-        if effective != level and not inst.lora_level_warned:
-            inst.lora_level_warned = True
-            log.warning(
-                "%s: sleeping at level %d instead of %d: it runs with --enable-lora, and vLLM 0.25 cannot "
-                "reload its weights after a level-2 sleep (reload_weights fails, then the engine dies)",
-                inst.name, effective, level,
-            )
-        return effective
-
-    async def _sleep_locked(self, inst: Instance, level: int, *, reason: str) -> None:
-        # Every sleep (API, idle timer, eviction) comes here: never level 2 for a LoRA engine.
-        level = self.effective_level(inst, level)
-        before = sum(inst.memory.values())
-        await self._drain(inst)
-        t0 = time.monotonic()
-        await self.engines.sleep(inst, level)
-        dt = time.monotonic() - t0
-        try:
-            # Measured before /state says sleeping, so it never shows a sleeping model with its awake
-            # memory (callers hold `inst.op`: no request takes the fast path meanwhile).
-            await self.refresh_gpus()
-        finally:
-            inst.life.to(SLEEPING, level=level)
-        after = sum(inst.memory.values())
-        self.metrics.sleeps.labels(inst.name, str(level), reason).inc()
-        log.info(
-            "%s: asleep at level %d (%s) in %.2f s; GPU memory %.2f -> %.2f GiB",
-            inst.name, level, reason, dt, before / placement.GIB, after / placement.GIB,
-        )
-
-    async def _wake_locked(self, inst: Instance) -> None:
-        inst.op = "wake"
-        try:
+    async def _wake_locked(self, inst: EngineProcess) -> None:
+        with inst.operation("wake"):
             await self._make_room(inst)
-            level = inst.life.sleep_level
-            t0 = time.monotonic()
-            await self.engines.wake(inst, level)
-            inst.life.to(READY)
-            inst.touch()
-            dt = time.monotonic() - t0
-            self.metrics.wakes.labels(inst.name, str(level)).inc()
-            self.metrics.wake_seconds.labels(inst.name, str(level)).observe(dt)
-            await self.refresh_gpus()
-            log.info(
-                "%s: awake from level %d in %.2f s; GPU memory %.2f GiB",
-                inst.name, level, dt, sum(inst.memory.values()) / placement.GIB,
-            )
-        finally:
-            inst.op = None
+            await inst.wake()
 
     # ---------------------------------------------------------- lifecycle API
 
-    async def load(self, name: str) -> Instance:
+    async def load(self, name: str) -> EngineProcess:
         inst = self.get(name)
         if inst.state == FAILED:
             inst.restart.reset()
         await asyncio.shield(self._ensure_task(inst))
         return inst
 
-    async def sleep(self, name: str, level: int, *, reason: str = "api") -> Instance:
+    async def sleep(self, name: str, level: int, *, reason: str = "api") -> EngineProcess:
         inst = self.get(name)
         if level not in (1, 2):
             raise BadRequest(f"level must be 1 or 2, got {level}")
@@ -698,58 +438,32 @@ class Supervisor:
         if inst.state != READY:
             raise Conflict(f"model {name} is {inst.state}; only a ready model can sleep")
         # Claimed before taking the locks, without yielding: new requests wait for the wake.
-        inst.op = "sleep"
-        try:
+        with inst.operation("sleep"):
             async with self._locked(inst, neighbours=False):
                 if inst.state != READY or not inst.process_alive:
                     raise Conflict(f"model {name} is {inst.state}; only a ready model can sleep")
-                await self._sleep_locked(inst, level, reason=reason)
-        finally:
-            inst.op = None
+                await inst.sleep(level, reason=reason)
         return inst
 
-    async def wake(self, name: str) -> Instance:
+    async def wake(self, name: str) -> EngineProcess:
         inst = self.get(name)
         if inst.state not in (SLEEPING, READY):
             raise Conflict(f"model {name} is {inst.state}; POST /models/{name}/load starts it")
         await self.ensure_ready(inst)
         return inst
 
-    async def unload(self, name: str, *, reason: str = "api") -> Instance:
+    async def unload(self, name: str, *, reason: str = "api") -> EngineProcess:
         inst = self.get(name)
         if inst.ready_task is not None and not inst.ready_task.done():
             inst.ready_task.cancel()  # a load under way stops its own engine when cancelled
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await inst.ready_task
         await self._wait_no_op(inst)
-        inst.op = "stop"
-        try:
+        with inst.operation("stop"):
             async with self._locked(inst, neighbours=False):
-                await self._drain(inst)
-                await self._stop_process(inst, reason=reason)
-        finally:
-            inst.op = None
+                await inst.wait_idle(self.cfg.drain_timeout)
+                await inst.stop(reason=reason)
         return inst
-
-    async def load_lora(self, inst: Instance, lname: str, lpath: str | None) -> None:
-        path = lpath or inst.spec.lora_adapters.get(lname) or inst.extra_loras.get(lname)
-        if path is None:
-            raise BadRequest(f"LoRA {lname!r} is not in the catalog of {inst.name}: give its lora_path")
-        if not inst.spec.lora_adapters:
-            raise Conflict(f"model {inst.name} runs without LoRA support (no lora_adapters in its catalog entry)")
-        async with inst.lock:
-            if lname not in inst.spec.lora_adapters:
-                inst.extra_loras[lname] = path
-            if inst.state == READY:
-                await self.engines.load_lora(inst, lname, path)
-            # Otherwise it is loaded when the engine is next ready.
-
-    async def unload_lora(self, inst: Instance, lname: str) -> None:
-        async with inst.lock:
-            inst.extra_loras.pop(lname, None)
-            if inst.state == READY and lname in inst.loras:
-                await self.engines.unload_lora(inst, lname)
-            inst.loras.discard(lname)
 
     # ------------------------------------------------------------ idle timers
 
@@ -760,7 +474,7 @@ class Supervisor:
             action = idle_action(
                 state=inst.state,
                 in_flight=inst.in_flight,
-                busy=inst.op is not None or (inst.ready_task is not None and not inst.ready_task.done()),
+                busy=inst.busy,
                 pinned=spec.pinned,
                 idle_for=now - inst.last_used,
                 idle_timeout=spec.idle_timeout,
@@ -771,23 +485,23 @@ class Supervisor:
             # try again on the next tick.
             if action is None or not self._locks_free(inst):
                 continue
-            inst.op = "sleep" if action == IDLE_SLEEP else "stop"
+            inst.claim("sleep" if action == IDLE_SLEEP else "stop")
             self._spawn_task(self._idle(inst, action))
 
-    async def _idle(self, inst: Instance, action: str) -> None:
+    async def _idle(self, inst: EngineProcess, action: str) -> None:
         try:
             async with self._locked(inst, neighbours=False):
                 if inst.in_flight or not inst.process_alive:
                     return
                 if action == IDLE_SLEEP and inst.state == READY:
-                    await self._sleep_locked(inst, inst.spec.sleep_level_on_idle, reason="idle")
+                    await inst.sleep(inst.spec.sleep_level_on_idle, reason="idle")
                 elif action != IDLE_SLEEP and inst.state in (READY, SLEEPING):
-                    await self._stop_process(inst, reason="idle")
+                    await inst.stop(reason="idle")
         finally:
-            inst.op = None
+            inst.release()
 
 
-async def _until_one_idle(busy: list[Instance], timeout: float) -> None:
+async def _until_one_idle(busy: list[EngineProcess], timeout: float) -> None:
     """Return once one of `busy` has no request in flight and no operation under way, or after
     `timeout` s. Polls attributes only (no I/O): the caller measures and plans again after."""
     end = time.monotonic() + timeout
