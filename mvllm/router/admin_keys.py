@@ -16,12 +16,12 @@ from aiohttp import web
 
 from mvllm.common.errors import error_response
 from mvllm.router.app import CONFIG_PATH_KEY, STATE_KEY
-from mvllm.router.auth import AuthGate
-from mvllm.router.key_usage import day_to_date, utc_day
-from mvllm.router.keys import ApiKey
-from mvllm.router.limits import LIMIT_NAMES
+from mvllm.router.access.gate import AuthGate
+from mvllm.router.access.usage_file import day_to_date, utc_day
+from mvllm.router.access.keys import ApiKey
+from mvllm.router.access.limits import LIMIT_NAMES
 from mvllm.router.reload import reload_config
-from mvllm.router.usage_store import UsageStore
+from mvllm.router.access.usage_store import UsageStore
 
 log = logging.getLogger("mvllm.router.admin")
 

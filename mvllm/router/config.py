@@ -17,7 +17,7 @@ from yarl import URL
 from mvllm.common.envvars import ROUTER_ENV, read_env
 from mvllm.common.logfiles import LogConfig, parse_log_keys
 from mvllm.common.tomlconf import Section, load_toml
-from mvllm.router.auth_config import AuthConfig, load_auth, read_node_api_key
+from mvllm.router.access.config import AuthConfig, load_auth, read_node_api_key
 
 CONFIG_NAME = "servers.toml"
 DEFAULT_HOST = "127.0.0.1"

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from mvllm.router.auth import AuthGate
+from mvllm.router.access.gate import AuthGate
 from mvllm.router.config import RouterConfig
 from mvllm.router.metrics import RouterMetrics
 from mvllm.router.policy import Policy, make_policy

@@ -20,11 +20,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mvllm.common.errors import error_response
-from mvllm.router.auth_config import AuthConfig
-from mvllm.router.key_usage import KeyOverrides, UsageDoc
-from mvllm.router.keys import ApiKey, KeyStore, authorize, check_model, is_admin_path
-from mvllm.router.limits import GLOBAL_SCOPE, LimitSet, Ticket, Verdict, estimate_tokens
-from mvllm.router.usage import find_usage
+from mvllm.router.access.config import AuthConfig
+from mvllm.router.access.usage_file import KeyOverrides, UsageDoc
+from mvllm.router.access.keys import ApiKey, KeyStore, authorize, check_model, is_admin_path
+from mvllm.router.access.limits import GLOBAL_SCOPE, LimitSet, Ticket, Verdict, estimate_tokens
+from mvllm.router.access.usage_tail import find_usage
 
 log = logging.getLogger("mvllm.router.auth")
 
@@ -112,7 +112,7 @@ class AuthGate:
             names = ", ".join(k.name + ("" if k.enabled else " (disabled)") for k in self.store)
             log.info("auth: %d key(s)%s", len(config.keys), f": {names}" if names else " (open: no auth)")
 
-    # -- key management (router/admin_keys.py) and usage kept across restarts (router/usage_store.py) --
+    # -- key management (router/admin_keys.py) and usage kept across restarts (router/access/usage_store.py) --
 
     def _build_store(self) -> KeyStore:
         return KeyStore(self.overrides.apply(self.config.keys), protect_metrics=self.config.protect_metrics)
