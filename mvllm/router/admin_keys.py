@@ -15,13 +15,13 @@ from typing import Any
 from aiohttp import web
 
 from mvllm.common.errors import error_response
-from mvllm.router.app import CONFIG_PATH_KEY, STATE_KEY
 from mvllm.router.access.gate import AuthGate
-from mvllm.router.access.usage_file import day_to_date, utc_day
 from mvllm.router.access.keys import ApiKey
 from mvllm.router.access.limits import LIMIT_NAMES
-from mvllm.router.reload import reload_config
+from mvllm.router.access.usage_file import day_to_date, utc_day
 from mvllm.router.access.usage_store import UsageStore
+from mvllm.router.app import CONFIG_PATH_KEY, STATE_KEY
+from mvllm.router.reload import reload_config
 
 log = logging.getLogger("mvllm.router.admin")
 

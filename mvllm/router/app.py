@@ -20,11 +20,11 @@ from aiohttp import web
 from mvllm import __version__
 from mvllm.common.errors import error_response
 from mvllm.common.tasks import background_task
-from mvllm.router.agents import AgentNode, agent_stats
 from mvllm.router.access.gate import API_KEY, GATE_KEY, authenticate, visible_models
+from mvllm.router.access.guard import guard_check
+from mvllm.router.agents import AgentNode, agent_stats
 from mvllm.router.config import RouterConfig
 from mvllm.router.eventloop import LoopLagMonitor
-from mvllm.router.access.guard import guard_check
 from mvllm.router.metrics import CONTENT_TYPE
 from mvllm.router.proxy import (
     NODE_HEADER,

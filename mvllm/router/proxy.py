@@ -26,8 +26,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response, sse_error_event
-from mvllm.router.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
 from mvllm.router.access.gate import RESPONSE_TAIL
+from mvllm.router.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
 from mvllm.router.breaker import Transition
 from mvllm.router.policy import choose_tiered
 from mvllm.router.registry import Health, Node

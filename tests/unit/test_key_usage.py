@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mvllm.router.access.gate import AuthGate
 from mvllm.router.access.config import AuthConfig, load_auth
+from mvllm.router.access.gate import AuthGate
+from mvllm.router.access.keys import ApiKey, hash_key
+from mvllm.router.access.limits import SECONDS_PER_DAY, KeyUsage, LimitSet, QuotaSpec, Verdict
 from mvllm.router.access.usage_file import (
     KeyOverride,
     KeyOverrides,
@@ -24,8 +26,6 @@ from mvllm.router.access.usage_file import (
     encode_usage,
     key_fingerprint,
 )
-from mvllm.router.access.keys import ApiKey, hash_key
-from mvllm.router.access.limits import SECONDS_PER_DAY, KeyUsage, LimitSet, QuotaSpec, Verdict
 from mvllm.router.access.usage_store import UsageStore, read_usage_file, write_usage_file
 
 SECRET = "sk-unit-usage-0123456789abcdef"

@@ -21,9 +21,9 @@ from prometheus_client.registry import Collector
 
 from mvllm.common.errors import error_response
 from mvllm.router.access.config import AuthConfig
-from mvllm.router.access.usage_file import KeyOverrides, UsageDoc
 from mvllm.router.access.keys import ApiKey, KeyStore, authorize, check_model, is_admin_path
 from mvllm.router.access.limits import GLOBAL_SCOPE, LimitSet, Ticket, Verdict, estimate_tokens
+from mvllm.router.access.usage_file import KeyOverrides, UsageDoc
 from mvllm.router.access.usage_tail import find_usage
 
 log = logging.getLogger("mvllm.router.auth")
