@@ -24,8 +24,8 @@ from aiohttp import web
 
 from mvllm.common.errors import error_response
 from mvllm.router.admin_models import _routes
-from mvllm.router.agents import AUTH_STATUSES, AgentNode, call_agent, describe
 from mvllm.router.app import SCRAPER_KEY, STATE_KEY
+from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode, call_agent, describe
 from mvllm.router.proxy import NODE_HEADER
 from mvllm.router.state import RouterState
 

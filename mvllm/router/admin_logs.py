@@ -22,8 +22,8 @@ from mvllm.common.logfiles import file_entries, remove_older_than, rotated_files
 from mvllm.common.state import STOPPED
 from mvllm.common.tasks import background_task
 from mvllm.router.admin_models import _routes
-from mvllm.router.agents import AUTH_STATUSES, AgentNode, AgentRoute, describe
 from mvllm.router.app import STATE_KEY
+from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode, AgentRoute, describe
 from mvllm.router.proxy import NODE_HEADER
 from mvllm.router.state import RouterState
 

@@ -22,9 +22,11 @@ from mvllm.common.errors import error_response
 from mvllm.common.tasks import background_task
 from mvllm.router.access.gate import API_KEY, GATE_KEY, authenticate, visible_models
 from mvllm.router.access.guard import guard_check
-from mvllm.router.agents import AgentNode, agent_stats
 from mvllm.router.config import RouterConfig
 from mvllm.router.eventloop import LoopLagMonitor
+from mvllm.router.fleet.agents import AgentNode, agent_stats
+from mvllm.router.fleet.registry import Health
+from mvllm.router.fleet.scraper import Scraper
 from mvllm.router.metrics import CONTENT_TYPE
 from mvllm.router.proxy import (
     NODE_HEADER,
@@ -35,9 +37,7 @@ from mvllm.router.proxy import (
     Proxy,
     new_request_id,
 )
-from mvllm.router.registry import Health
 from mvllm.router.reload import ConfigWatcher
-from mvllm.router.scraper import Scraper
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.app")

@@ -23,7 +23,7 @@ CONFIG_NAME = "servers.toml"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
 POLICY_TYPES = ("least-score", "round-robin")
-# What a static server runs: decides the metric names its load is read from (mvllm.router.engines).
+# What a static server runs: decides the metric names its load is read from (mvllm.router.fleet.engines).
 NODE_ENGINES = ("vllm", "sglang")
 
 # Keys of the original mvllm `[config]` table that this router accepts so that old files load as

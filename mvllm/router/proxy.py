@@ -27,10 +27,11 @@ from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response, sse_error_event
 from mvllm.router.access.gate import RESPONSE_TAIL
-from mvllm.router.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
 from mvllm.router.breaker import Transition
+from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
+from mvllm.router.fleet.registry import Health, Node
+from mvllm.router.fleet.scraper import describe
 from mvllm.router.policy import choose_tiered
-from mvllm.router.registry import Health, Node
 from mvllm.router.retry import (
     RETRY_STATUSES,
     AttemptFailure,
@@ -39,7 +40,6 @@ from mvllm.router.retry import (
     backoff_delay,
     classify_exception,
 )
-from mvllm.router.scraper import describe
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.proxy")

@@ -14,9 +14,9 @@ import aiohttp
 
 from mvllm.router.access.gate import AuthGate
 from mvllm.router.config import RouterConfig
+from mvllm.router.fleet.registry import Diff, Node, Registry
 from mvllm.router.metrics import RouterMetrics
 from mvllm.router.policy import Policy, make_policy
-from mvllm.router.registry import Diff, Node, Registry
 
 log = logging.getLogger("mvllm.router.state")
 

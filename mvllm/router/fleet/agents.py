@@ -41,6 +41,7 @@ from mvllm.common.state import (
 )
 from mvllm.router.breaker import Breaker
 from mvllm.router.config import NodeConfig
+from mvllm.router.fleet.registry import Health, Node
 from mvllm.router.policy import (
     TIER_AWAKE,
     TIER_EVICT,
@@ -51,7 +52,6 @@ from mvllm.router.policy import (
     TIER_SLEEPING,
     Policy,
 )
-from mvllm.router.registry import Health, Node
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.agents")

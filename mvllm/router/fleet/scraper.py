@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 
 from mvllm.common.prom import iter_samples
-from mvllm.router.agents import AgentNode, poll_agent
-from mvllm.router.engines import missing_metrics_message, parse_sglang_load
-from mvllm.router.registry import Health, Node
+from mvllm.router.fleet.agents import AgentNode, poll_agent
+from mvllm.router.fleet.engines import missing_metrics_message, parse_sglang_load
+from mvllm.router.fleet.registry import Health, Node
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.scraper")

@@ -28,7 +28,7 @@ class Health(enum.Enum):
 
 
 class Node:
-    """One node (a static vLLM server; an agent is the subclass mvllm.router.agents.AgentNode) and
+    """One node (a static vLLM server; an agent is the subclass mvllm.router.fleet.agents.AgentNode) and
     everything the router knows of it."""
 
     __slots__ = (
@@ -75,7 +75,7 @@ class Node:
         self.admin_drain = False
 
     # A static server always has its models awake (tier 0 of policy.choose_tiered) and is its own
-    # proxy target; an agent's per-model routes override both (mvllm.router.agents).
+    # proxy target; an agent's per-model routes override both (mvllm.router.fleet.agents).
     tier = 0
     agent: Any = None
 
@@ -287,7 +287,7 @@ class Registry:
 
 def _node_class(cfg: NodeConfig) -> type[Node]:
     if cfg.kind == "agent":
-        from mvllm.router.agents import AgentNode  # imported here: agents builds on this module
+        from mvllm.router.fleet.agents import AgentNode  # imported here: agents builds on this module
 
         return AgentNode
     return Node
