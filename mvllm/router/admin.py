@@ -20,7 +20,7 @@ from aiohttp import web
 
 from mvllm.common.errors import error_response
 from mvllm.router.app import CONFIG_PATH_KEY, STATE_KEY, load_stats_snapshot
-from mvllm.router.fleet.registry import Node
+from mvllm.router.fleet.targets import Node
 from mvllm.router.reload import reload_config
 from mvllm.router.state import RouterState
 

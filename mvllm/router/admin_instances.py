@@ -25,7 +25,8 @@ from aiohttp import web
 from mvllm.common.errors import error_response
 from mvllm.router.admin_models import _routes
 from mvllm.router.app import SCRAPER_KEY, STATE_KEY
-from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode, call_agent, describe
+from mvllm.router.fleet.agent_client import call_agent, describe
+from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode
 from mvllm.router.proxy import NODE_HEADER
 from mvllm.router.state import RouterState
 

@@ -23,7 +23,8 @@ from mvllm.common.state import STOPPED
 from mvllm.common.tasks import background_task
 from mvllm.router.admin_models import _routes
 from mvllm.router.app import STATE_KEY
-from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode, AgentRoute, describe
+from mvllm.router.fleet.agent_client import describe
+from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode, AgentRoute
 from mvllm.router.proxy import NODE_HEADER
 from mvllm.router.state import RouterState
 

@@ -18,7 +18,8 @@ from aiohttp import web
 from mvllm.common.errors import error_response
 from mvllm.common.state import READY, SLEEPING, STOPPED, InstanceState
 from mvllm.router.app import SCRAPER_KEY, STATE_KEY
-from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode, AgentRoute, call_agent, describe
+from mvllm.router.fleet.agent_client import call_agent, describe
+from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode, AgentRoute
 from mvllm.router.policy import choose_tiered
 from mvllm.router.proxy import NODE_HEADER
 from mvllm.router.state import RouterState

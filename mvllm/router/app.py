@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -25,8 +25,8 @@ from mvllm.router.access.guard import guard_check
 from mvllm.router.config import RouterConfig
 from mvllm.router.eventloop import LoopLagMonitor
 from mvllm.router.fleet.agents import AgentNode, agent_stats
-from mvllm.router.fleet.registry import Health
 from mvllm.router.fleet.scraper import Scraper
+from mvllm.router.fleet.targets import Health
 from mvllm.router.metrics import CONTENT_TYPE
 from mvllm.router.proxy import (
     NODE_HEADER,
@@ -171,8 +171,8 @@ def load_stats_snapshot(state: RouterState, config_path: str | None = None) -> d
             "scrape_error": n.scrape_error,
             "health_error": n.health_error if n.health is not Health.UP else None,
         }
-        if isinstance(n, AgentNode):
-            entry.update(agent_stats(n, policy, now))  # error, and the agent's GPUs, engines, catalog
+        if n.via_agent:
+            entry.update(agent_stats(cast(AgentNode, n), policy, now))  # error, and the agent's GPUs, engines, catalog
         nodes.append(entry)
     return {
         "router": {

@@ -28,9 +28,9 @@ from multidict import CIMultiDict
 from mvllm.common.errors import error_response, sse_error_event
 from mvllm.router.access.gate import RESPONSE_TAIL
 from mvllm.router.breaker import Transition
+from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
-from mvllm.router.fleet.registry import Health, Node
-from mvllm.router.fleet.scraper import describe
+from mvllm.router.fleet.targets import Health, Target
 from mvllm.router.policy import choose_tiered
 from mvllm.router.retry import (
     RETRY_STATUSES,
@@ -118,14 +118,6 @@ def forward_headers(src: Mapping[str, str], request_id: str, *, strip_auth: bool
             continue
         out.add(k, v)
     out["X-Request-Id"] = request_id
-    return out
-
-
-def with_bearer(headers: CIMultiDict[str], token: str) -> CIMultiDict[str]:
-    """A copy of `headers` carrying `token` as the only credential."""
-    out = headers.copy()
-    out.popall("x-api-key", None)
-    out["Authorization"] = "Bearer " + token
     return out
 
 
@@ -246,12 +238,12 @@ class UpstreamAnswer:
     status: int
     headers: Mapping[str, str]
     body: bytes
-    node: Node
+    node: Target
 
 
 @dataclass(slots=True)
 class Failed:
-    failure: AttemptFailure[Node]
+    failure: AttemptFailure[Target]
     detail: str
     answer: UpstreamAnswer | None = None
 
@@ -307,7 +299,7 @@ class Proxy:
             nodes = state.registry.nodes_for(model)
             if not nodes:
                 self._count("", "-", 404)
-                hint = unread_catalogs(state.registry.nodes())  # an agent we could not read may have it
+                hint = unread_catalogs(state.registry.agents())  # an agent we could not read may have it
                 return error_response(404, f"The model `{model}` does not exist.{hint}", code="model_not_found")
         else:
             denied = await state.gate.admit(request, None, None)
@@ -315,8 +307,8 @@ class Proxy:
                 self._count("", "-", denied.status)
                 return denied
             nodes = state.registry.nodes()
-            if any(n.agent is not None for n in nodes):
-                nodes = tuple(n for n in nodes if n.agent is None)  # agents route by the body's model only
+            if any(n.via_agent for n in nodes):
+                nodes = tuple(n for n in nodes if not n.via_agent)  # agents route by the body's model only
             if not nodes:
                 return error_response(503, "no node is configured", headers={"Retry-After": "5"})
         return await self._forward(request, body, model, nodes, request_id, t0)
@@ -342,7 +334,7 @@ class Proxy:
     # -- retries -------------------------------------------------------------------------------
 
     async def _forward(
-        self, request: web.Request, body: bytes, model: str, nodes: tuple[Node, ...], request_id: str, t0: float
+        self, request: web.Request, body: bytes, model: str, nodes: tuple[Target, ...], request_id: str, t0: float
     ) -> web.StreamResponse:
         state = self.state
         retry_cfg = state.config.retry
@@ -351,8 +343,8 @@ class Proxy:
         versioned = VERSIONED_ALIASES.get(request.path)
         if versioned is not None:
             target = versioned + (f"?{request.query_string}" if request.query_string else "")
-        ledger: FailureLedger[Node] = FailureLedger()
-        tried: list[Node] = []
+        ledger: FailureLedger[Target] = FailureLedger()
+        tried: list[Target] = []
         last: Failed | None = None
         answer: UpstreamAnswer | None = None
         answers: list[UpstreamAnswer] = []  # every failed answer, to tell "no room anywhere"
@@ -379,7 +371,7 @@ class Proxy:
                 # An agent's own 503 says "no room", "still loading" or "queue full": load, not a fault.
                 # Everything else counts at once, 500s too, so that a node answering 500s is
                 # ejected on its second failure however many requests are in flight.
-                if ledger.record(failure) and not (node.agent is not None and failure.status == 503):
+                if ledger.record(failure) and not (node.via_agent and failure.status == 503):
                     self._node_failed(node, reason, sent)
                 else:
                     node.breaker.on_abandon()  # no fault (429): free a probe slot
@@ -415,7 +407,7 @@ class Proxy:
             return error_response(status, f"no node could answer (tried {names}; last: {last.detail})", code="upstream_failed")
         return self._unavailable(model, nodes)
 
-    def _unavailable(self, model: str, nodes: tuple[Node, ...]) -> web.Response:
+    def _unavailable(self, model: str, nodes: tuple[Target, ...]) -> web.Response:
         now = time.monotonic()
         cfg = self.state.config
         waits = []
@@ -438,7 +430,7 @@ class Proxy:
     async def _attempt(
         self,
         request: web.Request,
-        node: Node,
+        node: Target,
         body: bytes,
         headers: CIMultiDict[str],
         target: str,
@@ -450,9 +442,6 @@ class Proxy:
         state = self.state
         session = state.session
         assert session is not None
-        agent = node.agent  # an agent's model route: the agent's token, and time for a load
-        if agent is None and node.cfg.token:  # a static server started with --api-key
-            headers = with_bearer(headers, node.cfg.token)
         node.in_flight += 1
         self._transition(node, node.breaker.on_dispatch(sent))
         up: aiohttp.ClientResponse | None = None
@@ -463,8 +452,9 @@ class Proxy:
                     request.method,
                     node.url + target,
                     data=body or None,
-                    headers=headers if agent is None else agent.upstream_headers(headers),
-                    timeout=state.timeout if agent is None else agent.upstream_timeout(state.timeout),
+                    # A static server's --api-key; an agent's token, and time for a load.
+                    headers=node.upstream_headers(headers),
+                    timeout=node.upstream_timeout(state.timeout),
                     allow_redirects=False,
                 )
             except _UPSTREAM_ERRORS as exc:
@@ -472,7 +462,7 @@ class Proxy:
                 verdict = True
                 return Failed(AttemptFailure(node, FailureKind.CONNECT if kind is FailureKind.BROKEN else kind), describe(exc))
             status = up.status
-            if agent is not None and status in AUTH_STATUSES:
+            if node.via_agent and status in AUTH_STATUSES:
                 # Our token, not the client's: never hand this 401 to the client as if it were theirs.
                 verdict = True
                 detail = f"agent {node.name} rejected the router's token (HTTP {status}); check its token in servers.toml"
@@ -505,7 +495,7 @@ class Proxy:
         self,
         request: web.Request,
         up: aiohttp.ClientResponse,
-        node: Node,
+        node: Target,
         model: str,
         request_id: str,
         t0: float,
@@ -600,7 +590,7 @@ class Proxy:
         self,
         request: web.Request,
         resp: web.StreamResponse,
-        node: Node,
+        node: Target,
         ctype: str,
         exc: BaseException,
         request_id: str,
@@ -619,14 +609,14 @@ class Proxy:
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
-    def _node_ok(self, node: Node, sent: float) -> None:
+    def _node_ok(self, node: Target, sent: float) -> None:
         self._transition(node, node.breaker.on_success(time.monotonic(), sent))
 
-    def _node_failed(self, node: Node, kind: str, sent: float | None = None) -> None:
+    def _node_failed(self, node: Target, kind: str, sent: float | None = None) -> None:
         self.state.metrics.node_failures.labels(node.name, kind).inc()
         self._transition(node, node.breaker.on_failure(time.monotonic(), sent))
 
-    def _transition(self, node: Node, transition: Transition | None) -> None:
+    def _transition(self, node: Target, transition: Transition | None) -> None:
         if transition is None:
             return
         self.state.metrics.breaker_transitions.labels(node.name, transition.new.value).inc()

@@ -14,7 +14,8 @@ import aiohttp
 
 from mvllm.router.access.gate import AuthGate
 from mvllm.router.config import RouterConfig
-from mvllm.router.fleet.registry import Diff, Node, Registry
+from mvllm.router.fleet.registry import Diff, Registry
+from mvllm.router.fleet.targets import Node
 from mvllm.router.metrics import RouterMetrics
 from mvllm.router.policy import Policy, make_policy
 

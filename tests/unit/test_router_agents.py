@@ -16,7 +16,8 @@ from mvllm.common.state import AgentState, CatalogEntry, InstanceState
 from mvllm.common.tomlconf import ConfigError
 from mvllm.router.config import NodeConfig, RouterConfig, load_config
 from mvllm.router.fleet.agents import AgentNode, AgentRoute, agent_stats, no_room_answer, unread_catalogs
-from mvllm.router.fleet.registry import Health, Node, Registry
+from mvllm.router.fleet.registry import Registry
+from mvllm.router.fleet.targets import Health, Node
 from mvllm.router.policy import (
     TIER_AWAKE,
     TIER_EVICT,
