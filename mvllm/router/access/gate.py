@@ -112,7 +112,7 @@ class AuthGate:
             names = ", ".join(k.name + ("" if k.enabled else " (disabled)") for k in self.store)
             log.info("auth: %d key(s)%s", len(config.keys), f": {names}" if names else " (open: no auth)")
 
-    # -- key management (router/admin_keys.py) and usage kept across restarts (router/access/usage_store.py) --
+    # -- key management (router/admin/keys.py) and usage kept across restarts (router/access/usage_store.py) --
 
     def _build_store(self) -> KeyStore:
         return KeyStore(self.overrides.apply(self.config.keys), protect_metrics=self.config.protect_metrics)

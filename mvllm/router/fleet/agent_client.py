@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
 from mvllm.common.state import READY, AgentState, StateVersionError
 from mvllm.router.fleet.agents import AUTH_STATUSES, AgentNode
@@ -112,21 +115,40 @@ def _readmit_routes(state: RouterState, node: AgentNode) -> None:
             state.metrics.breaker_transitions.labels(node.name, transition.new.value).inc()
 
 
+@dataclass(frozen=True, slots=True)
+class AgentAnswer:
+    """An agent's answer to one call, read whole."""
+
+    status: int
+    body: bytes
+    headers: CIMultiDict[str]
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "")
+
+
 async def call_agent(
-    state: RouterState, node: AgentNode, method: str, path: str, *, timeout: float, json: Any = None
-) -> tuple[int, bytes, str]:
-    """One lifecycle call (`POST /models/NAME/load` ...) with the agent's token and an optional JSON
-    body: (status, body, content type). Raises aiohttp.ClientError / asyncio.TimeoutError / OSError
-    when there is no answer."""
+    state: RouterState,
+    node: AgentNode,
+    method: str,
+    path: str,
+    *,
+    timeout: float,
+    json: Any = None,
+    params: Mapping[str, str] | None = None,
+) -> AgentAnswer:
+    """One call of an agent's API (`POST /models/NAME/load`, `GET /logs/stats` ...) with its token
+    and an optional JSON body. Raises aiohttp.ClientError / asyncio.TimeoutError / OSError when
+    there is no answer."""
     session = state.session
     assert session is not None
     async with session.request(
         method,
         node.url + path,
         json=json,
+        params=params,
         headers=node.auth_headers,
         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=state.config.timeouts.connect),
     ) as resp:
-        return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
-
-
+        return AgentAnswer(resp.status, await resp.read(), resp.headers.copy())

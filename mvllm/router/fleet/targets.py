@@ -155,7 +155,7 @@ class Node(LoadCounter):
         self.health_failures = 0
         self.health_error: str | None = None
         self.retired = False
-        # Drained at run time through the admin API (mvllm.router.admin); kept while the Node object
+        # Drained at run time through the admin API (mvllm.router.admin.nodes); kept while the Node object
         # lives, i.e. across reloads that keep this node (same name, url and kind).
         self.admin_drain = False
 
