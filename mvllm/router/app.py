@@ -245,7 +245,7 @@ def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: 
     app[SCRAPER_KEY] = Scraper(state)
     if config_path is not None:
         app[CONFIG_PATH_KEY] = str(config_path)
-    proxy = Proxy(state)
+    proxy = Proxy(state, on_complete=state.gate.response_complete)
 
     app.router.add_get("/health", health)
     app.router.add_get("/load-stats", load_stats)

@@ -26,12 +26,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response, sse_error_event
-from mvllm.router.access.gate import RESPONSE_TAIL
 from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
 from mvllm.router.fleet.targets import Health, Target
 from mvllm.router.policy import choose_tiered
+from mvllm.router.request import ResponseComplete, ResponseHook
 from mvllm.router.retry import (
     RETRY_STATUSES,
     AttemptFailure,
@@ -248,9 +248,15 @@ class Failed:
     answer: UpstreamAnswer | None = None
 
 
+def _ignore(done: ResponseComplete) -> None:
+    pass
+
+
 class Proxy:
-    def __init__(self, state: RouterState) -> None:
+    def __init__(self, state: RouterState, on_complete: ResponseHook = _ignore) -> None:
         self.state = state
+        # Told of every answer relayed to its end (the access gate settles tokens from its tail).
+        self.on_complete = on_complete
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -521,7 +527,7 @@ class Proxy:
             metrics.observe_ttfb(model, elapsed)
             metrics.observe_latency(model, elapsed)
             self._count(model, node.name, up.status)
-            request[RESPONSE_TAIL] = data  # the engine's usage is read from its end (auth.py)
+            self.on_complete(ResponseComplete(request, up.status, data))  # the engine's usage is at its end
             return web.Response(status=up.status, body=data, headers=headers)
 
         # A stream (or an unsized body): wait for its first chunk (up to the first-byte timeout,
@@ -539,7 +545,7 @@ class Proxy:
             set_read_timeout(up, idle)
         resp = web.StreamResponse(status=up.status, headers=headers)
         status = up.status
-        # The last chunks relayed (references, not copies): the engine's usage is in them (auth.py).
+        # The last chunks relayed (references, not copies): the engine's usage is in them.
         tail0 = tail1 = b""
         tail2 = chunk = first
         ttfb = True
@@ -581,7 +587,7 @@ class Proxy:
             status = 499
         finally:
             watch.cancel()
-        request[RESPONSE_TAIL] = tail0 + tail1 + tail2
+        self.on_complete(ResponseComplete(request, resp.status, tail0 + tail1 + tail2))
         metrics.observe_latency(model, time.perf_counter() - t0)
         self._count(model, node.name, status)
         return resp

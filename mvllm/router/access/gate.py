@@ -25,6 +25,7 @@ from mvllm.router.access.keys import ApiKey, KeyStore, authorize, check_model, i
 from mvllm.router.access.limits import GLOBAL_SCOPE, LimitSet, Ticket, Verdict, estimate_tokens
 from mvllm.router.access.usage_file import KeyOverrides, UsageDoc
 from mvllm.router.access.usage_tail import find_usage
+from mvllm.router.request import ResponseComplete
 
 log = logging.getLogger("mvllm.router.auth")
 
@@ -36,8 +37,6 @@ def _request_key(name: str, t: type) -> Any:
 
 API_KEY = _request_key("mvllm_api_key", ApiKey)  # the key that authenticated the request
 TICKET = _request_key("mvllm_limit_ticket", Ticket)  # its passage through the limits
-# The end of the answer relayed to the client (set by the proxy): where the engine's usage is.
-RESPONSE_TAIL = _request_key("mvllm_response_tail", bytes)
 
 # Paths whose requests generate no tokens: their up-front estimate is the prompt alone.
 _NO_COMPLETION = ("embeddings", "score", "rerank", "pooling", "classify", "tokenize")
@@ -200,19 +199,28 @@ class AuthGate:
         self.metrics.limited.labels(key.name if key is not None else "-", decision.limit or "", scope).inc()
         return error_response(decision.status, decision.message, code=decision.code, headers=decision.headers)
 
+    def response_complete(self, done: ResponseComplete) -> None:
+        """The proxy's hook (request.ResponseHook): settle the request's tokens from the usage at
+        the end of the answer relayed."""
+        ticket: Ticket | None = done.request.get(TICKET)
+        if ticket is None or not ticket.admitted or ticket.settled:
+            return
+        tail = done.tail
+        tokens = find_usage(tail) if tail else None
+        if tokens is None and done.status >= 400:
+            tokens = 0  # a node's error answer generated nothing
+        if tokens is not None:
+            self.limits.settle(ticket, tokens)
+        # else: a stream without include_usage, or cut: the up-front estimate stays charged.
+
     def finish(self, request: web.Request, resp: web.StreamResponse | None) -> None:
-        """The request is over: settle its tokens from the usage seen (if any) and free its slot."""
+        """The request is over: an error answer of the router's own generated nothing (an answer
+        relayed was settled by response_complete); free its slot."""
         ticket: Ticket | None = request.get(TICKET)
         if ticket is None:
             return
-        if ticket.admitted and not ticket.settled:
-            tail = request.get(RESPONSE_TAIL)
-            tokens = find_usage(tail) if tail else None
-            if tokens is None and resp is not None and resp.status >= 400:
-                tokens = 0  # an error answer (the router's or a node's) generated nothing
-            if tokens is not None:
-                self.limits.settle(ticket, tokens)
-            # else: a stream without include_usage, or cut: the up-front estimate stays charged.
+        if ticket.admitted and not ticket.settled and resp is not None and resp.status >= 400:
+            self.limits.settle(ticket, 0)
         self.limits.release(ticket)
 
     def snapshot(self) -> dict[str, Any]:
