@@ -1,7 +1,7 @@
 """Forwarding of one client request: body limit, routing by the body's `model`, retries on the
 next-best node, and relay of the answer chunk by chunk as it arrives.
 
-Hot path: the body is read once and parsed once (json.loads, only for `model`), the pooled
+Hot path: the body is read once and parsed once (common.http.json_object, only for `model`), the pooled
 session is reused, stream chunks are written as they come with no parsing, logging or metrics
 per chunk. Nothing reaches the client until the node has answered properly (headers plus the
 first chunk of a stream, or the whole of a sized body), so up to that point a failure is retried
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response, sse_error_event
+from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
 from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
@@ -49,14 +49,11 @@ REQUEST_ID_KEY: Any = web.RequestKey("mvllm_request_id", str) if hasattr(web, "R
 NODE_HEADER = "x-mvllm-node"
 REQUEST_ID_HEADER = "x-request-id"
 
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-     "transfer-encoding", "upgrade"}
-)
 # Host and length are set for the upstream request by the client library; Expect is answered here.
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", REQUEST_ID_HEADER}
 # The headers a client's API key travels in (keys.extract_token): dropped when the router checks keys.
 _CLIENT_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+_DROP_REQUEST_AND_CREDENTIALS = _DROP_REQUEST | _CLIENT_CREDENTIALS
 # The body is relayed byte for byte (no decompression), so content-encoding stays valid; the
 # length is recomputed by aiohttp; date/server are the router's own.
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server", NODE_HEADER, REQUEST_ID_HEADER}
@@ -109,26 +106,13 @@ new_request_id = _RequestIds().next
 def forward_headers(src: Mapping[str, str], request_id: str, *, strip_auth: bool = False) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones (and those the Connection header names); with
     `strip_auth`, minus the client's credentials too (the router's API key is no node's business)."""
-    extra = {t.strip().lower() for t in src.get("Connection", "").split(",") if t.strip()}
-    drop = _DROP_REQUEST | _CLIENT_CREDENTIALS if strip_auth else _DROP_REQUEST
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in src.items():
-        lk = k.lower()
-        if lk in drop or lk in extra:
-            continue
-        out.add(k, v)
+    out = copy_headers(src, _DROP_REQUEST_AND_CREDENTIALS if strip_auth else _DROP_REQUEST)
     out["X-Request-Id"] = request_id
     return out
 
 
 def response_headers(src: Mapping[str, str], node: str, request_id: str) -> CIMultiDict[str]:
-    extra = {t.strip().lower() for t in src.get("Connection", "").split(",") if t.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in src.items():
-        lk = k.lower()
-        if lk in _DROP_RESPONSE or lk in extra:
-            continue
-        out.add(k, v)
+    out = copy_headers(src, _DROP_RESPONSE)
     out[NODE_HEADER] = node
     out[REQUEST_ID_HEADER] = request_id
     return out
@@ -160,42 +144,21 @@ def extract_model(body: bytes, content_type: str) -> str:
 def parse_request(body: bytes, content_type: str) -> tuple[str, Any]:
     """The `model` of a request body and the parsed JSON document (None for a form). Only `model`
     is checked: the engine judges the rest of the body and answers its own 400."""
-    if content_type.startswith("multipart/form-data"):
-        model = _multipart_field(body, content_type, "model")
+    if is_multipart(content_type):
+        model = multipart_field(body, content_type, "model")
         if not model:
             raise BadRequest("the form has no 'model' field", "missing_model")
         return model, None
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the request body is not valid JSON", "invalid_json") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("the request body must be a JSON object", "invalid_json")
+        doc = json_object(body)
+    except BodyError as exc:
+        raise BadRequest(exc.message, exc.code) from None
     model = doc.get("model")
     if model is None:
         raise BadRequest("the request has no 'model'; the router needs it to pick a node", "missing_model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must be a non-empty string", "invalid_model")
     return model, doc
-
-
-def _multipart_field(body: bytes, content_type: str, name: str) -> str | None:
-    boundary = None
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip().strip('"')
-    if not boundary:
-        return None
-    marker = f'name="{name}"'.encode()
-    for part in body.split(b"--" + boundary.encode()):
-        head, sep, value = part.partition(b"\r\n\r\n")
-        if sep and marker in head:
-            # A part's value ends with the CRLF that precedes the next boundary.
-            if value.endswith(b"\r\n"):
-                value = value[:-2]
-            return value.decode("utf-8", "replace").strip()
-    return None
 
 
 class _SendWatch:
