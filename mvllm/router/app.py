@@ -59,7 +59,7 @@ async def front_middleware(request: web.Request, handler: Any) -> web.StreamResp
     """The router's one middleware. In order: the request id (every answer carries x-request-id,
     the client's own if it sent a sane one, and x-mvllm-node, "-" when the router answered by
     itself); errors in OpenAI form (aiohttp's own 404/405 and unexpected ones); request hygiene
-    (guard.py); API keys, and the release of the request's limits at its end (auth.py).
+    (access/guard.py); API keys, and the release of the request's limits at its end (access/gate.py).
 
     One layer rather than four: each middleware layer costs a coroutine and a call per request."""
     rid = request.headers.get(REQUEST_ID_HEADER)

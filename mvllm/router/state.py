@@ -51,7 +51,7 @@ class RouterState:
     metrics: RouterMetrics
     rng: random.Random
     timeout: aiohttp.ClientTimeout
-    gate: AuthGate  # API keys and limits (auth.py), swapped in place on reload
+    gate: AuthGate  # API keys and limits (access/gate.py), swapped in place on reload
     session: aiohttp.ClientSession | None = None
     started_at: float = field(default_factory=time.time)
     last_reload: ReloadStatus | None = None

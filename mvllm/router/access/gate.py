@@ -74,7 +74,7 @@ class AuthGate:
 
     def __init__(self, config: AuthConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        # Admin enable/disable at run time (key_usage.py); the store holds the keys as in force.
+        # Admin enable/disable at run time (usage_file.py); the store holds the keys as in force.
         self.overrides = KeyOverrides()
         self.store = self._build_store()
         self.limits = LimitSet(config.limits, config.queue)

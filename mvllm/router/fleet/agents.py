@@ -1,12 +1,12 @@
-"""The router's side of node agents (`mvllm agent`): each agent's `GET /state` read on the scrape
-cycle and turned into registry entries, and the client of the agents' lifecycle API.
+"""The router's model of node agents (`mvllm agent`): each agent's last `GET /state` turned into
+registry entries (the HTTP calls themselves are in agent_client.py).
 
 An agent is one node of the registry (`AgentNode`, kind "agent": health, drain, token, what its
 /state said). The model index lists, for each name in its catalog, the agent's `AgentRoute` for
 the catalog entry serving that name: the unit the proxy sends a request to and the policy scores.
 A route is awake (scored exactly like a static node, with the engine's running/waiting from
 /state and capacity = its max_num_seqs) or cold, and then ranked loading > sleeping > fits >
-evict > no_room (policy.choose_tiered; "no room" in a /state is not final, see there). Requests
+evict > no_room (policy.engine_tier and choose_tiered; "no room" in a /state is not final, see there). Requests
 to an agent carry its token in place of the client's Authorization, and may wait up to
 `load_timeout` for their first byte (a load).
 """
