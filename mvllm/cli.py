@@ -12,7 +12,7 @@ from mvllm import __version__
 # (subcommand module, exposing `register(subparsers)`). A part adds its line when it lands, so the
 # CLI never offers a command that does nothing. Imports stay lazy in each module's handler.
 _COMMAND_MODULES: list[str] = [
-    "mvllm.router.cli",
+    "mvllm.launch",
     "mvllm.agent.cli",
     "mvllm.sim.cli",
     "mvllm.ctl.cli",

@@ -164,7 +164,7 @@ def _policy_timing(nodes: int, models: int) -> tuple[str, dict[str, float]]:
         return f"pending ({exc})", {}
     try:
         from mvllm.router.config import NodeConfig, PolicyConfig, RouterConfig
-        from mvllm.router.registry import Registry
+        from mvllm.router.fleet.registry import Registry
     except ImportError as exc:
         return f"pending ({exc})", {}
     rng = random.Random(0)

@@ -449,7 +449,7 @@ class AsyncClient:
         data, where = await self._model_call("wake", model, node=node, level=None, wait=True, timeout=timeout)
         return instance_from(data, where)
 
-    # -- admin: ad-hoc instances and re-assignment (mvllm.router.admin_instances) -----------------------
+    # -- admin: ad-hoc instances and re-assignment (mvllm.router.admin.instances) -----------------------
 
     async def start_instance(
         self,
@@ -504,7 +504,7 @@ class AsyncClient:
         )  # fmt: skip
         return data
 
-    # -- admin: logs (mvllm.router.admin_logs) ------------------------------------------------------------
+    # -- admin: logs (mvllm.router.admin.logs) ------------------------------------------------------------
 
     async def model_logs(
         self, model: str, node: str | None = None, *, tail: int | None = None, cursor: str | None = None
@@ -525,7 +525,7 @@ class AsyncClient:
         data, _ = await self._json("POST", "/admin/logs/cleanup", params={"days": f"{days:g}"} if days is not None else None)
         return data
 
-    # -- admin: API keys (mvllm.router.admin_keys) ----------------------------------------------------------
+    # -- admin: API keys (mvllm.router.admin.keys) ----------------------------------------------------------
 
     async def keys(self) -> dict[str, Any]:
         """GET /admin/keys: `{"open", "day", "keys": [{name, hint, role, enabled, enabled_in_file,

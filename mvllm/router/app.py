@@ -17,14 +17,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from mvllm import __version__
 from mvllm.common.errors import error_response
 from mvllm.common.tasks import background_task
-from mvllm.router.agents import AgentNode, agent_stats
-from mvllm.router.auth import API_KEY, GATE_KEY, authenticate, visible_models
+from mvllm.router import admin
+from mvllm.router.access.gate import API_KEY, GATE_KEY, authenticate, visible_models
+from mvllm.router.access.guard import guard_check
+from mvllm.router.appkeys import CONFIG_PATH_KEY, SCRAPER_KEY, STATE_KEY
 from mvllm.router.config import RouterConfig
 from mvllm.router.eventloop import LoopLagMonitor
-from mvllm.router.guard import guard_check
+from mvllm.router.fleet.scraper import Scraper
 from mvllm.router.metrics import CONTENT_TYPE
 from mvllm.router.proxy import (
     NODE_HEADER,
@@ -35,16 +36,11 @@ from mvllm.router.proxy import (
     Proxy,
     new_request_id,
 )
-from mvllm.router.registry import Health
 from mvllm.router.reload import ConfigWatcher
-from mvllm.router.scraper import Scraper
 from mvllm.router.state import RouterState
+from mvllm.router.stats import load_stats_snapshot
 
 log = logging.getLogger("mvllm.router.app")
-
-STATE_KEY = web.AppKey("mvllm_router_state", RouterState)
-SCRAPER_KEY = web.AppKey("mvllm_router_scraper", Scraper)
-CONFIG_PATH_KEY = web.AppKey("mvllm_router_config_path", str)
 
 # How long the first look at the nodes (health, models, load) may hold up the start.
 _STARTUP_PROBE_TIMEOUT = 5.0
@@ -63,7 +59,7 @@ async def front_middleware(request: web.Request, handler: Any) -> web.StreamResp
     """The router's one middleware. In order: the request id (every answer carries x-request-id,
     the client's own if it sent a sane one, and x-mvllm-node, "-" when the router answered by
     itself); errors in OpenAI form (aiohttp's own 404/405 and unexpected ones); request hygiene
-    (guard.py); API keys, and the release of the request's limits at its end (auth.py).
+    (access/guard.py); API keys, and the release of the request's limits at its end (access/gate.py).
 
     One layer rather than four: each middleware layer costs a coroutine and a call per request."""
     rid = request.headers.get(REQUEST_ID_HEADER)
@@ -142,50 +138,6 @@ async def health(request: web.Request) -> web.Response:
 
 async def load_stats(request: web.Request) -> web.Response:
     return _json(load_stats_snapshot(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY)))
-
-
-def load_stats_snapshot(state: RouterState, config_path: str | None = None) -> dict[str, Any]:
-    """The JSON snapshot behind /load-stats (also what the dashboard reads)."""
-    now = time.monotonic()
-    policy = state.policy
-    nodes = []
-    for n in state.registry.iter_all():
-        score = policy.score(n)
-        entry = {
-            "name": n.name,
-            "url": n.url,
-            "kind": n.kind,
-            "models": sorted(n.models),
-            "running": round(n.running, 3),
-            "waiting": round(n.waiting, 3),
-            "in_flight": n.in_flight,
-            "capacity": n.capacity,
-            "weight": n.weight,
-            "score": round(score, 4) if score != float("inf") else None,
-            "healthy": n.routable(now),
-            "health": n.health.value,
-            "breaker": n.breaker.state.value,
-            "draining": n.draining,
-            "removed": n.retired,
-            "last_scrape_age_s": round(now - n.last_scrape, 3) if n.last_scrape is not None else None,
-            "scrape_error": n.scrape_error,
-            "health_error": n.health_error if n.health is not Health.UP else None,
-        }
-        if isinstance(n, AgentNode):
-            entry.update(agent_stats(n, policy, now))  # error, and the agent's GPUs, engines, catalog
-        nodes.append(entry)
-    return {
-        "router": {
-            "version": __version__,
-            "uptime_s": round(time.time() - state.started_at, 1),
-            "policy": policy.type,
-            "config": config_path,
-            "last_reload": state.last_reload.as_dict() if state.last_reload else None,
-        },
-        "nodes": nodes,
-        "models": {m: [n.name for n in state.registry.nodes_for(m)] for m in sorted(state.registry.models())},
-        "auth": state.gate.snapshot(),
-    }
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -293,7 +245,7 @@ def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: 
     app[SCRAPER_KEY] = Scraper(state)
     if config_path is not None:
         app[CONFIG_PATH_KEY] = str(config_path)
-    proxy = Proxy(state)
+    proxy = Proxy(state, on_complete=state.gate.response_complete)
 
     app.router.add_get("/health", health)
     app.router.add_get("/load-stats", load_stats)
@@ -307,21 +259,7 @@ def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: 
         app.router.add_route("*", alias, proxy.handle)
     app.router.add_get("/models/{model:.+}", get_model)  # GET /models is /v1/models (above)
     # Anything else is aiohttp's 404/405, turned into OpenAI form by the error middleware.
-    from mvllm.router.admin import register_admin_routes  # imported here: admin imports this module
-
-    register_admin_routes(app)
-    from mvllm.router.admin_models import register_model_routes  # imported here: it imports this module
-
-    register_model_routes(app)
-    from mvllm.router.admin_logs import register_log_routes  # imported here: it imports this module
-
-    register_log_routes(app)  # /admin/logs/*, /admin/models/{model}/logs
-    from mvllm.router.admin_instances import register_instance_routes  # imported here: it imports this module
-
-    register_instance_routes(app)  # ad-hoc instances and assign, forwarded to agents
-    from mvllm.router.admin_keys import register_key_routes  # imported here: it imports this module
-
-    register_key_routes(app)  # /admin/keys*, /admin/reload-keys, the usage file's load/save loop
+    admin.register(app)  # /admin/*: nodes, events, reload, models, logs, instances, keys
 
     app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_session_ctx)

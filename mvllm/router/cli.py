@@ -1,4 +1,5 @@
-"""`mvllm run`: the router command line (the work is in mvllm.router.serve, imported when run)."""
+"""The router's command line: the flags of `mvllm run`. The command itself is registered by
+mvllm.launch, which puts the dashboard in front of the router (mvllm.router.serve does the work)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import argparse
 from typing import Any
 
 
-def register(subparsers: Any) -> None:
+def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The `run` subcommand's parser, without its handler."""
     p = subparsers.add_parser(
         "run",
         help="start the router (the built-in demo when no servers.toml is found)",
@@ -33,19 +35,4 @@ def register(subparsers: Any) -> None:
         choices=("debug", "info", "warning", "error"),
         help="default: $MVLLM_LOG_LEVEL, else [router] log_level, else info",
     )
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from mvllm.router.serve import ServeOptions, main
-
-    return main(
-        ServeOptions(
-            config=args.config,
-            host=args.host,
-            port=args.port,
-            demo=args.demo,
-            console=args.console,
-            log_level=args.log_level,
-        )
-    )
+    return p

@@ -17,13 +17,13 @@ from yarl import URL
 from mvllm.common.envvars import ROUTER_ENV, read_env
 from mvllm.common.logfiles import LogConfig, parse_log_keys
 from mvllm.common.tomlconf import Section, load_toml
-from mvllm.router.auth_config import AuthConfig, load_auth, read_node_api_key
+from mvllm.router.access.config import AuthConfig, load_auth, read_node_api_key
 
 CONFIG_NAME = "servers.toml"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
 POLICY_TYPES = ("least-score", "round-robin")
-# What a static server runs: decides the metric names its load is read from (mvllm.router.engines).
+# What a static server runs: decides the metric names its load is read from (mvllm.router.fleet.engines).
 NODE_ENGINES = ("vllm", "sglang")
 
 # Keys of the original mvllm `[config]` table that this router accepts so that old files load as

@@ -16,8 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mvllm.router.breaker import STATE_VALUE
+from mvllm.router.fleet.registry import Registry
 from mvllm.router.policy import Policy
-from mvllm.router.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

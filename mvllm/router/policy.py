@@ -39,6 +39,7 @@ import random
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
+from mvllm.common.state import FAILED, PLACEMENT_EVICT, PLACEMENT_NO_ROOM, READY, SLEEPING, STARTING
 from mvllm.router.config import PolicyConfig
 
 
@@ -147,6 +148,26 @@ TIER_NAMES = {
     TIER_EVICT: "evict",
     TIER_NO_ROOM: "no_room",
 }
+
+
+def engine_tier(state: str, placement: str, pending: bool) -> int | None:
+    """The tier of one agent's engine for its model (see the module docstring); None: not a
+    candidate. `state` is the engine's state in the agent's last /state, `placement` what that
+    /state said of room for it, `pending` whether requests of ours sent there since that /state
+    was asked for (or still waiting) make the agent load or wake it."""
+    if state == READY:
+        return TIER_AWAKE
+    if state == FAILED:
+        return None  # the agent answers 503 until someone loads it again by hand
+    if state == STARTING or pending:
+        return TIER_LOADING  # join the load under way: one load shared
+    if state == SLEEPING:
+        return TIER_SLEEPING
+    if placement == PLACEMENT_NO_ROOM:
+        # Not final: the /state is up to a scrape interval old, and the models in the way may
+        # have gone idle since. Tried last; the agent decides with live data.
+        return TIER_NO_ROOM
+    return TIER_EVICT if placement == PLACEMENT_EVICT else TIER_FITS
 
 
 class Tiered(NodeLoad, Protocol):

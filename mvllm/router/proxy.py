@@ -1,7 +1,7 @@
 """Forwarding of one client request: body limit, routing by the body's `model`, retries on the
 next-best node, and relay of the answer chunk by chunk as it arrives.
 
-Hot path: the body is read once and parsed once (json.loads, only for `model`), the pooled
+Hot path: the body is read once and parsed once (common.http.json_object, only for `model`), the pooled
 session is reused, stream chunks are written as they come with no parsing, logging or metrics
 per chunk. Nothing reaches the client until the node has answered properly (headers plus the
 first chunk of a stream, or the whole of a sized body), so up to that point a failure is retried
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import math
 import os
@@ -26,11 +25,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response, sse_error_event
-from mvllm.router.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
-from mvllm.router.auth import RESPONSE_TAIL
+from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
 from mvllm.router.breaker import Transition
+from mvllm.router.fleet.agent_client import describe
+from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
+from mvllm.router.fleet.targets import Health, Target
 from mvllm.router.policy import choose_tiered
-from mvllm.router.registry import Health, Node
+from mvllm.router.request import ResponseComplete, ResponseHook
 from mvllm.router.retry import (
     RETRY_STATUSES,
     AttemptFailure,
@@ -39,7 +40,6 @@ from mvllm.router.retry import (
     backoff_delay,
     classify_exception,
 )
-from mvllm.router.scraper import describe
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.proxy")
@@ -49,14 +49,11 @@ REQUEST_ID_KEY: Any = web.RequestKey("mvllm_request_id", str) if hasattr(web, "R
 NODE_HEADER = "x-mvllm-node"
 REQUEST_ID_HEADER = "x-request-id"
 
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-     "transfer-encoding", "upgrade"}
-)
 # Host and length are set for the upstream request by the client library; Expect is answered here.
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", REQUEST_ID_HEADER}
 # The headers a client's API key travels in (keys.extract_token): dropped when the router checks keys.
 _CLIENT_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+_DROP_REQUEST_AND_CREDENTIALS = _DROP_REQUEST | _CLIENT_CREDENTIALS
 # The body is relayed byte for byte (no decompression), so content-encoding stays valid; the
 # length is recomputed by aiohttp; date/server are the router's own.
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server", NODE_HEADER, REQUEST_ID_HEADER}
@@ -109,34 +106,13 @@ new_request_id = _RequestIds().next
 def forward_headers(src: Mapping[str, str], request_id: str, *, strip_auth: bool = False) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones (and those the Connection header names); with
     `strip_auth`, minus the client's credentials too (the router's API key is no node's business)."""
-    extra = {t.strip().lower() for t in src.get("Connection", "").split(",") if t.strip()}
-    drop = _DROP_REQUEST | _CLIENT_CREDENTIALS if strip_auth else _DROP_REQUEST
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in src.items():
-        lk = k.lower()
-        if lk in drop or lk in extra:
-            continue
-        out.add(k, v)
+    out = copy_headers(src, _DROP_REQUEST_AND_CREDENTIALS if strip_auth else _DROP_REQUEST)
     out["X-Request-Id"] = request_id
     return out
 
 
-def with_bearer(headers: CIMultiDict[str], token: str) -> CIMultiDict[str]:
-    """A copy of `headers` carrying `token` as the only credential."""
-    out = headers.copy()
-    out.popall("x-api-key", None)
-    out["Authorization"] = "Bearer " + token
-    return out
-
-
 def response_headers(src: Mapping[str, str], node: str, request_id: str) -> CIMultiDict[str]:
-    extra = {t.strip().lower() for t in src.get("Connection", "").split(",") if t.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in src.items():
-        lk = k.lower()
-        if lk in _DROP_RESPONSE or lk in extra:
-            continue
-        out.add(k, v)
+    out = copy_headers(src, _DROP_RESPONSE)
     out[NODE_HEADER] = node
     out[REQUEST_ID_HEADER] = request_id
     return out
@@ -168,42 +144,21 @@ def extract_model(body: bytes, content_type: str) -> str:
 def parse_request(body: bytes, content_type: str) -> tuple[str, Any]:
     """The `model` of a request body and the parsed JSON document (None for a form). Only `model`
     is checked: the engine judges the rest of the body and answers its own 400."""
-    if content_type.startswith("multipart/form-data"):
-        model = _multipart_field(body, content_type, "model")
+    if is_multipart(content_type):
+        model = multipart_field(body, content_type, "model")
         if not model:
             raise BadRequest("the form has no 'model' field", "missing_model")
         return model, None
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the request body is not valid JSON", "invalid_json") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("the request body must be a JSON object", "invalid_json")
+        doc = json_object(body)
+    except BodyError as exc:
+        raise BadRequest(exc.message, exc.code) from None
     model = doc.get("model")
     if model is None:
         raise BadRequest("the request has no 'model'; the router needs it to pick a node", "missing_model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must be a non-empty string", "invalid_model")
     return model, doc
-
-
-def _multipart_field(body: bytes, content_type: str, name: str) -> str | None:
-    boundary = None
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip().strip('"')
-    if not boundary:
-        return None
-    marker = f'name="{name}"'.encode()
-    for part in body.split(b"--" + boundary.encode()):
-        head, sep, value = part.partition(b"\r\n\r\n")
-        if sep and marker in head:
-            # A part's value ends with the CRLF that precedes the next boundary.
-            if value.endswith(b"\r\n"):
-                value = value[:-2]
-            return value.decode("utf-8", "replace").strip()
-    return None
 
 
 class _SendWatch:
@@ -246,19 +201,25 @@ class UpstreamAnswer:
     status: int
     headers: Mapping[str, str]
     body: bytes
-    node: Node
+    node: Target
 
 
 @dataclass(slots=True)
 class Failed:
-    failure: AttemptFailure[Node]
+    failure: AttemptFailure[Target]
     detail: str
     answer: UpstreamAnswer | None = None
 
 
+def _ignore(done: ResponseComplete) -> None:
+    pass
+
+
 class Proxy:
-    def __init__(self, state: RouterState) -> None:
+    def __init__(self, state: RouterState, on_complete: ResponseHook = _ignore) -> None:
         self.state = state
+        # Told of every answer relayed to its end (the access gate settles tokens from its tail).
+        self.on_complete = on_complete
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -307,7 +268,7 @@ class Proxy:
             nodes = state.registry.nodes_for(model)
             if not nodes:
                 self._count("", "-", 404)
-                hint = unread_catalogs(state.registry.nodes())  # an agent we could not read may have it
+                hint = unread_catalogs(state.registry.agents())  # an agent we could not read may have it
                 return error_response(404, f"The model `{model}` does not exist.{hint}", code="model_not_found")
         else:
             denied = await state.gate.admit(request, None, None)
@@ -315,8 +276,8 @@ class Proxy:
                 self._count("", "-", denied.status)
                 return denied
             nodes = state.registry.nodes()
-            if any(n.agent is not None for n in nodes):
-                nodes = tuple(n for n in nodes if n.agent is None)  # agents route by the body's model only
+            if any(n.via_agent for n in nodes):
+                nodes = tuple(n for n in nodes if not n.via_agent)  # agents route by the body's model only
             if not nodes:
                 return error_response(503, "no node is configured", headers={"Retry-After": "5"})
         return await self._forward(request, body, model, nodes, request_id, t0)
@@ -342,7 +303,7 @@ class Proxy:
     # -- retries -------------------------------------------------------------------------------
 
     async def _forward(
-        self, request: web.Request, body: bytes, model: str, nodes: tuple[Node, ...], request_id: str, t0: float
+        self, request: web.Request, body: bytes, model: str, nodes: tuple[Target, ...], request_id: str, t0: float
     ) -> web.StreamResponse:
         state = self.state
         retry_cfg = state.config.retry
@@ -351,8 +312,8 @@ class Proxy:
         versioned = VERSIONED_ALIASES.get(request.path)
         if versioned is not None:
             target = versioned + (f"?{request.query_string}" if request.query_string else "")
-        ledger: FailureLedger[Node] = FailureLedger()
-        tried: list[Node] = []
+        ledger: FailureLedger[Target] = FailureLedger()
+        tried: list[Target] = []
         last: Failed | None = None
         answer: UpstreamAnswer | None = None
         answers: list[UpstreamAnswer] = []  # every failed answer, to tell "no room anywhere"
@@ -379,7 +340,7 @@ class Proxy:
                 # An agent's own 503 says "no room", "still loading" or "queue full": load, not a fault.
                 # Everything else counts at once, 500s too, so that a node answering 500s is
                 # ejected on its second failure however many requests are in flight.
-                if ledger.record(failure) and not (node.agent is not None and failure.status == 503):
+                if ledger.record(failure) and not (node.via_agent and failure.status == 503):
                     self._node_failed(node, reason, sent)
                 else:
                     node.breaker.on_abandon()  # no fault (429): free a probe slot
@@ -415,7 +376,7 @@ class Proxy:
             return error_response(status, f"no node could answer (tried {names}; last: {last.detail})", code="upstream_failed")
         return self._unavailable(model, nodes)
 
-    def _unavailable(self, model: str, nodes: tuple[Node, ...]) -> web.Response:
+    def _unavailable(self, model: str, nodes: tuple[Target, ...]) -> web.Response:
         now = time.monotonic()
         cfg = self.state.config
         waits = []
@@ -438,7 +399,7 @@ class Proxy:
     async def _attempt(
         self,
         request: web.Request,
-        node: Node,
+        node: Target,
         body: bytes,
         headers: CIMultiDict[str],
         target: str,
@@ -450,9 +411,6 @@ class Proxy:
         state = self.state
         session = state.session
         assert session is not None
-        agent = node.agent  # an agent's model route: the agent's token, and time for a load
-        if agent is None and node.cfg.token:  # a static server started with --api-key
-            headers = with_bearer(headers, node.cfg.token)
         node.in_flight += 1
         self._transition(node, node.breaker.on_dispatch(sent))
         up: aiohttp.ClientResponse | None = None
@@ -463,8 +421,9 @@ class Proxy:
                     request.method,
                     node.url + target,
                     data=body or None,
-                    headers=headers if agent is None else agent.upstream_headers(headers),
-                    timeout=state.timeout if agent is None else agent.upstream_timeout(state.timeout),
+                    # A static server's --api-key; an agent's token, and time for a load.
+                    headers=node.upstream_headers(headers),
+                    timeout=node.upstream_timeout(state.timeout),
                     allow_redirects=False,
                 )
             except _UPSTREAM_ERRORS as exc:
@@ -472,7 +431,7 @@ class Proxy:
                 verdict = True
                 return Failed(AttemptFailure(node, FailureKind.CONNECT if kind is FailureKind.BROKEN else kind), describe(exc))
             status = up.status
-            if agent is not None and status in AUTH_STATUSES:
+            if node.via_agent and status in AUTH_STATUSES:
                 # Our token, not the client's: never hand this 401 to the client as if it were theirs.
                 verdict = True
                 detail = f"agent {node.name} rejected the router's token (HTTP {status}); check its token in servers.toml"
@@ -505,7 +464,7 @@ class Proxy:
         self,
         request: web.Request,
         up: aiohttp.ClientResponse,
-        node: Node,
+        node: Target,
         model: str,
         request_id: str,
         t0: float,
@@ -531,7 +490,7 @@ class Proxy:
             metrics.observe_ttfb(model, elapsed)
             metrics.observe_latency(model, elapsed)
             self._count(model, node.name, up.status)
-            request[RESPONSE_TAIL] = data  # the engine's usage is read from its end (auth.py)
+            self.on_complete(ResponseComplete(request, up.status, data))  # the engine's usage is at its end
             return web.Response(status=up.status, body=data, headers=headers)
 
         # A stream (or an unsized body): wait for its first chunk (up to the first-byte timeout,
@@ -549,7 +508,7 @@ class Proxy:
             set_read_timeout(up, idle)
         resp = web.StreamResponse(status=up.status, headers=headers)
         status = up.status
-        # The last chunks relayed (references, not copies): the engine's usage is in them (auth.py).
+        # The last chunks relayed (references, not copies): the engine's usage is in them.
         tail0 = tail1 = b""
         tail2 = chunk = first
         ttfb = True
@@ -591,7 +550,7 @@ class Proxy:
             status = 499
         finally:
             watch.cancel()
-        request[RESPONSE_TAIL] = tail0 + tail1 + tail2
+        self.on_complete(ResponseComplete(request, resp.status, tail0 + tail1 + tail2))
         metrics.observe_latency(model, time.perf_counter() - t0)
         self._count(model, node.name, status)
         return resp
@@ -600,7 +559,7 @@ class Proxy:
         self,
         request: web.Request,
         resp: web.StreamResponse,
-        node: Node,
+        node: Target,
         ctype: str,
         exc: BaseException,
         request_id: str,
@@ -619,14 +578,14 @@ class Proxy:
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
-    def _node_ok(self, node: Node, sent: float) -> None:
+    def _node_ok(self, node: Target, sent: float) -> None:
         self._transition(node, node.breaker.on_success(time.monotonic(), sent))
 
-    def _node_failed(self, node: Node, kind: str, sent: float | None = None) -> None:
+    def _node_failed(self, node: Target, kind: str, sent: float | None = None) -> None:
         self.state.metrics.node_failures.labels(node.name, kind).inc()
         self._transition(node, node.breaker.on_failure(time.monotonic(), sent))
 
-    def _transition(self, node: Node, transition: Transition | None) -> None:
+    def _transition(self, node: Target, transition: Transition | None) -> None:
         if transition is None:
             return
         self.state.metrics.breaker_transitions.labels(node.name, transition.new.value).inc()

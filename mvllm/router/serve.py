@@ -1,5 +1,7 @@
-"""The `mvllm run` process: logging, config lookup (or the demo), the listening router, and a clean
-stop on Ctrl-C / SIGTERM that also stops every engine the demo started."""
+"""The router process: logging, config lookup (or the demo), the listening router, and a clean
+stop on Ctrl-C / SIGTERM that also stops every engine the demo started. What runs in front of it
+while it listens (the dashboard of `mvllm run`) is passed in by the caller, mvllm.launch: the
+router never imports the dashboard."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ from mvllm.router.eventloop import tune_gc
 log = logging.getLogger("mvllm.router")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+# What runs in front of a listening router until `stop` is set or it returns: (url, stop).
+Frontend = Callable[[str, asyncio.Event], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ def setup_logging(level: str) -> None:
     logging.getLogger("mvllm").setLevel(level.upper())
 
 
-def main(opts: ServeOptions) -> int:
+def main(opts: ServeOptions, frontend: Frontend | None = None) -> int:
+    """Run the router until Ctrl-C / SIGTERM (or until `frontend` returns); the exit status."""
     try:
         env = read_env(ROUTER_ENV, os.environ)
     except ConfigError as exc:
@@ -53,12 +59,12 @@ def main(opts: ServeOptions) -> int:
         return 2
     setup_logging(opts.log_level or env.get("log_level") or "info")
     try:
-        return run_loop(serve(opts))  # on uvloop when installed
+        return run_loop(serve(opts, frontend))  # on uvloop when installed
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
 
 
-async def serve(opts: ServeOptions) -> int:
+async def serve(opts: ServeOptions, frontend: Frontend | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,7 +87,7 @@ async def serve(opts: ServeOptions) -> int:
             return 0  # Ctrl-C while the engines were starting (they are stopped already)
         try:
             config = replace(fleet.router_config(host, port), log=apply_env(RouterConfig(), os.environ).log)
-            return await _serve_until_stopped(opts, config, None, host, port, stop, fleet)
+            return await _serve_until_stopped(opts, config, None, host, port, stop, fleet, frontend)
         finally:
             await fleet.stop()
 
@@ -93,21 +99,7 @@ async def serve(opts: ServeOptions) -> int:
     host = opts.host or config.host
     port = opts.port if opts.port is not None else config.port
     log.info("config %s: %d node(s)", path, len(config.nodes))
-    return await _serve_until_stopped(opts, config, path, host, port, stop, None)
-
-
-def _use_dashboard(opts: ServeOptions) -> bool:
-    """The dashboard on a terminal; plain log lines with --console or without a TTY (systemd, Docker)."""
-    return not opts.console and sys.stdin.isatty() and sys.stdout.isatty()
-
-
-async def _run_dashboard(url: str, host: str, port: int, stop: asyncio.Event) -> None:
-    # The dashboard reads this router over HTTP like any remote one (mvllm.tui never imports us).
-    from mvllm.tui.app import run_dashboard
-
-    if host in ("", "0.0.0.0", "::"):
-        url = f"http://127.0.0.1:{port}"
-    await run_dashboard(url, key=os.environ.get("MVLLM_ADMIN_KEY") or None, embedded=True, stop=stop)
+    return await _serve_until_stopped(opts, config, path, host, port, stop, None, frontend)
 
 
 async def _unless_stopped(coro: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
@@ -134,6 +126,7 @@ async def _serve_until_stopped(
     port: int,
     stop: asyncio.Event,
     fleet: DemoFleet | None,
+    frontend: Frontend | None,
 ) -> int:
     if not opts.log_level and config.log.level:
         logging.getLogger("mvllm").setLevel(config.log.level.upper())
@@ -145,7 +138,7 @@ async def _serve_until_stopped(
             return 1
         if log_file is not None:
             log.info("logging to %s (rotated at %d bytes, %d kept)", log_file, config.log.max_bytes, config.log.backups)
-        return await _listen(opts, config, path, host, port, stop, fleet)
+        return await _listen(opts, config, path, host, port, stop, fleet, frontend)
 
 
 async def _listen(
@@ -156,6 +149,7 @@ async def _listen(
     port: int,
     stop: asyncio.Event,
     fleet: DemoFleet | None,
+    frontend: Frontend | None,
 ) -> int:
     try:
         async with running_router(config, host=host, port=port, config_path=path) as router:
@@ -164,8 +158,10 @@ async def _listen(
             if fleet is not None:
                 reason = "--demo given" if opts.demo else "no servers.toml found"
                 print(fleet.banner(router.url, reason), flush=True)
-            if _use_dashboard(opts):
-                await _run_dashboard(router.url, host, router.port, stop)
+            if frontend is not None:
+                # A wildcard listen address is no address to connect to: the front end uses loopback.
+                url = f"http://127.0.0.1:{router.port}" if host in ("", "0.0.0.0", "::") else router.url
+                await frontend(url, stop)
             else:
                 await stop.wait()
             log.info("stopping: in-flight requests get up to a few seconds to finish")

@@ -12,11 +12,12 @@ from typing import Any
 
 import aiohttp
 
-from mvllm.router.auth import AuthGate
+from mvllm.router.access.gate import AuthGate
 from mvllm.router.config import RouterConfig
+from mvllm.router.fleet.registry import Diff, Registry
+from mvllm.router.fleet.targets import Node
 from mvllm.router.metrics import RouterMetrics
 from mvllm.router.policy import Policy, make_policy
-from mvllm.router.registry import Diff, Node, Registry
 
 log = logging.getLogger("mvllm.router.state")
 
@@ -50,7 +51,7 @@ class RouterState:
     metrics: RouterMetrics
     rng: random.Random
     timeout: aiohttp.ClientTimeout
-    gate: AuthGate  # API keys and limits (auth.py), swapped in place on reload
+    gate: AuthGate  # API keys and limits (access/gate.py), swapped in place on reload
     session: aiohttp.ClientSession | None = None
     started_at: float = field(default_factory=time.time)
     last_reload: ReloadStatus | None = None

@@ -86,7 +86,7 @@ def client(router: RunningRouter, **kw: Any) -> AsyncOpenAI:
 
 
 def node_state(router: RunningRouter, name: str) -> dict[str, Any]:
-    from mvllm.router.app import load_stats_snapshot
+    from mvllm.router.stats import load_stats_snapshot
 
     for n in load_stats_snapshot(router.state)["nodes"]:
         if n["name"] == name:

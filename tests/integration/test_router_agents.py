@@ -25,9 +25,10 @@ import openai
 import pytest
 import tomli_w
 
-from mvllm.router.app import RunningRouter, load_stats_snapshot, running_router
+from mvllm.router.app import RunningRouter, running_router
 from mvllm.router.config import load_config
 from mvllm.router.reload import reload_config
+from mvllm.router.stats import load_stats_snapshot
 from tests.integration.router_support import FAST, wait_until
 from tests.integration.test_agent_lifecycle import TOKEN, Agent, marked_processes, model
 

@@ -21,7 +21,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from mvllm.router.keys import hash_key
+from mvllm.router.access.keys import hash_key
 from mvllm.tui.app import DashboardApp
 from mvllm.tui.widgets import SyncedTable
 from tests.integration.router_support import node, wait_until

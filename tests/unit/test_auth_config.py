@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from mvllm.common.tomlconf import ConfigError
-from mvllm.router.auth_config import AuthConfig, load_auth, load_auth_from_file, load_keys_file
-from mvllm.router.keys import authorize
-from mvllm.router.limits import LimitSpec, QueueSpec, QuotaSpec
+from mvllm.router.access.config import AuthConfig, load_auth, load_auth_from_file, load_keys_file
+from mvllm.router.access.keys import authorize
+from mvllm.router.access.limits import LimitSpec, QueueSpec, QuotaSpec
 
 SECRET_A = "sk-team-a-0123456789abcdef"
 SECRET_B = "sk-team-b-fedcba9876543210"

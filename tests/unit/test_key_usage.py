@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from mvllm.router.auth import AuthGate
-from mvllm.router.auth_config import AuthConfig, load_auth
-from mvllm.router.key_usage import (
+from mvllm.router.access.config import AuthConfig, load_auth
+from mvllm.router.access.gate import AuthGate
+from mvllm.router.access.keys import ApiKey, hash_key
+from mvllm.router.access.limits import SECONDS_PER_DAY, KeyUsage, LimitSet, QuotaSpec, Verdict
+from mvllm.router.access.usage_file import (
     KeyOverride,
     KeyOverrides,
     UsageDoc,
@@ -24,9 +26,7 @@ from mvllm.router.key_usage import (
     encode_usage,
     key_fingerprint,
 )
-from mvllm.router.keys import ApiKey, hash_key
-from mvllm.router.limits import SECONDS_PER_DAY, KeyUsage, LimitSet, QuotaSpec, Verdict
-from mvllm.router.usage_store import UsageStore, read_usage_file, write_usage_file
+from mvllm.router.access.usage_store import UsageStore, read_usage_file, write_usage_file
 
 SECRET = "sk-unit-usage-0123456789abcdef"
 OTHER = "sk-unit-other-0123456789abcdef"

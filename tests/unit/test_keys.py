@@ -7,8 +7,8 @@ import pytest
 from multidict import CIMultiDict
 
 from mvllm.common.errors import error_body
-from mvllm.router import keys as keys_mod
-from mvllm.router.keys import (
+from mvllm.router.access import keys as keys_mod
+from mvllm.router.access.keys import (
     ApiKey,
     KeyStore,
     authorize,

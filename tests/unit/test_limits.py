@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mvllm.router.limits import (
+from mvllm.router.access.limits import (
     QUEUE_POLL_SECONDS,
     ConcurrencyLimit,
     LimitSet,

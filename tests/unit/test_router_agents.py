@@ -14,8 +14,10 @@ from multidict import CIMultiDict
 
 from mvllm.common.state import AgentState, CatalogEntry, InstanceState
 from mvllm.common.tomlconf import ConfigError
-from mvllm.router.agents import AgentNode, AgentRoute, agent_stats, no_room_answer, unread_catalogs
 from mvllm.router.config import NodeConfig, RouterConfig, load_config
+from mvllm.router.fleet.agents import AgentNode, AgentRoute, agent_stats, no_room_answer, unread_catalogs
+from mvllm.router.fleet.registry import Registry
+from mvllm.router.fleet.targets import Health, Node
 from mvllm.router.policy import (
     TIER_AWAKE,
     TIER_EVICT,
@@ -27,7 +29,6 @@ from mvllm.router.policy import (
     RoundRobin,
     choose_tiered,
 )
-from mvllm.router.registry import Health, Node, Registry
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -214,7 +215,7 @@ def test_routes_are_kept_across_states_and_names_follow_the_catalog() -> None:
 
 
 def test_in_flight_counts_on_the_agent_and_a_dispatch_marks_the_route_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mvllm.router.agents as agents
+    import mvllm.router.fleet.agents as agents
 
     clock = [150.0]
     monkeypatch.setattr(agents.time, "monotonic", lambda: clock[0])

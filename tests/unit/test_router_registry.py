@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from mvllm.router.breaker import BreakerState
 from mvllm.router.config import BreakerConfig, NodeConfig, RouterConfig
-from mvllm.router.registry import Health, Registry
-from mvllm.router.scraper import parse_load
+from mvllm.router.fleet.registry import Registry
+from mvllm.router.fleet.scraper import parse_load
+from mvllm.router.fleet.targets import Health
 
 
 def cfg(*nodes: NodeConfig, **kw: object) -> RouterConfig:

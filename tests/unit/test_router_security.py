@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from mvllm.common.tomlconf import ConfigError
-from mvllm.router.auth import AuthGate, is_loopback_address, is_loopback_host, visible_models
-from mvllm.router.auth_config import AuthConfig, load_auth
+from mvllm.router.access.config import AuthConfig, load_auth
+from mvllm.router.access.gate import AuthGate, is_loopback_address, is_loopback_host, visible_models
+from mvllm.router.access.guard import header_problem, path_problem
+from mvllm.router.access.keys import ApiKey, hash_key
+from mvllm.router.access.usage_tail import TAIL_BYTES, find_usage, usage_tokens
 from mvllm.router.config import parse_config
-from mvllm.router.guard import header_problem, path_problem
-from mvllm.router.keys import ApiKey, hash_key
-from mvllm.router.usage import TAIL_BYTES, find_usage, usage_tokens
 
 KEY = "sk-unit-test-0123456789abcdef"
 

@@ -1,4 +1,4 @@
-"""SGLang's load metrics (mvllm.router.engines) and `engine = "sglang"` in [servers]."""
+"""SGLang's load metrics (mvllm.router.fleet.engines) and `engine = "sglang"` in [servers]."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 from mvllm.common.tomlconf import ConfigError
 from mvllm.router.config import parse_config
-from mvllm.router.engines import parse_sglang_load
-from mvllm.router.scraper import parse_load
+from mvllm.router.fleet.engines import parse_sglang_load
+from mvllm.router.fleet.scraper import parse_load
 
 # As SGLang's SchedulerMetricsCollector exports them (labels model_name, engine_type, tp_rank, pp_rank).
 ONE_RANK = """\

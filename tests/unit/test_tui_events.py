@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from mvllm.router.admin import EventLog
+from mvllm.router.admin.nodes import EventLog
 from mvllm.tui.cells import event_text
 
 

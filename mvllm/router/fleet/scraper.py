@@ -12,14 +12,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 
 from mvllm.common.prom import iter_samples
-from mvllm.router.agents import AgentNode, poll_agent
-from mvllm.router.engines import missing_metrics_message, parse_sglang_load
-from mvllm.router.registry import Health, Node
+from mvllm.router.fleet.agent_client import describe, poll_agent
+from mvllm.router.fleet.agents import AgentNode
+from mvllm.router.fleet.engines import missing_metrics_message, parse_sglang_load
+from mvllm.router.fleet.targets import Health, Node
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.scraper")
@@ -44,12 +45,6 @@ def parse_load(text: str) -> tuple[float, float, dict[str, tuple[float, float]]]
     running = sum(v[0] for v in per_model.values())
     waiting = sum(v[1] for v in per_model.values())
     return running, waiting, {m: (v[0], v[1]) for m, v in per_model.items()}
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class Scraper:
@@ -110,9 +105,9 @@ class Scraper:
     # -- jobs (each catches its own errors: one bad node never stops a loop) ----------------------
 
     async def scrape(self, node: Node) -> None:
-        if isinstance(node, AgentNode):
+        if node.via_agent:
             # An agent's load, engines and catalog come from its /state, which also shows it is up.
-            answered, error = await poll_agent(self.state, node)
+            answered, error = await poll_agent(self.state, cast(AgentNode, node))
             if answered is not None:
                 self._set_health(node, None if answered else error)
             return
@@ -154,7 +149,7 @@ class Scraper:
         self._set_health(node, error)
 
     async def discover(self, node: Node) -> None:
-        if isinstance(node, AgentNode):
+        if node.via_agent:
             return  # its catalog comes with its /state
         timeout = aiohttp.ClientTimeout(total=self.state.config.health.timeout)
         try:

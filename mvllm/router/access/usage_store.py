@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from mvllm.router.auth import AuthGate
-from mvllm.router.key_usage import UsageDoc, UsageFileError, decode_usage, encode_usage
+from mvllm.router.access.gate import AuthGate
+from mvllm.router.access.usage_file import UsageDoc, UsageFileError, decode_usage, encode_usage
 
 log = logging.getLogger("mvllm.router.usage")
 

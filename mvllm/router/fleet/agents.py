@@ -1,25 +1,24 @@
-"""The router's side of node agents (`mvllm agent`): each agent's `GET /state` read on the scrape
-cycle and turned into registry entries, and the client of the agents' lifecycle API.
+"""The router's model of node agents (`mvllm agent`): each agent's last `GET /state` turned into
+registry entries (the HTTP calls themselves are in agent_client.py).
 
 An agent is one node of the registry (`AgentNode`, kind "agent": health, drain, token, what its
 /state said). The model index lists, for each name in its catalog, the agent's `AgentRoute` for
 the catalog entry serving that name: the unit the proxy sends a request to and the policy scores.
 A route is awake (scored exactly like a static node, with the engine's running/waiting from
 /state and capacity = its max_num_seqs) or cold, and then ranked loading > sleeping > fits >
-evict > no_room (policy.choose_tiered; "no room" in a /state is not final, see there). Requests
+evict > no_room (policy.engine_tier and choose_tiered; "no room" in a /state is not final, see there). Requests
 to an agent carry its token in place of the client's Authorization, and may wait up to
 `load_timeout` for their first byte (a load).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, cast
 
 import aiohttp
 from aiohttp import web
@@ -27,32 +26,16 @@ from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response
 from mvllm.common.state import (
-    FAILED,
-    PLACEMENT_EVICT,
-    PLACEMENT_NO_ROOM,
     READY,
-    SLEEPING,
-    STARTING,
     STOPPED,
     AgentState,
     CatalogEntry,
     InstanceState,
-    StateVersionError,
 )
 from mvllm.router.breaker import Breaker
 from mvllm.router.config import NodeConfig
-from mvllm.router.policy import (
-    TIER_AWAKE,
-    TIER_EVICT,
-    TIER_FITS,
-    TIER_LOADING,
-    TIER_NAMES,
-    TIER_NO_ROOM,
-    TIER_SLEEPING,
-    Policy,
-)
-from mvllm.router.registry import Health, Node
-from mvllm.router.state import RouterState
+from mvllm.router.fleet.targets import Health, LoadCounter, Node, Target
+from mvllm.router.policy import TIER_NAMES, Policy, engine_tier
 
 log = logging.getLogger("mvllm.router.agents")
 
@@ -63,13 +46,13 @@ AUTH_STATUSES = frozenset({401, 403})
 NO_ROOM_CODE = "no_room"
 
 
-class AgentRoute:
+class AgentRoute(LoadCounter):
     """One catalog entry of one agent as a proxy target (the engine behind the agent serving it).
 
-    It offers what the proxy and the policy use of a Node (name, url, kind, weight, in_flight,
-    breaker, health, draining, retired, routable, running/waiting/capacity) plus its `tier`. Its
-    breaker is its own, so one failing engine ejects only itself; the agent's health, drain and
-    removal apply to every route of the agent.
+    It implements targets.Target (name, url, kind, weight, in_flight, breaker, health, draining,
+    retired, routable, running/waiting/capacity, tier, upstream headers and timeout). Its breaker
+    is its own, so one failing engine ejects only itself; the agent's health, drain and removal
+    apply to every route of the agent.
     """
 
     __slots__ = (
@@ -78,12 +61,10 @@ class AgentRoute:
         "breaker",
         "dispatched_at",
         "entry",
-        "in_flight_at_scrape",
         "instance",
-        "scraped_running",
-        "scraped_waiting",
     )
     kind = "agent"
+    via_agent = True
 
     def __init__(self, agent: AgentNode, entry: CatalogEntry, breaker: Breaker) -> None:
         self.agent = agent
@@ -91,15 +72,23 @@ class AgentRoute:
         self.instance: InstanceState | None = None
         self.breaker = breaker
         self._in_flight = 0
-        self.in_flight_at_scrape = 0
-        self.scraped_running = 0.0
-        self.scraped_waiting = 0.0
+        self._init_load()
         self.dispatched_at = 0.0  # monotonic time of the last request sent here
 
     def __repr__(self) -> str:
         return f"AgentRoute({self.agent.name!r}, {self.instance_name!r}, {self.state})"
 
-    # -- what the proxy reads of a node ---------------------------------------------------------
+    # -- what the proxy reads of a target -------------------------------------------------------
+
+    @property
+    def owner(self) -> AgentNode:
+        return self.agent
+
+    def upstream_headers(self, client: CIMultiDict[str]) -> CIMultiDict[str]:
+        return self.agent.upstream_headers(client)
+
+    def upstream_timeout(self, base: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+        return self.agent.upstream_timeout(base)
 
     @property
     def name(self) -> str:
@@ -161,39 +150,12 @@ class AgentRoute:
         return cap or self.entry.max_num_seqs or self.agent.default_capacity
 
     @property
-    def running(self) -> float:
-        r = self.scraped_running + (self._in_flight - self.in_flight_at_scrape)
-        if r < 0:
-            return 0.0
-        cap = self.capacity
-        return float(cap) if r > cap else r
-
-    @property
-    def waiting(self) -> float:
-        r = self.scraped_running + (self._in_flight - self.in_flight_at_scrape)
-        over = r - self.capacity
-        return self.scraped_waiting + over if over > 0 else self.scraped_waiting
-
-    @property
     def tier(self) -> int | None:
-        """Where this model stands on this agent (policy.choose_tiered); None: not a candidate."""
-        state = self.state
-        if state == READY:
-            return TIER_AWAKE
-        if state == FAILED:
-            return None  # the agent answers 503 until someone loads it again by hand
+        """Where this model stands on this agent (policy.engine_tier); None: not a candidate."""
         # Requests of ours sent since the agent's last /state was asked for (or still waiting)
-        # make it load or wake: send more of them there, to share that one load.
-        if state == STARTING or self._in_flight > 0 or self.dispatched_at > self.agent.state_sent_at:
-            return TIER_LOADING
-        if state == SLEEPING:
-            return TIER_SLEEPING
-        placement = self.entry.placement
-        if placement == PLACEMENT_NO_ROOM:
-            # Not final: the /state is up to a scrape interval old, and the models in the way may
-            # have gone idle since. Tried last; the agent decides with live data.
-            return TIER_NO_ROOM
-        return TIER_EVICT if placement == PLACEMENT_EVICT else TIER_FITS
+        # make it load or wake: they count as a load under way.
+        pending = self._in_flight > 0 or self.dispatched_at > self.agent.state_sent_at
+        return engine_tier(self.state, self.entry.placement, pending)
 
     def routable(self, now: float) -> bool:
         return self.agent.routable(now) and self.breaker.available(now) and self.tier is not None
@@ -201,9 +163,10 @@ class AgentRoute:
     def update(self, entry: CatalogEntry, instance: InstanceState | None) -> None:
         self.entry = entry
         self.instance = instance
-        self.scraped_running = float(instance.running) if instance is not None else 0.0
-        self.scraped_waiting = float(instance.waiting) if instance is not None else 0.0
-        self.in_flight_at_scrape = self._in_flight
+        if instance is not None:
+            self.record_load(float(instance.running), float(instance.waiting))
+        else:
+            self.record_load(0.0, 0.0)
 
 
 class AgentNode(Node):
@@ -234,12 +197,10 @@ class AgentNode(Node):
         self._timeout: aiohttp.ClientTimeout | None = None
         self._timeout_key: tuple[Any, float] | None = None
 
+    via_agent = True
+
     def __repr__(self) -> str:
         return f"AgentNode({self.name!r}, {self.url!r})"
-
-    @property
-    def agent(self) -> AgentNode:  # type: ignore[override]
-        return self
 
     def route_for(self, model: str) -> AgentRoute:
         return self.by_model[model]
@@ -362,110 +323,13 @@ def _card(name: str, root: str, parent: str | None, max_model_len: int | None, c
     }
 
 
-# -- polling ------------------------------------------------------------------------------------------
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-async def poll_agent(state: RouterState, node: AgentNode) -> tuple[bool | None, str | None]:
-    """Read one agent's `/state` and apply it. Returns (answered, error) for its health: answered
-    is True when the agent answered at all (even 401), False when it could not be reached (error
-    says why), None when the read timed out (no verdict: the health check decides)."""
-    session = state.session
-    assert session is not None
-    timeout = aiohttp.ClientTimeout(total=state.config.scrape.timeout)
-    sent = time.monotonic()
-    try:
-        async with session.get(node.url + "/state", headers=node.auth_headers, timeout=timeout) as resp:
-            if resp.status in AUTH_STATUSES:
-                _set_fatal(
-                    node,
-                    f"the agent rejected the router's token (HTTP {resp.status} on /state): "
-                    f"check token / token_env of agent {node.name} in servers.toml",
-                )
-                return True, None
-            if resp.status != 200:
-                node.scrape_error = f"/state answered HTTP {resp.status}"
-                return True, None
-            doc = await resp.json(content_type=None)
-    except asyncio.TimeoutError:
-        node.scrape_error = "/state: timed out"
-        return None, node.scrape_error
-    except (aiohttp.ClientConnectionError, OSError) as exc:
-        node.scrape_error = f"/state: {describe(exc)}"
-        _unreachable(node)
-        return False, node.scrape_error
-    except (aiohttp.ClientError, ValueError) as exc:
-        node.scrape_error = f"/state: {describe(exc)}"
-        return True, None
-    try:
-        st = AgentState.from_dict(doc)
-    except StateVersionError as exc:
-        _set_fatal(node, f"agent {node.name} sent a /state this router cannot read ({exc}): upgrade one of them")
-        return True, None
-    except (ValueError, TypeError, KeyError) as exc:
-        node.scrape_error = f"/state is malformed: {describe(exc)}"
-        return True, None
-    if node.fatal_error is not None:
-        log.info("agent %s accepts the router again", node.name)
-        node.fatal_error = None
-    if node.unreachable or node.health is Health.DOWN:
-        _readmit_routes(state, node)
-    first = node.state is None
-    try:
-        moved = node.apply_state(st, sent, time.monotonic())
-        changed = state.registry.set_models(node, node.model_cards())
-    except (TypeError, ValueError, AttributeError) as exc:  # a field of the wrong type: keep the last view
-        node.scrape_error = f"/state is malformed: {describe(exc)}"
-        return True, None
-    if moved and not changed and not node.retired:
-        state.registry.reindex()
-    if first or changed:
-        awake = [r.instance_name for r in node.routes.values() if r.state == READY]
-        log.info(
-            "agent %s (%s, engine %s): catalog %s; awake: %s",
-            node.name,
-            st.host,
-            st.engine,
-            ", ".join(sorted(node.models)) or "empty",
-            ", ".join(awake) or "none",
-        )
-    return True, None
-
-
-def _set_fatal(node: AgentNode, message: str) -> None:
-    node.scrape_error = message
-    if node.fatal_error != message:
-        log.error("agent %s: %s", node.name, message)  # once per change, not once per scrape
-        node.fatal_error = message
-
-
-def _unreachable(node: AgentNode) -> None:
-    if not node.unreachable:
-        node.unreachable = True
-        log.debug("agent %s unreachable: %s", node.name, node.scrape_error)
-
-
-def _readmit_routes(state: RouterState, node: AgentNode) -> None:
-    """The agent is back: its engines get a fresh start instead of waiting out their breakers."""
-    node.unreachable = False
-    for route in node.routes.values():
-        transition = route.breaker.reset()
-        if transition is not None:
-            state.metrics.breaker_transitions.labels(node.name, transition.new.value).inc()
-
-
 class FailedAnswer(Protocol):
     """What the proxy keeps of a node's failed answer (proxy.UpstreamAnswer)."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes
-    node: Node
+    node: Target
 
 
 def no_room_answer(model: str, answers: Sequence[FailedAnswer]) -> web.Response | None:
@@ -475,7 +339,7 @@ def no_room_answer(model: str, answers: Sequence[FailedAnswer]) -> web.Response 
     reasons = []
     waits = []
     for a in answers:
-        if a.status != 503 or a.node.agent is None:
+        if a.status != 503 or not a.node.via_agent:
             return None
         try:
             err = json.loads(a.body).get("error")
@@ -499,31 +363,11 @@ def no_room_answer(model: str, answers: Sequence[FailedAnswer]) -> web.Response 
     )
 
 
-def unread_catalogs(nodes: tuple[Node, ...]) -> str:
+def unread_catalogs(nodes: Iterable[Node]) -> str:
     """For a 404: the agents whose catalog is unknown (never read), since the model may be theirs."""
-    unread = [f"{n.name}: {n.error or 'not read yet'}" for n in nodes if isinstance(n, AgentNode) and n.state is None]
+    agents = [cast(AgentNode, n) for n in nodes if n.via_agent]
+    unread = [f"{n.name}: {n.error or 'not read yet'}" for n in agents if n.state is None]
     return f" (catalog unknown for agent {'; '.join(unread)})" if unread else ""
-
-
-# -- the lifecycle API of an agent ------------------------------------------------------------------
-
-
-async def call_agent(
-    state: RouterState, node: AgentNode, method: str, path: str, *, timeout: float, json: Any = None
-) -> tuple[int, bytes, str]:
-    """One lifecycle call (`POST /models/NAME/load` ...) with the agent's token and an optional JSON
-    body: (status, body, content type). Raises aiohttp.ClientError / asyncio.TimeoutError / OSError
-    when there is no answer."""
-    session = state.session
-    assert session is not None
-    async with session.request(
-        method,
-        node.url + path,
-        json=json,
-        headers=node.auth_headers,
-        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=state.config.timeouts.connect),
-    ) as resp:
-        return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
 
 
 # -- views ---------------------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-from mvllm.common.errors import error_response
-from mvllm.router.app import CONFIG_PATH_KEY, STATE_KEY, load_stats_snapshot
-from mvllm.router.registry import Node
+from mvllm.router.admin.errors import AdminError
+from mvllm.router.appkeys import CONFIG_PATH_KEY, STATE_KEY
+from mvllm.router.fleet.targets import Node
 from mvllm.router.reload import reload_config
 from mvllm.router.state import RouterState
+from mvllm.router.stats import load_stats_snapshot
 
 log = logging.getLogger("mvllm.router.admin")
 
@@ -78,11 +79,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
 
-def _node_or_404(state: RouterState, name: str) -> Node | web.Response:
+def _node_or_404(state: RouterState, name: str) -> Node:
     node = state.registry.get(name)
     if node is None:
         known = ", ".join(n.name for n in state.registry.nodes()) or "none"
-        return error_response(404, f"no node named {name!r} (nodes: {known})", code="node_not_found")
+        raise AdminError(404, f"no node named {name!r} (nodes: {known})", code="node_not_found")
     return node
 
 
@@ -141,8 +142,6 @@ def _node_entry(request: web.Request, name: str) -> dict[str, Any]:
 async def drain_node(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     node = _node_or_404(state, request.match_info["name"])
-    if isinstance(node, web.Response):
-        return node
     if not node.admin_drain:
         node.admin_drain = True
         log.info("node %s drained by admin (%d request(s) in flight finish there)", node.name, node.in_flight)
@@ -152,10 +151,8 @@ async def drain_node(request: web.Request) -> web.Response:
 async def undrain_node(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     node = _node_or_404(state, request.match_info["name"])
-    if isinstance(node, web.Response):
-        return node
     if node.cfg.drain:
-        return error_response(
+        raise AdminError(
             409,
             f"node {node.name} is drained by servers.toml (drain = true); set drain = false there to undrain it",
             code="drained_by_config",
@@ -170,11 +167,11 @@ async def reload(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     path = request.app.get(CONFIG_PATH_KEY)
     if path is None:
-        return error_response(409, "this router runs without a config file (the demo): nothing to reload", code="no_config_file")
+        raise AdminError(409, "this router runs without a config file (the demo): nothing to reload", code="no_config_file")
     log.info("config reload asked through the admin API")
     if not await reload_config(state, Path(path)):
         message = state.last_reload.message if state.last_reload else "invalid config"
-        return error_response(400, f"config rejected, the previous one stays: {message}", code="invalid_config")
+        raise AdminError(400, f"config rejected, the previous one stays: {message}", code="invalid_config")
     status = state.last_reload
     return _json(
         {
@@ -186,7 +183,7 @@ async def reload(request: web.Request) -> web.Response:
     )
 
 
-def _int_param(request: web.Request, name: str, default: int | None) -> int | web.Response | None:
+def _int_param(request: web.Request, name: str, default: int | None) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -195,18 +192,14 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | we
     except ValueError:
         value = -1
     if value < 0:
-        return error_response(400, f"query parameter {name!r} must be a non-negative integer, got {raw!r}", code="invalid_parameter")
+        raise AdminError(400, f"query parameter {name!r} must be a non-negative integer, got {raw!r}", code="invalid_parameter")
     return value
 
 
 async def get_events(request: web.Request) -> web.Response:
     events = request.app[EVENTS_KEY]
     since = _int_param(request, "since", 0)
-    if isinstance(since, web.Response):
-        return since
     limit = _int_param(request, "limit", None)
-    if isinstance(limit, web.Response):
-        return limit
     assert since is not None
     items = events.since(since, limit)
     return _json(
@@ -234,13 +227,16 @@ async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
         logger.removeHandler(handler)
 
 
-def register_admin_routes(app: web.Application) -> None:
-    """Add /admin/nodes, drain/undrain, reload and events to `app`, and start recording events
-    before any other background work starts (so startup lines are kept too)."""
+ROUTES = [
+    web.get("/admin/nodes", get_nodes),
+    web.post("/admin/nodes/{name}/drain", drain_node),
+    web.post("/admin/nodes/{name}/undrain", undrain_node),
+    web.post("/admin/reload", reload),
+    web.get("/admin/events", get_events),
+]
+
+
+def setup(app: web.Application) -> None:
+    """Start recording events before any other background work starts (so startup lines are kept too)."""
     app[EVENTS_KEY] = EventLog()
-    app.router.add_get("/admin/nodes", get_nodes)
-    app.router.add_post("/admin/nodes/{name}/drain", drain_node)
-    app.router.add_post("/admin/nodes/{name}/undrain", undrain_node)
-    app.router.add_post("/admin/reload", reload)
-    app.router.add_get("/admin/events", get_events)
     app.cleanup_ctx.insert(0, _events_ctx)

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mvllm.router.keys import ApiKey
-from mvllm.router.limits import LIMIT_NAMES, SECONDS_PER_DAY, KeyUsage
+from mvllm.router.access.keys import ApiKey
+from mvllm.router.access.limits import LIMIT_NAMES, SECONDS_PER_DAY, KeyUsage
 
 USAGE_FILE_VERSION = 1
 _EPOCH = dt.date(1970, 1, 1)

@@ -5,22 +5,20 @@ The agent's answer (the instance's state) comes back as it is."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import time
 from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
 
-from mvllm.common.errors import error_response
 from mvllm.common.state import READY, SLEEPING, STOPPED, InstanceState
-from mvllm.router.agents import AUTH_STATUSES, AgentNode, AgentRoute, call_agent, describe
-from mvllm.router.app import SCRAPER_KEY, STATE_KEY
+from mvllm.router.admin.agent_calls import call, model_routes, relay
+from mvllm.router.admin.errors import AdminError
+from mvllm.router.appkeys import SCRAPER_KEY, STATE_KEY
+from mvllm.router.fleet.agents import AgentRoute
 from mvllm.router.policy import choose_tiered
-from mvllm.router.proxy import NODE_HEADER
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.admin")
@@ -30,48 +28,18 @@ ACTIONS = ("load", "unload", "sleep", "wake")
 _CALL_MARGIN_S = 30.0
 
 
-def _routes(state: RouterState, model: str, node_name: str | None) -> list[AgentRoute] | web.Response:
-    """The routes of `model` (a name clients send, or a catalog name) on the agent named, or on every agent."""
-    if node_name:
-        node = state.registry.get(node_name)
-        if node is None:
-            return error_response(404, f"no node named {node_name!r}", code="node_not_found")
-        if not isinstance(node, AgentNode):
-            return error_response(
-                400, f"node {node_name} is a static server: its models are managed where it runs", code="not_an_agent"
-            )
-        agents = [node]
-    else:
-        agents = [n for n in state.registry.nodes() if isinstance(n, AgentNode)]
-    routes = []
-    for agent in agents:
-        route = agent.by_model.get(model) or agent.routes.get(model)
-        if route is not None:
-            routes.append(route)
-    if routes:
-        return routes
-    unread = [f"{a.name} ({a.error or 'not read yet'})" for a in agents if a.state is None]
-    if node_name:
-        message = f"agent {node_name}'s catalog has no model `{model}`"
-    else:
-        message = f"no agent's catalog has model `{model}`"
-    if unread:
-        message += f"; catalog unknown for {', '.join(unread)}"
-    return error_response(404, message, code="model_not_found")
-
-
 def _states(routes: list[AgentRoute]) -> str:
     return ", ".join(f"{r.agent.name}: {r.state}" for r in routes)
 
 
-def _choose(state: RouterState, action: str, model: str, routes: list[AgentRoute]) -> AgentRoute | web.Response:
+def _choose(state: RouterState, action: str, model: str, routes: list[AgentRoute]) -> AgentRoute:
     """Which agent acts when the request names none (load and wake as a request for the model would)."""
     now = time.monotonic()
     if action == "load":
         chosen = choose_tiered(state.policy, [r for r in routes if r.routable(now)], model)
         if chosen is None:
             wait = max(1, math.ceil(state.config.health.interval))
-            return error_response(
+            raise AdminError(
                 503,
                 f"no agent can load `{model}` now ({_states(routes)}): down, ejected or failed",
                 code="no_agent_available",
@@ -82,7 +50,7 @@ def _choose(state: RouterState, action: str, model: str, routes: list[AgentRoute
         asleep = [r for r in routes if r.state == SLEEPING and r.agent.routable(now)]
         chosen = state.policy.choose(asleep, model)
         if chosen is None:
-            return error_response(
+            raise AdminError(
                 409, f"`{model}` is asleep on no reachable agent ({_states(routes)}); use load", code="not_sleeping"
             )
         return chosen
@@ -92,9 +60,9 @@ def _choose(state: RouterState, action: str, model: str, routes: list[AgentRoute
         return holders[0]
     if not holders:
         what = "awake" if action == "sleep" else "loaded"
-        return error_response(409, f"`{model}` is not {what} on any agent ({_states(routes)})", code=f"not_{what}")
+        raise AdminError(409, f"`{model}` is not {what} on any agent ({_states(routes)})", code=f"not_{what}")
     names = ", ".join(r.agent.name for r in holders)
-    return error_response(
+    raise AdminError(
         409, f"`{model}` is on several agents ({names}): choose one with ?node=NAME", code="ambiguous_node"
     )
 
@@ -106,16 +74,12 @@ async def model_action(request: web.Request) -> web.Response:
     raw_level = request.query.get("level")
     if raw_level is not None:
         if action != "sleep":
-            return error_response(400, f"level applies to sleep only, not to {action}", code="invalid_parameter")
+            raise AdminError(400, f"level applies to sleep only, not to {action}", code="invalid_parameter")
         if raw_level not in ("1", "2"):
-            return error_response(400, f"level must be 1 or 2, got {raw_level!r}", code="invalid_parameter")
+            raise AdminError(400, f"level must be 1 or 2, got {raw_level!r}", code="invalid_parameter")
     node_name = request.query.get("node") or None
-    routes = _routes(state, model, node_name)
-    if isinstance(routes, web.Response):
-        return routes
+    routes = model_routes(state, model, node_name)
     route = routes[0] if node_name else _choose(state, action, model, routes)
-    if isinstance(route, web.Response):
-        return route
     agent = route.agent
     path = f"/models/{quote(route.instance_name, safe='')}/{action}"
     if raw_level is not None:
@@ -124,24 +88,12 @@ async def model_action(request: web.Request) -> web.Response:
         path += "?wait=false"  # the agent answers 202 as soon as the engine is starting
     wait = agent.cfg.load_timeout + _CALL_MARGIN_S
     log.info("admin: %s %s on agent %s (catalog entry %s)", action, model, agent.name, route.instance_name)
-    headers = {NODE_HEADER: agent.name}
-    try:
-        status, body, ctype = await call_agent(state, agent, "POST", path, timeout=wait)
-    except asyncio.TimeoutError:
-        return error_response(
-            504, f"agent {agent.name} did not finish {action} of `{model}` within {wait:g} s", headers=headers
-        )
-    except (aiohttp.ClientError, OSError) as exc:
-        return error_response(502, f"agent {agent.name} unreachable: {describe(exc)}", code="agent_unreachable", headers=headers)
-    if status in AUTH_STATUSES:
-        message = f"agent {agent.name} rejected the router's token (HTTP {status}): check its token in servers.toml"
-        log.error("admin: %s", message)
-        return error_response(502, message, code="agent_auth_failed", headers=headers)
-    if 200 <= status < 300:
-        _apply_instance(route, body)
+    answer = await call(state, agent, "POST", path, timeout=wait, what=f"{action} of `{model}`")
+    if 200 <= answer.status < 300:
+        _apply_instance(route, answer.body)
     # Read the agent again soon: placement and memory moved with this action.
     request.app[SCRAPER_KEY].probe_soon([agent])
-    return web.Response(status=status, body=body, headers={"Content-Type": ctype or "application/json", **headers})
+    return relay(answer, agent)
 
 
 def _apply_instance(route: AgentRoute, body: bytes) -> None:
@@ -154,6 +106,5 @@ def _apply_instance(route: AgentRoute, body: bytes) -> None:
         route.update(route.entry, inst)
 
 
-def register_model_routes(app: web.Application) -> None:
-    # A model name may hold slashes (HF ids): the action is the last path segment.
-    app.router.add_post("/admin/models/{model:.+}/{action:load|unload|sleep|wake}", model_action)
+# A model name may hold slashes (HF ids): the action is the last path segment.
+ROUTES = [web.post("/admin/models/{model:.+}/{action:load|unload|sleep|wake}", model_action)]

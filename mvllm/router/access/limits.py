@@ -22,7 +22,7 @@ Algorithms, with every parameter:
 - Quota(requests_total, requests_per_day): request counters; the day is the UTC day of the wall
   clock (POSIX time has no leap seconds, so days are exactly 86400 s and roll over at 00:00 UTC).
   Kept in memory here; `LimitSet.export_usage` / `restore_usage` let the router persist them
-  (router/usage_store.py), so a restart does not reset them.
+  (router/access/usage_store.py), so a restart does not reset them.
 - LimitSet: global limits plus, per key, its own limits and quota. A request is admitted only when
   every limit of every scope allows it, and then charged to all of them at once (nothing is charged
   on a denial). Otherwise the limit with the longest wait is reported: 429, `Retry-After` (integer
@@ -687,7 +687,7 @@ class LimitSet:
             for scope in ticket.scopes:
                 scope.concurrency.release()
 
-    # -- per-key usage, saved and restored across restarts (router/usage_store.py) ----------------------
+    # -- per-key usage, saved and restored across restarts (router/access/usage_store.py) ----------------------
 
     def _key_scope(self, name: str) -> _Scope:
         scope = self._keys.get(name)

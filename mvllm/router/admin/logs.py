@@ -17,13 +17,14 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from mvllm.common.errors import error_response
 from mvllm.common.logfiles import file_entries, remove_older_than, rotated_files, summary
 from mvllm.common.state import STOPPED
 from mvllm.common.tasks import background_task
-from mvllm.router.admin_models import _routes
-from mvllm.router.agents import AUTH_STATUSES, AgentNode, AgentRoute, describe
-from mvllm.router.app import STATE_KEY
+from mvllm.router.admin.agent_calls import call, model_routes
+from mvllm.router.admin.errors import AdminError
+from mvllm.router.appkeys import STATE_KEY
+from mvllm.router.fleet.agent_client import call_agent, describe
+from mvllm.router.fleet.agents import AgentNode, AgentRoute
 from mvllm.router.proxy import NODE_HEADER
 from mvllm.router.state import RouterState
 
@@ -64,26 +65,13 @@ def _router_cleanup(state: RouterState, days: float) -> list[dict[str, Any]]:
 # -- agents ---------------------------------------------------------------------------------------------
 
 
-def _agents(state: RouterState) -> list[AgentNode]:
-    return [n for n in state.registry.nodes() if isinstance(n, AgentNode)]
-
-
-async def _agent_call(
-    state: RouterState, agent: AgentNode, method: str, path: str, params: dict[str, str] | None = None
-) -> tuple[int, bytes, Any]:
-    session = state.session
-    assert session is not None
-    timeout = aiohttp.ClientTimeout(total=_AGENT_TIMEOUT_S, sock_connect=state.config.timeouts.connect)
-    async with session.request(method, agent.url + path, params=params, headers=agent.auth_headers, timeout=timeout) as resp:
-        return resp.status, await resp.read(), resp.headers.copy()
-
-
 async def _agent_json(state: RouterState, agent: AgentNode, method: str, path: str, params: dict[str, str] | None) -> dict[str, Any]:
     """The agent's JSON answer, or {"error": why} (one agent's trouble never fails the whole call)."""
     try:
-        status, body, _ = await _agent_call(state, agent, method, path, params)
+        answer = await call_agent(state, agent, method, path, timeout=_AGENT_TIMEOUT_S, params=params)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         return {"error": f"agent unreachable: {describe(exc)}"}
+    status, body = answer.status, answer.body
     try:
         doc = json.loads(body) if body else {}
     except ValueError:
@@ -95,7 +83,7 @@ async def _agent_json(state: RouterState, agent: AgentNode, method: str, path: s
     return doc if isinstance(doc, dict) else {"error": "the agent's answer is not a JSON object"}
 
 
-def _days(request: web.Request) -> float | web.Response | None:
+def _days(request: web.Request) -> float | None:
     raw = request.query.get("days")
     if raw is None or raw == "":
         return None
@@ -104,7 +92,7 @@ def _days(request: web.Request) -> float | web.Response | None:
     except ValueError:
         days = -1.0
     if days < 0:
-        return error_response(400, f"days must be a number >= 0, got {raw!r}", code="invalid_parameter")
+        raise AdminError(400, f"days must be a number >= 0, got {raw!r}", code="invalid_parameter")
     return days
 
 
@@ -113,7 +101,7 @@ def _days(request: web.Request) -> float | web.Response | None:
 
 async def logs_stats(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    agents = _agents(state)
+    agents = state.registry.agents()
     router, answers = await asyncio.gather(
         asyncio.to_thread(_router_stats, state),
         asyncio.gather(*(_agent_json(state, a, "GET", "/logs/stats", None) for a in agents)),
@@ -132,8 +120,6 @@ async def logs_stats(request: web.Request) -> web.Response:
 async def logs_cleanup(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     days = _days(request)
-    if isinstance(days, web.Response):
-        return days
     own_days = days if days is not None else state.config.log.retention_days
     if own_days is None:
         router: dict[str, Any] = {"skipped": "no ?days=N and no [router] log_retention_days"}
@@ -142,13 +128,13 @@ async def logs_cleanup(request: web.Request) -> web.Response:
         router = {"days": own_days, "removed": removed, "freed_bytes": sum(r["bytes"] for r in removed)}
         if removed:
             log.info("log cleanup (older than %g days): removed %d router log file(s)", own_days, len(removed))
-    agents = _agents(state)
+    agents = state.registry.agents()
     params = {"days": f"{days:g}"} if days is not None else None
     answers = await asyncio.gather(*(_agent_json(state, a, "POST", "/logs/cleanup", params) for a in agents))
     return web.json_response({"router": router, "agents": {a.name: d for a, d in zip(agents, answers, strict=True)}})
 
 
-def _pick(routes: list[AgentRoute], model: str) -> AgentRoute | web.Response:
+def _pick(routes: list[AgentRoute], model: str) -> AgentRoute:
     """The engine whose log is meant: the one agent where the model runs (or ran); else ask for --node."""
     live = [r for r in routes if r.state != STOPPED]
     if len(live) == 1:
@@ -156,30 +142,21 @@ def _pick(routes: list[AgentRoute], model: str) -> AgentRoute | web.Response:
     if not live and len(routes) == 1:
         return routes[0]
     names = ", ".join(r.agent.name for r in (live or routes))
-    return error_response(409, f"`{model}` is on several agents ({names}): choose one with ?node=NAME", code="ambiguous_node")
+    raise AdminError(409, f"`{model}` is on several agents ({names}): choose one with ?node=NAME", code="ambiguous_node")
 
 
 async def model_logs(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     model = request.match_info["model"]
     node_name = request.query.get("node") or None
-    routes = _routes(state, model, node_name)
-    if isinstance(routes, web.Response):
-        return routes
+    routes = model_routes(state, model, node_name)
     route = routes[0] if node_name else _pick(routes, model)
-    if isinstance(route, web.Response):
-        return route
     agent = route.agent
     params = {k: request.query[k] for k in ("tail", "cursor") if request.query.get(k)}
     headers = {NODE_HEADER: agent.name}
-    try:
-        status, body, up_headers = await _agent_call(
-            state, agent, "GET", f"/models/{quote(route.instance_name, safe='')}/logs", params
-        )
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return error_response(502, f"agent {agent.name} unreachable: {describe(exc)}", code="agent_unreachable", headers=headers)
-    if status in AUTH_STATUSES:
-        return error_response(502, f"agent {agent.name} rejected the router's token (HTTP {status})", code="agent_auth_failed", headers=headers)
+    path = f"/models/{quote(route.instance_name, safe='')}/logs"
+    answer = await call(state, agent, "GET", path, timeout=_AGENT_TIMEOUT_S, params=params)
+    status, body, up_headers = answer.status, answer.body, answer.headers
     if status != 200:
         # The agent's own OpenAI-form error (a bad cursor, an unknown model), as it is.
         return web.Response(status=status, body=body, content_type="application/json", headers=headers)
@@ -219,8 +196,13 @@ async def _cleanup_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def register_log_routes(app: web.Application) -> None:
-    app.router.add_get("/admin/logs/stats", logs_stats)
-    app.router.add_post("/admin/logs/cleanup", logs_cleanup)
-    app.router.add_get("/admin/models/{model:.+}/logs", model_logs)
+ROUTES = [
+    web.get("/admin/logs/stats", logs_stats),
+    web.post("/admin/logs/cleanup", logs_cleanup),
+    web.get("/admin/models/{model:.+}/logs", model_logs),
+]
+
+
+def setup(app: web.Application) -> None:
+    """The hourly cleanup of the router's own rotated logs."""
     app.cleanup_ctx.append(_cleanup_ctx)

@@ -14,14 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
-from mvllm.common.errors import error_response
-from mvllm.router.app import CONFIG_PATH_KEY, STATE_KEY
-from mvllm.router.auth import AuthGate
-from mvllm.router.key_usage import day_to_date, utc_day
-from mvllm.router.keys import ApiKey
-from mvllm.router.limits import LIMIT_NAMES
+from mvllm.router.access.gate import AuthGate
+from mvllm.router.access.keys import ApiKey
+from mvllm.router.access.limits import LIMIT_NAMES
+from mvllm.router.access.usage_file import day_to_date, utc_day
+from mvllm.router.access.usage_store import UsageStore
+from mvllm.router.admin.errors import AdminError
+from mvllm.router.appkeys import CONFIG_PATH_KEY, STATE_KEY
 from mvllm.router.reload import reload_config
-from mvllm.router.usage_store import UsageStore
 
 log = logging.getLogger("mvllm.router.admin")
 
@@ -85,11 +85,11 @@ def keys_document(gate: AuthGate, store: UsageStore | None) -> dict[str, Any]:
     }
 
 
-def _key_or_404(gate: AuthGate, name: str) -> ApiKey | web.Response:
+def _key_or_404(gate: AuthGate, name: str) -> ApiKey:
     key = gate.store.by_name(name)
     if key is None:
         known = ", ".join(k.name for k in gate.store) or "none: no key is configured"
-        return error_response(404, f"no API key named {name!r} (keys: {known})", code="key_not_found")
+        raise AdminError(404, f"no API key named {name!r} (keys: {known})", code="key_not_found")
     return key
 
 
@@ -110,10 +110,8 @@ async def get_keys(request: web.Request) -> web.Response:
 async def _set_enabled(request: web.Request, enabled: bool) -> web.Response:
     gate = request.app[STATE_KEY].gate
     key = _key_or_404(gate, request.match_info["name"])
-    if isinstance(key, web.Response):
-        return key
     if not enabled and key.is_admin and key.enabled and not any(k.is_admin and k.enabled and k.name != key.name for k in gate.store):
-        return error_response(
+        raise AdminError(
             409,
             f"key {key.name!r} is the last enabled admin key: disabling it would lock the admin API out "
             "(enable or add another admin key first, or set enabled = false in the keys file)",
@@ -142,8 +140,6 @@ async def enable_key(request: web.Request) -> web.Response:
 async def reset_usage(request: web.Request) -> web.Response:
     gate = request.app[STATE_KEY].gate
     key = _key_or_404(gate, request.match_info["name"])
-    if isinstance(key, web.Response):
-        return key
     gate.reset_usage(key.name)
     log.info("key %s: usage reset by admin (quota counters, tokens, denials)", key.name)
     store = request.app.get(USAGE_STORE_KEY)
@@ -158,13 +154,13 @@ async def reload_keys(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     path = request.app.get(CONFIG_PATH_KEY)
     if path is None:
-        return error_response(409, "this router runs without a config file (the demo): no keys to reload", code="no_config_file")
+        raise AdminError(409, "this router runs without a config file (the demo): no keys to reload", code="no_config_file")
     gate = state.gate
     before = {k.name: k for k in gate.config.keys}
     log.info("keys reload asked through the admin API")
     if not await reload_config(state, Path(path)):
         message = state.last_reload.message if state.last_reload else "invalid config"
-        return error_response(400, f"keys rejected, the previous keys stay: {message}", code="invalid_config")
+        raise AdminError(400, f"keys rejected, the previous keys stay: {message}", code="invalid_config")
     after = {k.name: k for k in gate.config.keys}
     return web.json_response(
         {
@@ -191,12 +187,16 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.stop(task)
 
 
-def register_key_routes(app: web.Application) -> None:
-    """Add /admin/keys*, /admin/reload-keys, and the usage file's load/save loop, to `app`."""
+ROUTES = [
+    web.get("/admin/keys", get_keys),
+    web.post("/admin/keys/{name}/disable", disable_key),
+    web.post("/admin/keys/{name}/enable", enable_key),
+    web.post("/admin/keys/{name}/reset-usage", reset_usage),
+    web.post("/admin/reload-keys", reload_keys),
+]
+
+
+def setup(app: web.Application) -> None:
+    """The usage file's load/save loop."""
     app[USAGE_STORE_KEY] = UsageStore(app[STATE_KEY].gate)
-    app.router.add_get("/admin/keys", get_keys)
-    app.router.add_post("/admin/keys/{name}/disable", disable_key)
-    app.router.add_post("/admin/keys/{name}/enable", enable_key)
-    app.router.add_post("/admin/keys/{name}/reset-usage", reset_usage)
-    app.router.add_post("/admin/reload-keys", reload_keys)
     app.cleanup_ctx.append(_usage_ctx)

@@ -8,7 +8,6 @@ retires removed ones: a retired node takes no new request, while requests alread
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -17,126 +16,10 @@ from typing import Any
 
 from mvllm.router.breaker import Breaker, BreakerState
 from mvllm.router.config import BreakerConfig, NodeConfig, RouterConfig
+from mvllm.router.fleet.agents import AgentNode
+from mvllm.router.fleet.targets import Health, Node, Target
 
 log = logging.getLogger("mvllm.router.registry")
-
-
-class Health(enum.Enum):
-    UNKNOWN = "unknown"  # not checked yet: routable, so a fresh router serves at once
-    UP = "up"
-    DOWN = "down"
-
-
-class Node:
-    """One node (a static vLLM server; an agent is the subclass mvllm.router.agents.AgentNode) and
-    everything the router knows of it."""
-
-    __slots__ = (
-        "admin_drain",
-        "breaker",
-        "cards",
-        "cfg",
-        "default_capacity",
-        "discovered_at",
-        "health",
-        "health_error",
-        "health_failures",
-        "in_flight",
-        "in_flight_at_scrape",
-        "last_scrape",
-        "models",
-        "per_model",
-        "retired",
-        "scrape_error",
-        "scraped_running",
-        "scraped_waiting",
-    )
-
-    def __init__(self, cfg: NodeConfig, breaker: Breaker, default_capacity: int) -> None:
-        self.cfg = cfg
-        self.breaker = breaker
-        self.default_capacity = default_capacity
-        self.models: frozenset[str] = frozenset(cfg.models or ())
-        self.cards: tuple[dict[str, Any], ...] = ()
-        self.discovered_at: float | None = None
-        self.scraped_running = 0.0
-        self.scraped_waiting = 0.0
-        self.per_model: dict[str, tuple[float, float]] = {}
-        self.in_flight = 0
-        self.in_flight_at_scrape = 0
-        self.last_scrape: float | None = None
-        self.scrape_error: str | None = None
-        self.health = Health.UNKNOWN
-        self.health_failures = 0
-        self.health_error: str | None = None
-        self.retired = False
-        # Drained at run time through the admin API (mvllm.router.admin); kept while the Node object
-        # lives, i.e. across reloads that keep this node (same name, url and kind).
-        self.admin_drain = False
-
-    # A static server always has its models awake (tier 0 of policy.choose_tiered) and is its own
-    # proxy target; an agent's per-model routes override both (mvllm.router.agents).
-    tier = 0
-    agent: Any = None
-
-    def __repr__(self) -> str:
-        return f"Node({self.name!r}, {self.url!r})"
-
-    def route_for(self, model: str) -> Any:
-        """What the model index lists for `model` on this node: the node itself (an agent lists
-        the route of the catalog entry serving it)."""
-        return self
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-    @property
-    def url(self) -> str:
-        return self.cfg.url
-
-    @property
-    def kind(self) -> str:
-        return self.cfg.kind
-
-    @property
-    def weight(self) -> float:
-        return self.cfg.weight
-
-    @property
-    def draining(self) -> bool:
-        return self.cfg.drain or self.admin_drain or self.retired
-
-    @property
-    def capacity(self) -> int:
-        return self.cfg.capacity or self.default_capacity
-
-    @property
-    def running(self) -> float:
-        """Running requests now: the last scrape plus the change of our own in-flight count since,
-        capped at capacity (what exceeds it would queue, and is counted in `waiting`)."""
-        r = self.scraped_running + (self.in_flight - self.in_flight_at_scrape)
-        if r < 0:
-            return 0.0
-        cap = self.capacity
-        return float(cap) if r > cap else r
-
-    @property
-    def waiting(self) -> float:
-        r = self.scraped_running + (self.in_flight - self.in_flight_at_scrape)
-        over = r - self.capacity
-        return self.scraped_waiting + over if over > 0 else self.scraped_waiting
-
-    def routable(self, now: float) -> bool:
-        return not self.cfg.drain and not self.admin_drain and not self.retired and self.health is not Health.DOWN and self.breaker.available(now)
-
-    def record_scrape(self, running: float, waiting: float, per_model: dict[str, tuple[float, float]], now: float) -> None:
-        self.scraped_running = running
-        self.scraped_waiting = waiting
-        self.per_model = per_model
-        self.in_flight_at_scrape = self.in_flight
-        self.last_scrape = now
-        self.scrape_error = None
 
 
 @dataclass
@@ -182,6 +65,10 @@ class Registry:
 
     def models(self) -> list[str]:
         return list(self._by_model)
+
+    def agents(self) -> list[AgentNode]:
+        """The active nodes that are agents, in config order."""
+        return [n for n in self._all if isinstance(n, AgentNode)]
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -231,9 +118,9 @@ class Registry:
             self._reindex()
         return True
 
-    def release(self, node: Node) -> None:
+    def release(self, node: Target) -> None:
         """Called after a request left `node`: forget a retired node once it is idle."""
-        node = node.agent or node  # a request on an agent's model route holds the agent
+        node = node.owner  # a request on an agent's model route holds the agent
         if node.retired and node.in_flight <= 0 and node in self._retiring:
             self._retiring.discard(node)
             log.info("node %s drained and removed", node.name)
@@ -286,11 +173,7 @@ class Registry:
 
 
 def _node_class(cfg: NodeConfig) -> type[Node]:
-    if cfg.kind == "agent":
-        from mvllm.router.agents import AgentNode  # imported here: agents builds on this module
-
-        return AgentNode
-    return Node
+    return AgentNode if cfg.kind == "agent" else Node
 
 
 def _synthetic_card(model: str) -> dict[str, Any]:

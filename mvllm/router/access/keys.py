@@ -13,7 +13,7 @@ from typing import Literal
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mvllm.router.limits import LimitSpec, QuotaSpec
+from mvllm.router.access.limits import LimitSpec, QuotaSpec
 
 Role = Literal["user", "admin"]
 ROLES: tuple[Role, ...] = ("user", "admin")

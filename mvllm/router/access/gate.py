@@ -20,11 +20,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mvllm.common.errors import error_response
-from mvllm.router.auth_config import AuthConfig
-from mvllm.router.key_usage import KeyOverrides, UsageDoc
-from mvllm.router.keys import ApiKey, KeyStore, authorize, check_model, is_admin_path
-from mvllm.router.limits import GLOBAL_SCOPE, LimitSet, Ticket, Verdict, estimate_tokens
-from mvllm.router.usage import find_usage
+from mvllm.router.access.config import AuthConfig
+from mvllm.router.access.keys import ApiKey, KeyStore, authorize, check_model, is_admin_path
+from mvllm.router.access.limits import GLOBAL_SCOPE, LimitSet, Ticket, Verdict, estimate_tokens
+from mvllm.router.access.usage_file import KeyOverrides, UsageDoc
+from mvllm.router.access.usage_tail import find_usage
+from mvllm.router.request import ResponseComplete
 
 log = logging.getLogger("mvllm.router.auth")
 
@@ -36,8 +37,6 @@ def _request_key(name: str, t: type) -> Any:
 
 API_KEY = _request_key("mvllm_api_key", ApiKey)  # the key that authenticated the request
 TICKET = _request_key("mvllm_limit_ticket", Ticket)  # its passage through the limits
-# The end of the answer relayed to the client (set by the proxy): where the engine's usage is.
-RESPONSE_TAIL = _request_key("mvllm_response_tail", bytes)
 
 # Paths whose requests generate no tokens: their up-front estimate is the prompt alone.
 _NO_COMPLETION = ("embeddings", "score", "rerank", "pooling", "classify", "tokenize")
@@ -75,7 +74,7 @@ class AuthGate:
 
     def __init__(self, config: AuthConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        # Admin enable/disable at run time (key_usage.py); the store holds the keys as in force.
+        # Admin enable/disable at run time (usage_file.py); the store holds the keys as in force.
         self.overrides = KeyOverrides()
         self.store = self._build_store()
         self.limits = LimitSet(config.limits, config.queue)
@@ -112,7 +111,7 @@ class AuthGate:
             names = ", ".join(k.name + ("" if k.enabled else " (disabled)") for k in self.store)
             log.info("auth: %d key(s)%s", len(config.keys), f": {names}" if names else " (open: no auth)")
 
-    # -- key management (router/admin_keys.py) and usage kept across restarts (router/usage_store.py) --
+    # -- key management (router/admin/keys.py) and usage kept across restarts (router/access/usage_store.py) --
 
     def _build_store(self) -> KeyStore:
         return KeyStore(self.overrides.apply(self.config.keys), protect_metrics=self.config.protect_metrics)
@@ -200,19 +199,28 @@ class AuthGate:
         self.metrics.limited.labels(key.name if key is not None else "-", decision.limit or "", scope).inc()
         return error_response(decision.status, decision.message, code=decision.code, headers=decision.headers)
 
+    def response_complete(self, done: ResponseComplete) -> None:
+        """The proxy's hook (request.ResponseHook): settle the request's tokens from the usage at
+        the end of the answer relayed."""
+        ticket: Ticket | None = done.request.get(TICKET)
+        if ticket is None or not ticket.admitted or ticket.settled:
+            return
+        tail = done.tail
+        tokens = find_usage(tail) if tail else None
+        if tokens is None and done.status >= 400:
+            tokens = 0  # a node's error answer generated nothing
+        if tokens is not None:
+            self.limits.settle(ticket, tokens)
+        # else: a stream without include_usage, or cut: the up-front estimate stays charged.
+
     def finish(self, request: web.Request, resp: web.StreamResponse | None) -> None:
-        """The request is over: settle its tokens from the usage seen (if any) and free its slot."""
+        """The request is over: an error answer of the router's own generated nothing (an answer
+        relayed was settled by response_complete); free its slot."""
         ticket: Ticket | None = request.get(TICKET)
         if ticket is None:
             return
-        if ticket.admitted and not ticket.settled:
-            tail = request.get(RESPONSE_TAIL)
-            tokens = find_usage(tail) if tail else None
-            if tokens is None and resp is not None and resp.status >= 400:
-                tokens = 0  # an error answer (the router's or a node's) generated nothing
-            if tokens is not None:
-                self.limits.settle(ticket, tokens)
-            # else: a stream without include_usage, or cut: the up-front estimate stays charged.
+        if ticket.admitted and not ticket.settled and resp is not None and resp.status >= 400:
+            self.limits.settle(ticket, 0)
         self.limits.release(ticket)
 
     def snapshot(self) -> dict[str, Any]:

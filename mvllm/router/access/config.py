@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mvllm.common.tomlconf import ConfigError, Section, load_toml
-from mvllm.router.keys import ApiKey, KeyStore, digest_hint, hash_key, key_hint
-from mvllm.router.limits import LimitSpec, QueueSpec, QuotaSpec
+from mvllm.router.access.keys import ApiKey, KeyStore, digest_hint, hash_key, key_hint
+from mvllm.router.access.limits import LimitSpec, QueueSpec, QuotaSpec
 
 MIN_SECRET_CHARS = 16
 # Where per-key usage (quota counters, runtime enable/disable) is kept, next to servers.toml.
@@ -36,7 +36,7 @@ class AuthConfig:
     limits: LimitSpec = field(default_factory=LimitSpec)
     queue: QueueSpec = field(default_factory=QueueSpec)
     keys_file: Path | None = None  # absolute; watch it for hot reload
-    usage_file: Path | None = None  # absolute; None: usage kept in memory only (router/usage_store.py)
+    usage_file: Path | None = None  # absolute; None: usage kept in memory only (router/access/usage_store.py)
 
     def key_store(self) -> KeyStore:
         return KeyStore(self.keys, protect_metrics=self.protect_metrics)
