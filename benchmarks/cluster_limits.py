@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
+from mvllm.router.limits import LimitSet, LimitSpec, QuotaSpec
 
 from mvllm.router.cluster_scripts import QuotaCheck, RateCheck, SlotCheck, TokenCheck
 from mvllm.router.cluster_store import ClusterStore
-from mvllm.router.limits import LimitSet, LimitSpec, QuotaSpec
 
 HUGE = 10**9  # limits that never deny: the cost of checking, not of refusing
 
