@@ -12,7 +12,8 @@ import pytest
 
 from mvllm.router.app import running_router
 from mvllm.router.config import load_config
-from tests.integration.router_support import MODEL, client, node, node_state, router_for, sims, wait_until
+from tests.integration.router_support import MODEL, client, node_state, router_for, sims
+from tests.support import node, wait_until_async
 
 MSG = [{"role": "user", "content": "Tell me about routers."}]
 
@@ -65,7 +66,7 @@ async def test_lora_adapter_routes_to_the_node_that_loaded_it(tmp_path: Path) ->
             body = {"lora_name": "sql-lora", "lora_path": "/adapters/sql"}
             async with s.post(a.url + "/v1/load_lora_adapter", json=body) as resp:  # on a only, behind the router
                 assert resp.status == 200
-            await wait_until(lambda: r.state.registry.nodes_for("sql-lora"), timeout=10, what="adapter discovered")
+            await wait_until_async(lambda: r.state.registry.nodes_for("sql-lora"), timeout=10, what="adapter discovered")
             c = client(r)
             cards = {m.id: m for m in (await c.models.list()).data}
             assert cards["sql-lora"].parent == MODEL  # type: ignore[attr-defined]
@@ -112,8 +113,8 @@ async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
             assert await engine_running() == 1  # 400 tokens at 50 ms: 20 s left to generate
             await stream.close()
             # The router closes its upstream connection and the engine aborts the request.
-            await wait_until(engine_idle, timeout=5, what="engine aborted the stream")
-            await wait_until(lambda: node_state(r, "a")["in_flight"] == 0, timeout=5, what="router in-flight back to 0")
+            await wait_until_async(engine_idle, timeout=5, what="engine aborted the stream")
+            await wait_until_async(lambda: node_state(r, "a")["in_flight"] == 0, timeout=5, what="router in-flight back to 0")
 
             # A non-streamed request whose client gives up while the engine is still generating:
             # nothing was written to that client yet, so only cancelling the handler can notice.
@@ -121,7 +122,7 @@ async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
                 await asyncio.wait_for(
                     client(r).chat.completions.create(model=MODEL, messages=MSG, max_tokens=400), timeout=0.5
                 )
-            await wait_until(engine_idle, timeout=5, what="engine aborted the non-streamed request")
+            await wait_until_async(engine_idle, timeout=5, what="engine aborted the non-streamed request")
 
 
 async def test_seed_format_config_routes(tmp_path: Path) -> None:
