@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from mvllm.router.app import RunningRouter
-from tests.integration.router_support import MODEL, QUICK_SIM, client, node_state, router_for, sims
+from tests.integration.router_support import MODEL, QUICK_SIM, client, engines, node_state, router_for, sims
 from tests.procs import free_port, run_sim
 from tests.support import node, wait_until_async
 
@@ -93,7 +93,7 @@ async def test_stream_whose_node_dies_before_its_first_chunk_moves_on(tmp_path: 
 
 
 async def test_midstream_fault_fails_over_when_nothing_was_sent(tmp_path: Path) -> None:
-    with sims(tmp_path, ["--sim-fail-kind", "midstream", "--sim-fail-rate", "1"], []) as (bad, good):
+    async with engines(["--sim-fail-kind", "midstream", "--sim-fail-rate", "1"], []) as (bad, good):
         # The bad node's weight makes it the first choice of almost every request.
         nodes = [node(bad.url, "bad", weight=100.0), node(good.url, "good")]
         async with router_for(tmp_path, nodes, failure_threshold=100) as r:
@@ -120,7 +120,7 @@ async def test_midstream_fault_fails_over_when_nothing_was_sent(tmp_path: Path) 
 
 
 async def test_hung_node_times_out_and_fails_over(tmp_path: Path) -> None:
-    with sims(tmp_path, ["--sim-fail-kind", "hang", "--sim-fail-rate", "1"], []) as (hung, ok):
+    async with engines(["--sim-fail-kind", "hang", "--sim-fail-rate", "1"], []) as (hung, ok):
         async with (
             router_for(
                 tmp_path,
@@ -157,7 +157,7 @@ async def test_hung_node_times_out_and_fails_over(tmp_path: Path) -> None:
 
 
 async def test_node_answering_500_is_ejected_within_two_requests_then_readmitted(tmp_path: Path) -> None:
-    with sims(tmp_path, [], []) as (sick, well):
+    async with engines([], []) as (sick, well):
         async with router_for(
             tmp_path, [node(sick.url, "sick"), node(well.url, "well")], breaker_cooldown=1.0, health_check_interval=0.2
         ) as r:
@@ -187,8 +187,8 @@ async def test_node_answering_500_is_ejected_within_two_requests_then_readmitted
 
 
 async def test_503_and_reset_faults_are_retried(tmp_path: Path) -> None:
-    with sims(tmp_path, ["--sim-fail-kind", "503", "--sim-fail-rate", "1"],
-              ["--sim-fail-kind", "reset", "--sim-fail-rate", "1"], []) as (busy, reset, ok):
+    async with engines(["--sim-fail-kind", "503", "--sim-fail-rate", "1"],
+                       ["--sim-fail-kind", "reset", "--sim-fail-rate", "1"], []) as (busy, reset, ok):
         nodes = [node(busy.url, "busy"), node(reset.url, "reset"), node(ok.url, "ok")]
         async with router_for(tmp_path, nodes, failure_threshold=1000) as r:
             c = client(r)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mvllm.router.app import RunningRouter
-from tests.integration.router_support import MODEL, client, node_state, router_for, sims
+from tests.integration.router_support import MODEL, client, engines, node_state, router_for
 from tests.support import node, wait_until_async, write_servers
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -23,7 +23,7 @@ def names(r: RunningRouter) -> list[str]:
 
 async def test_reload_adds_removes_and_rejects(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mvllm")
-    with sims(tmp_path, ["--sim-itl-ms", "40"], []) as (a, b):
+    async with engines(["--sim-itl-ms", "40"], []) as (a, b):
         path = tmp_path / "servers.toml"
         async with router_for(tmp_path, [node(a.url, "a")], watch=True) as r:
             c = client(r)
@@ -74,7 +74,7 @@ async def test_reload_adds_removes_and_rejects(tmp_path: Path, caplog: pytest.Lo
 
 
 async def test_editing_the_config_under_load_fails_no_request(tmp_path: Path) -> None:
-    with sims(tmp_path, [], [], []) as (a, b, c3):
+    async with engines([], [], []) as (a, b, c3):
         path = tmp_path / "servers.toml"
         every = [node(a.url, "a"), node(b.url, "b"), node(c3.url, "c")]
         async with router_for(tmp_path, every[:2], watch=True) as r:
