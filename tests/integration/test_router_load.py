@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 from openai import AsyncOpenAI
 
-from tests.integration.router_support import MODEL, client, node_state, router_for, sims
+from tests.integration.router_support import MODEL, client, engines, node_state, router_for, sims
 from tests.support import node, wait_until_async
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -20,7 +20,7 @@ MSG = [{"role": "user", "content": "hello"}]
 
 async def test_routing_follows_the_scraped_load(tmp_path: Path) -> None:
     slow = ["--sim-itl-ms", "100", "--max-num-seqs", "4"]
-    with sims(tmp_path, slow, slow) as (a, b):
+    async with engines(slow, slow) as (a, b):
         nodes = [node(a.url, "a", max_concurrent_requests=4), node(b.url, "b", max_concurrent_requests=4)]
         async with router_for(tmp_path, nodes) as r:
             # Load a directly, behind the router's back: only its /metrics can tell.
@@ -46,7 +46,7 @@ async def test_routing_follows_the_scraped_load(tmp_path: Path) -> None:
 
 async def test_a_burst_between_scrapes_spreads(tmp_path: Path) -> None:
     slow = ["--sim-itl-ms", "100", "--max-num-seqs", "8"]
-    with sims(tmp_path, slow, slow) as (a, b):
+    async with engines(slow, slow) as (a, b):
         nodes = [node(a.url, "a", max_concurrent_requests=4), node(b.url, "b", max_concurrent_requests=4)]
         # No scrape during the burst: only the router's own in-flight count can spread it. Eight
         # requests over two nodes of capacity 4 end up exactly 4 + 4 when each one sent raises its
