@@ -27,7 +27,7 @@ EXIT_NO_HEALTHY_NODE = 2
 ADMIN_TIMEOUT_S = 5.0
 
 
-def common_options(json_output: bool = True) -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
         "--router",
@@ -36,8 +36,7 @@ def common_options(json_output: bool = True) -> argparse.ArgumentParser:
         help="the router's base URL (default: $MVLLM_ROUTER, else http://127.0.0.1:8888)",
     )
     p.add_argument("--key", default=None, help="admin key, sent as a bearer token (default: $MVLLM_ADMIN_KEY)")
-    if json_output:
-        p.add_argument("--json", action="store_true", help="print the router's JSON answer instead of a table")
+    p.add_argument("--json", action="store_true", help="print the router's JSON answer instead of a table")
     return p
 
 
