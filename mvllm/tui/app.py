@@ -24,8 +24,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, RichLog, Sparkline, Static
 
 from mvllm.client import APIConnectionError, AsyncClient, MvllmError
-from mvllm.ctl.fleet import FleetView, build_fleet
-from mvllm.ctl.keys import KEY_COLUMNS
+from mvllm.client.fleet import FleetView, build_fleet
+from mvllm.client.keyview import KEY_COLUMNS
 from mvllm.tui.cells import (
     GPU_COLUMNS,
     MODEL_COLUMNS,
