@@ -1,5 +1,5 @@
 """The router's aiohttp application: routes, the middleware list, and the background loops
-(pooled session, scraper, config watcher) owned by cleanup_ctx.
+(pooled session, scraper, autoscaler, config watcher) owned by cleanup_ctx.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mvllm.router.access.guard import guard_check
 from mvllm.router.appkeys import CONFIG_PATH_KEY, SCRAPER_KEY, STATE_KEY
 from mvllm.router.config import RouterConfig
 from mvllm.router.eventloop import LoopLagMonitor
+from mvllm.router.fleet.autoscaler import Autoscaler
 from mvllm.router.fleet.scraper import Scraper
 from mvllm.router.metrics import CONTENT_TYPE
 from mvllm.router.proxy import (
@@ -210,6 +211,16 @@ async def _scraper_ctx(app: web.Application) -> AsyncIterator[None]:
         await scraper.close()
 
 
+async def _autoscale_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Runs whatever [autoscale] says (off by default): a reload that enables it needs no restart.
+    autoscaler = Autoscaler(app[STATE_KEY], app[SCRAPER_KEY].probe_soon)
+    try:
+        async with background_task(autoscaler.run(), name="mvllm-autoscale"):
+            yield
+    finally:
+        await autoscaler.close()
+
+
 async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
     # mvllm_event_loop_lag_seconds: how late the loop runs what is due (stalls show there).
     monitor = LoopLagMonitor()
@@ -264,6 +275,7 @@ def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: 
     app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_scraper_ctx)
+    app.cleanup_ctx.append(_autoscale_ctx)
     if config_path is not None and watch:
         app.cleanup_ctx.append(_watch_ctx(config_path))
     return app

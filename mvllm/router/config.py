@@ -18,6 +18,7 @@ from mvllm.common.envvars import ROUTER_ENV, read_env
 from mvllm.common.logfiles import LogConfig, parse_log_keys
 from mvllm.common.tomlconf import Section, load_toml
 from mvllm.router.access.config import AuthConfig, load_auth, read_node_api_key
+from mvllm.router.autoscale import AutoscaleConfig, parse_autoscale
 
 CONFIG_NAME = "servers.toml"
 DEFAULT_HOST = "127.0.0.1"
@@ -117,6 +118,7 @@ class RouterConfig:
     client_timeout: float = 60.0
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)  # [router] log_* keys (mvllm.common.logfiles)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)  # [autoscale] (mvllm.router.autoscale)
     source: Path | None = None
 
 
@@ -217,6 +219,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         waiting_weight=pol.float("waiting_weight", PolicyConfig.waiting_weight, min=0.0),
     )
     pol.check_unknown()
+    autoscale = parse_autoscale(root.raw("autoscale", None), path)
 
     servers = root.section("servers")
     nodes = _parse_nodes(servers, path)
@@ -241,6 +244,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         client_timeout=client_timeout if client_timeout is not None else RouterConfig.client_timeout,
         auth=auth,
         log=log,
+        autoscale=autoscale,
         source=path,
     )
 

@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from mvllm.router.autoscale import REPLICA_STATES
 from mvllm.router.breaker import STATE_VALUE
+from mvllm.router.fleet import replicas
 from mvllm.router.fleet.registry import Registry
 from mvllm.router.policy import Policy
 
@@ -65,6 +67,24 @@ class _NodeCollector(Collector):
             families["healthy"].add_metric(n, 1.0 if node.routable(now) else 0.0)
             families["sent_after_failure"].add_metric(n, node.breaker.sent_after_failure)
         yield from families.values()
+        yield _replica_family(self._registry)
+
+
+def _replica_family(registry: Registry) -> GaugeMetricFamily:
+    """mvllm_model_replicas{model,state}: every state of every model, zeros included."""
+    family = GaugeMetricFamily(
+        "mvllm_model_replicas",
+        "Copies of a model by state (awake, loading, sleeping, draining = released by the autoscaler)",
+        labels=["model", "state"],
+    )
+    for model, views in replicas.by_model(registry).items():
+        counts = dict.fromkeys(REPLICA_STATES, 0)
+        for v in views:
+            if v.state is not None:
+                counts[v.state] += 1
+        for st, count in counts.items():
+            family.add_metric([model, st], count)
+    return family
 
 
 class RouterMetrics:

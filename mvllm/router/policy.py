@@ -31,6 +31,8 @@ Tiers: when no node has the model awake (`choose_tiered`, DESIGN.md §3)
     for busy models to finish, or answers 503 no-room and the request moves on). Agents whose
     engine for it failed are not candidates. The policy above chooses among the candidates of
     the lowest tier present, so awake nodes are always scored against each other first.
+    Released replicas (the autoscaler's scale-down, mvllm.router.autoscale) are awake but left
+    out of that choice while any other awake candidate remains: they finish what they have.
 """
 
 from __future__ import annotations
@@ -173,6 +175,8 @@ def engine_tier(state: str, placement: str, pending: bool) -> int | None:
 class Tiered(NodeLoad, Protocol):
     @property
     def tier(self) -> int | None: ...
+    @property
+    def released(self) -> bool: ...
 
 
 T = TypeVar("T", bound=Tiered)
@@ -184,6 +188,8 @@ def choose_tiered(policy: Policy, candidates: Sequence[T], key: str) -> T | None
     mixed = False
     for c in candidates:
         t = c.tier
+        if c.released:
+            mixed = True
         if t is None:
             mixed = True
         elif best is None:
@@ -195,7 +201,10 @@ def choose_tiered(policy: Policy, candidates: Sequence[T], key: str) -> T | None
         return None
     if not mixed:  # the common case: every candidate awake (static servers, ready engines)
         return policy.choose(candidates, key)
-    return policy.choose([c for c in candidates if c.tier == best], key)
+    pool = [c for c in candidates if c.tier == best]
+    if best == TIER_AWAKE:
+        pool = [c for c in pool if not c.released] or pool  # a released replica only as the last copy
+    return policy.choose(pool, key)
 
 
 def make_policy(cfg: PolicyConfig, rng: random.Random | None = None) -> Policy:

@@ -17,6 +17,7 @@ from mvllm.router.autoscale import (
     ScaleUp,
     parse_autoscale,
 )
+from mvllm.router.config import load_config
 
 CFG = AutoscaleConfig(
     enabled=True, min_replicas=1, max_replicas=3,
@@ -317,3 +318,16 @@ def test_autoscale_table_that_is_not_a_table():
     with pytest.raises(ConfigError) as err:
         parse_autoscale([1, 2], "servers.toml")
     assert err.value.key == "autoscale" and "expected a table" in str(err.value)
+
+
+def test_servers_toml_carries_autoscale_into_the_router_config(tmp_path):
+    path = tmp_path / "servers.toml"
+    path.write_text('[autoscale]\nenabled = true\nscale_up_after = 1\n[autoscale.models."a"]\nmax_replicas = 2\n')
+    cfg = load_config(path, environ={}).autoscale
+    assert cfg.enabled and cfg.scale_up_after == 1.0 and cfg.bounds("a") == (1, 2)
+    path.write_text("[autoscale]\nenabeld = true\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert err.value.key == "autoscale.enabeld"
+    path.write_text("")
+    assert load_config(path, environ={}).autoscale == AutoscaleConfig()

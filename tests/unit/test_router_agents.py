@@ -94,6 +94,18 @@ class C:
     waiting: float = 0
     capacity: int = 10
     weight: float = 1.0
+    released: bool = False
+
+
+def test_a_released_replica_gets_requests_only_as_the_last_awake_copy() -> None:
+    policy = LeastScore(rng=random.Random(1))
+    released = C("released", running=0, released=True)  # idle, yet never chosen while another is awake
+    busy = C("busy", running=9)
+    for _ in range(20):
+        assert choose_tiered(policy, [released, busy, C("cold", TIER_FITS)], "m") is busy
+    # The only awake copy left: it serves, ahead of any cold load.
+    assert choose_tiered(policy, [released, C("cold", TIER_FITS)], "m") is released
+    assert choose_tiered(policy, [released], "m") is released
 
 
 def test_awake_candidates_win_by_score_whatever_the_cold_ones() -> None:

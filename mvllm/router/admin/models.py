@@ -1,4 +1,5 @@
-"""Model lifecycle through the router: `POST /admin/models/{model}/load|unload|sleep|wake`
+"""Models through the router: `GET /admin/models` (each model's replicas: agent, state, score,
+released, and its autoscale bounds) and the lifecycle `POST /admin/models/{model}/load|unload|sleep|wake`
 (`?node=NAME` picks the agent, `?level=1|2` the sleep level, `?wait=false` a load that answers
 while the engine starts), forwarded to that agent's lifecycle API with its token.
 The agent's answer (the instance's state) comes back as it is."""
@@ -17,6 +18,8 @@ from mvllm.common.state import READY, SLEEPING, STOPPED, InstanceState
 from mvllm.router.admin.agent_calls import call, model_routes, relay
 from mvllm.router.admin.errors import AdminError
 from mvllm.router.appkeys import SCRAPER_KEY, STATE_KEY
+from mvllm.router.autoscale import REPLICA_STATES
+from mvllm.router.fleet import replicas
 from mvllm.router.fleet.agents import AgentRoute
 from mvllm.router.policy import choose_tiered
 from mvllm.router.state import RouterState
@@ -106,5 +109,43 @@ def _apply_instance(route: AgentRoute, body: bytes) -> None:
         route.update(route.entry, inst)
 
 
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    auto = state.config.autoscale
+    models = []
+    for model, views in replicas.by_model(state.registry).items():
+        counts = dict.fromkeys(REPLICA_STATES, 0)
+        listed = []
+        for v in views:
+            if v.state is None:
+                continue
+            counts[v.state] += 1
+            score = state.policy.score(v.target) if v.state in ("awake", "draining") else None
+            listed.append(
+                {
+                    "agent": v.agent,
+                    "kind": v.target.kind,
+                    "instance": v.route.instance_name if v.route is not None else None,
+                    "state": v.state,
+                    "score": round(score, 4) if score is not None and score != float("inf") else None,
+                    "released": v.target.released,
+                    "in_flight": v.target.in_flight,
+                }
+            )
+        lo, hi = auto.bounds(model)
+        models.append(
+            {
+                "model": model,
+                "replicas": listed,
+                "counts": counts,
+                "autoscale": {"enabled": auto.enabled, "min_replicas": lo, "max_replicas": hi},
+            }
+        )
+    return web.json_response({"models": models, "autoscale": {"enabled": auto.enabled}})
+
+
 # A model name may hold slashes (HF ids): the action is the last path segment.
-ROUTES = [web.post("/admin/models/{model:.+}/{action:load|unload|sleep|wake}", model_action)]
+ROUTES = [
+    web.get("/admin/models", list_models),
+    web.post("/admin/models/{model:.+}/{action:load|unload|sleep|wake}", model_action),
+]

@@ -62,6 +62,7 @@ class AgentRoute(LoadCounter):
         "dispatched_at",
         "entry",
         "instance",
+        "released",
     )
     kind = "agent"
     via_agent = True
@@ -74,6 +75,10 @@ class AgentRoute(LoadCounter):
         self._in_flight = 0
         self._init_load()
         self.dispatched_at = 0.0  # monotonic time of the last request sent here
+        # Released by the autoscaler (router/fleet/autoscaler.py): awake, but given no new request
+        # while another replica of its model is awake (policy.choose_tiered); the agent's idle
+        # timers then sleep and unload it. Cleared once it is no longer awake.
+        self.released = False
 
     def __repr__(self) -> str:
         return f"AgentRoute({self.agent.name!r}, {self.instance_name!r}, {self.state})"
@@ -163,6 +168,8 @@ class AgentRoute(LoadCounter):
     def update(self, entry: CatalogEntry, instance: InstanceState | None) -> None:
         self.entry = entry
         self.instance = instance
+        if self.released and self.state != READY:
+            self.released = False  # slept or unloaded: an ordinary copy again
         if instance is not None:
             self.record_load(float(instance.running), float(instance.waiting))
         else:

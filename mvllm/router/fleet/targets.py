@@ -56,6 +56,10 @@ class Target(Protocol):
     @property
     def tier(self) -> int | None: ...
     @property
+    def released(self) -> bool:
+        """Released by the autoscaler: routed to only when no other awake copy is a candidate."""
+        ...
+    @property
     def owner(self) -> Node:
         """The registry node that holds this target (the agent of an engine route)."""
         ...
@@ -162,6 +166,7 @@ class Node(LoadCounter):
     # A static server always has its models awake (tier 0 of policy.choose_tiered) and is its own
     # proxy target; an agent's per-model routes override both (mvllm.router.fleet.agents).
     tier = 0
+    released = False
     via_agent = False
     # The agent in front of the target: none for a static server (an engine route names its agent).
     # Kept for readers of a target; the proxy asks `via_agent` and the target's own methods.
