@@ -171,12 +171,14 @@ async def _get_text(router: RunningRouter, path: str) -> str:
 
 
 async def test_a_released_replica_finishes_its_stream_gets_no_new_request_and_then_sleeps(tmp_path):
-    both = hot("preload = true\nidle_timeout = 1")
+    both = hot("idle_timeout = 5")
     with agents(tmp_path, both, both) as (a, b):
-        # scale_down_after 4 s: time to put one long stream on each replica before the release.
-        async with router_for(tmp_path, [("a", a), ("b", b)], scale_down_after=4.0) as router:
+        # scale_down_after 3 s: time to put one long stream on each replica before the release.
+        async with router_for(tmp_path, [("a", a), ("b", b)], scale_down_after=3.0) as router:
+            # Loaded together, so that neither agent's idle timer sleeps one before the other is up.
+            await asyncio.gather(*(get_json(router, f"/admin/models/hot/load?node={n}", "POST") for n in ("a", "b")))
             await wait_until_async(
-                lambda: _counts_are(router, awake=2), 20, what="hot awake on both agents, as the router sees it"
+                lambda: _counts_are(router, awake=2), 10, what="hot awake on both agents, as the router sees it"
             )
             c = client(router)
 
@@ -218,6 +220,6 @@ async def test_a_released_replica_finishes_its_stream_gets_no_new_request_and_th
                 on_a = next((r for r in m["replicas"] if r["agent"] == "a"), None)
                 return m if on_a is not None and on_a["state"] == "sleeping" else None
 
-            m = await wait_until_async(a_asleep, 15, what="the released replica asleep")
+            m = await wait_until_async(a_asleep, 20, what="the released replica asleep")
             assert m["counts"]["draining"] == 0 and not any(r["released"] for r in m["replicas"]), m
             await c.close()
