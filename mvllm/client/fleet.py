@@ -50,6 +50,7 @@ class InstanceView:
     memory_bytes: int | None = None
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    released: bool = False  # awake but released by the router's autoscaler: finishing, no new requests
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the JSON it was read from
 
     @property
@@ -117,8 +118,24 @@ class ModelView:
     asleep: list[str] = field(default_factory=list)  # "node(level)"
     loadable: list[str] = field(default_factory=list)  # agents whose catalog has it, stopped
     failed: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)  # awake nodes the autoscaler released (in `awake` too)
     running: float = 0
     queue: float = 0  # waiting at engines + queued at agents for a load
+
+    @property
+    def replicas(self) -> int:
+        """Copies that take new requests: awake and not released."""
+        return len(self.awake) - len(self.released)
+
+    @property
+    def replicas_text(self) -> str:
+        """The replica count, with the copies on their way in or out: "2 +1 loading -1 released"."""
+        text = str(self.replicas)
+        if self.starting:
+            text += f" +{len(self.starting)} loading"
+        if self.released:
+            text += f" -{len(self.released)} released"
+        return text
 
 
 @dataclass
@@ -226,6 +243,7 @@ def instance_view(node: str, i: Mapping[str, Any]) -> InstanceView:
         memory_bytes=_int(i.get("memory_bytes")),
         error=i.get("error"),
         log_tail=[str(x) for x in i.get("log_tail") or []],
+        released=bool(i["router"].get("released")) if isinstance(i.get("router"), Mapping) else False,
         raw=dict(i),
     )
 
@@ -331,6 +349,8 @@ def _models(nodes: list[NodeView]) -> list[ModelView]:
                 v.queue += inst.waiting + inst.queued
                 if inst.state == "ready":
                     v.awake.append(n.name)
+                    if inst.released:
+                        v.released.append(n.name)
                 elif inst.state == "sleeping":
                     v.asleep.append(f"{n.name}({inst.sleep_level})" if inst.sleep_level else n.name)
                 elif inst.state == "starting":

@@ -40,13 +40,15 @@ def models_table(fleet: FleetView) -> str:
     rows = []
     for m in fleet.models:
         awake = [
-            *m.awake,
+            *(f"{s} (released)" if s in m.released else s for s in m.awake),
             *(f"{s} (loading)" for s in m.starting),
             *(f"{s} (unloading)" for s in m.stopping),
             *(f"{s} (failed)" for s in m.failed),
         ]
-        rows.append([m.name, _join(awake), _join(m.asleep), _join(m.loadable), fmt_num(m.running), fmt_num(m.queue)])
-    return table(["MODEL", "AWAKE", "ASLEEP", "LOADABLE", "RUNNING", "QUEUE"], rows)
+        rows.append(
+            [m.name, m.replicas_text, _join(awake), _join(m.asleep), _join(m.loadable), fmt_num(m.running), fmt_num(m.queue)]
+        )
+    return table(["MODEL", "REPLICAS", "AWAKE", "ASLEEP", "LOADABLE", "RUNNING", "QUEUE"], rows)
 
 
 def gpus_table(fleet: FleetView) -> str:

@@ -12,7 +12,7 @@ from mvllm.client.keyview import key_row
 from mvllm.tui.rates import Window
 
 NODE_COLUMNS = ("node", "kind", "state", "breaker", "models", "run", "wait", "cap", "score", "in-flight")
-MODEL_COLUMNS = ("model", "awake", "asleep", "loadable", "run", "queue")
+MODEL_COLUMNS = ("model", "replicas", "awake", "asleep", "loadable", "run", "queue")
 GPU_COLUMNS = ("node", "gpu", "memory", "util", "temp", "power")
 
 _STATE_STYLE = {
@@ -55,7 +55,7 @@ def node_cells(n: NodeView) -> tuple[Text, ...]:
 
 
 def model_cells(m: ModelView) -> tuple[Text, ...]:
-    awake = Text(_names(m.awake, 30), style="green")
+    awake = Text(_names([f"{s} (released)" if s in m.released else s for s in m.awake], 30), style="green")
     if m.starting:
         awake.append((", " if awake.plain else "") + _names([f"{s} (loading)" for s in m.starting], 30), style="yellow")
     if m.stopping:
@@ -64,6 +64,7 @@ def model_cells(m: ModelView) -> tuple[Text, ...]:
         awake.append((", " if awake.plain else "") + _names([f"{s} (failed)" for s in m.failed], 30), style="bold red")
     return (
         Text(m.name, style="bold"),
+        Text(m.replicas_text, justify="right", style="bold" if m.replicas > 1 else ""),
         awake if awake.plain else Text("–", style="dim"),
         Text(_names(m.asleep, 30) or "–", style="blue" if m.asleep else "dim"),
         Text(_names(m.loadable, 30) or "–", style="" if m.loadable else "dim"),

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import openai
 
+from mvllm.client.fleet import build_fleet
 from mvllm.router.app import RunningRouter, running_router
 from mvllm.router.config import load_config
 from tests.integration.agent_support import TOKEN, Agent, model
@@ -154,6 +155,9 @@ async def test_a_spike_adds_a_second_replica_that_takes_traffic_and_the_lull_rel
             text = (await _get_text(router, "/metrics"))
             assert 'mvllm_model_replicas{model="hot",state="awake"} 1.0' in text, text[-2000:]
             assert 'mvllm_model_replicas{model="hot",state="draining"} 1.0' in text
+            # `mvllm ps` and the dashboard (client/fleet.py over /admin/nodes) count one replica, one released.
+            view = build_fleet(await get_json(router, "/admin/nodes")).model("hot")
+            assert view is not None and view.replicas == 1 and len(view.released) == 1, view
             # New requests go to the replica kept.
             kept = next(r["agent"] for r in m["replicas"] if r["state"] == "awake")
             assert {await chat(c, 4) for _ in range(6)} == {kept}

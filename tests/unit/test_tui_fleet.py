@@ -107,7 +107,22 @@ def test_agent_gpus_instances_and_models_view() -> None:
     assert llama.loadable == ["gpu-a"]
     assert gemma.loadable == ["gpu-a"] and f.model("gemma-sql").loadable == ["gpu-a"]
     assert [c.plain for c in gpu_cells(g.gpus[0])][2:5] == ["████████░░ 60.0G/80.0G", "87%", "66°C"]
-    assert model_cells(mistral)[1].plain == "gpu-a (failed)"
+    assert model_cells(mistral)[2].plain == "gpu-a (failed)" and model_cells(mistral)[1].plain == "0"
+
+
+def test_replica_count_per_model_with_loading_and_released_copies() -> None:
+    a, b, c = agent("gpu-a"), agent("gpu-b"), agent("gpu-c")
+    b["agent"]["instances"][0] = instance("qwen", "ready", router={"released": True, "score": 0.0})
+    c["agent"]["instances"][0] = instance("qwen", "starting")
+    f = build_fleet(doc(static("s1", models=["qwen"]), a, b, c))
+    qwen = f.model("qwen")
+    assert qwen.awake == ["s1", "gpu-a", "gpu-b"] and qwen.released == ["gpu-b"] and qwen.starting == ["gpu-c"]
+    assert qwen.replicas == 2 and qwen.replicas_text == "2 +1 loading -1 released"
+    cells = [t.plain for t in model_cells(qwen)]
+    assert cells[1] == "2 +1 loading -1 released" and "gpu-b (released)" in cells[2]
+    row = next(line for line in ps_text(f).splitlines() if line.startswith("qwen"))
+    assert "2 +1 loading -1 released" in row and "gpu-b (released)" in row
+    assert "REPLICAS" in ps_text(f)
 
 
 def test_static_per_model_load_goes_to_its_model() -> None:

@@ -398,6 +398,7 @@ def agent_stats(node: AgentNode, policy: Policy, now: float) -> dict[str, Any]:
                     "rank": TIER_NAMES.get(tier, "unavailable") if tier is not None else "unavailable",
                     "breaker": route.breaker.state.value,
                     "routable": route.routable(now),
+                    "released": route.released,
                 }
             instances.append(d)
     return {
