@@ -365,6 +365,39 @@ class Harness:
             raise
         return ep
 
+    async def start_router_doc(self, doc: Mapping[str, Any], *, ready_timeout: float = 30.0) -> Endpoint:
+        """The router on a free port with the servers.toml `doc` (its [router] host/port set here):
+        for configs start_router does not write ([[agents]], [autoscale])."""
+        port = free_port()
+        full = {**doc, "router": {**dict(doc.get("router") or {}), "host": HOST, "port": port}}
+        path = self.dir / f"servers-{port}.toml"
+        path.write_bytes(tomli_w.dumps(full).encode())
+        argv = [sys.executable, "-m", "mvllm", "run", "--console", "--config", str(path), "--port", str(port)]
+        svc = self._spawn(f"router-{port}", argv)
+        ep = Endpoint("router", svc, port)
+        try:
+            await self.wait_ok(f"{ep.url}/health", svc, port, ready_timeout)
+        except Unavailable:
+            await self.stop(svc)
+            raise
+        return ep
+
+    # -- agents -------------------------------------------------------------------------------
+
+    async def start_agent(
+        self, name: str, settings: Mapping[str, Any], catalog: str, *, ready_timeout: float = 30.0
+    ) -> Endpoint:
+        """`mvllm agent` on a free port with agent.toml = `settings` (port and log_dir set here) +
+        the `catalog` text ([models.NAME] tables); ready once /health answers."""
+        port = free_port()
+        doc = {**settings, "port": port, "log_dir": str(self.dir / f"{name}-logs")}
+        path = self.dir / f"agent-{name}.toml"
+        path.write_text(tomli_w.dumps(doc) + "\n" + catalog)
+        svc = self._spawn(f"agent-{name}", [sys.executable, "-m", "mvllm", "agent", "--config", str(path)])
+        ep = Endpoint(name, svc, port)
+        await self.wait_ok(f"{ep.url}/health", svc, port, ready_timeout)
+        return ep
+
     # -- nginx --------------------------------------------------------------------------------
 
     def nginx_conf(self, upstreams: Sequence[str], port: int, *, next_upstream: bool = False) -> Path:

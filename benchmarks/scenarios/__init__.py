@@ -27,4 +27,4 @@ class Context:
         return quick if self.quick else full
 
 
-NAMES = ("overhead", "balancing", "failover", "scale", "prefix")
+NAMES = ("overhead", "balancing", "failover", "scale", "prefix", "elastic")
