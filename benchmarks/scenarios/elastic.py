@@ -128,13 +128,15 @@ async def _fleet(ctx: Context, h: Harness) -> tuple[Endpoint, list[str]]:
         "autoscale": AUTOSCALE,
     }
     router = await h.start_router_doc(doc)
-    # m-a awake, as the router sees it (the idle others may already be asleep: room for the spike).
+    # Every preload done (a model still starting cannot be evicted) and m-a awake, as the router
+    # sees it; the idle others may be asleep already.
     deadline = time.monotonic() + 30
-    counts: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
     while time.monotonic() < deadline:
         _, raw = await h.get(f"{router.url}/admin/models")
-        counts = {m["model"]: m["counts"]["awake"] for m in json.loads(raw)["models"]}
-        if counts.get("m-a") == 1:
+        counts = {m["model"]: m["counts"] for m in json.loads(raw)["models"]}
+        done = all(m in counts and counts[m]["loading"] == 0 and counts[m]["awake"] + counts[m]["sleeping"] for m in MODELS)
+        if done and counts["m-a"]["awake"] == 1:
             return router, names
         await asyncio.sleep(0.2)
     raise Unavailable(f"m-a (preloaded) did not come up within 30 s: {counts}")
@@ -176,7 +178,7 @@ async def run(ctx: Context) -> ScenarioResult:
         _, raw = await h.get(f"{router.url}/admin/events?limit=1000")
         scale_events = [e for e in json.loads(raw)["events"] if e["message"].startswith("autoscale:")]
         events = [e["message"] for e in scale_events]
-        first_up = next((e["time"] - wall_spike for e in scale_events if "scale up m-a" in e["message"]), None)
+        first_up = next((e["time"] - wall_spike for e in scale_events if e["message"].startswith("autoscale: scale up m-a:")), None)
 
     # -- spike: TTFT before and after the second replica -------------------------------------------
     ready = sampler.first(t_spike, lambda n: n >= 2)
