@@ -46,9 +46,9 @@ def models_table(fleet: FleetView) -> str:
             *(f"{s} (failed)" for s in m.failed),
         ]
         rows.append(
-            [m.name, m.replicas_text, _join(awake), _join(m.asleep), _join(m.loadable), fmt_num(m.running), fmt_num(m.queue)]
+            [m.name, _join(awake), _join(m.asleep), _join(m.loadable), m.replicas_text, fmt_num(m.running), fmt_num(m.queue)]
         )
-    return table(["MODEL", "REPLICAS", "AWAKE", "ASLEEP", "LOADABLE", "RUNNING", "QUEUE"], rows)
+    return table(["MODEL", "AWAKE", "ASLEEP", "LOADABLE", "REPLICAS", "RUNNING", "QUEUE"], rows)
 
 
 def gpus_table(fleet: FleetView) -> str:

@@ -12,7 +12,7 @@ from mvllm.client.keyview import key_row
 from mvllm.tui.rates import Window
 
 NODE_COLUMNS = ("node", "kind", "state", "breaker", "models", "run", "wait", "cap", "score", "in-flight")
-MODEL_COLUMNS = ("model", "replicas", "awake", "asleep", "loadable", "run", "queue")
+MODEL_COLUMNS = ("model", "awake", "asleep", "loadable", "replicas", "run", "queue")
 GPU_COLUMNS = ("node", "gpu", "memory", "util", "temp", "power")
 
 _STATE_STYLE = {
@@ -64,10 +64,10 @@ def model_cells(m: ModelView) -> tuple[Text, ...]:
         awake.append((", " if awake.plain else "") + _names([f"{s} (failed)" for s in m.failed], 30), style="bold red")
     return (
         Text(m.name, style="bold"),
-        Text(m.replicas_text, justify="right", style="bold" if m.replicas > 1 else ""),
         awake if awake.plain else Text("–", style="dim"),
         Text(_names(m.asleep, 30) or "–", style="blue" if m.asleep else "dim"),
         Text(_names(m.loadable, 30) or "–", style="" if m.loadable else "dim"),
+        Text(m.replicas_text, justify="right", style="bold" if m.replicas > 1 else ""),
         Text(fmt_num(m.running), justify="right"),
         Text(fmt_num(m.queue), justify="right", style="bold yellow" if m.queue else ""),
     )

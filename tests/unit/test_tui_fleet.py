@@ -107,7 +107,7 @@ def test_agent_gpus_instances_and_models_view() -> None:
     assert llama.loadable == ["gpu-a"]
     assert gemma.loadable == ["gpu-a"] and f.model("gemma-sql").loadable == ["gpu-a"]
     assert [c.plain for c in gpu_cells(g.gpus[0])][2:5] == ["████████░░ 60.0G/80.0G", "87%", "66°C"]
-    assert model_cells(mistral)[2].plain == "gpu-a (failed)" and model_cells(mistral)[1].plain == "0"
+    assert model_cells(mistral)[1].plain == "gpu-a (failed)" and model_cells(mistral)[4].plain == "0"
 
 
 def test_replica_count_per_model_with_loading_and_released_copies() -> None:
@@ -119,7 +119,7 @@ def test_replica_count_per_model_with_loading_and_released_copies() -> None:
     assert qwen.awake == ["s1", "gpu-a", "gpu-b"] and qwen.released == ["gpu-b"] and qwen.starting == ["gpu-c"]
     assert qwen.replicas == 2 and qwen.replicas_text == "2 +1 loading -1 released"
     cells = [t.plain for t in model_cells(qwen)]
-    assert cells[1] == "2 +1 loading -1 released" and "gpu-b (released)" in cells[2]
+    assert cells[4] == "2 +1 loading -1 released" and "gpu-b (released)" in cells[1]
     row = next(line for line in ps_text(f).splitlines() if line.startswith("qwen"))
     assert "2 +1 loading -1 released" in row and "gpu-b (released)" in row
     assert "REPLICAS" in ps_text(f)
