@@ -33,7 +33,7 @@ def test_load_sleep_wake_unload_and_a_failed_load(tmp_path: Path) -> None:
         url = router.url  # type: ignore[attr-defined]
         try:
             ps = mvllm("ps", router=url).stdout
-            assert models_row(ps, "m1") == ["m1", "-", "-", "gpu-a", "0", "0"]  # loadable on the agent
+            assert models_row(ps, "m1") == ["m1", "-", "-", "gpu-a", "0", "0", "0"]  # loadable on the agent, 0 replicas
             assert "gpu-a  0    mvllm simulated GPU  0.0G/24.0G (0%)" in ps
 
             out = mvllm("load", "m1", "--node", "gpu-a", router=url)
@@ -44,7 +44,7 @@ def test_load_sleep_wake_unload_and_a_failed_load(tmp_path: Path) -> None:
             assert re.search(r"loading m1 on gpu-a: (starting|asked)\s+\d+\.\ds", out.stderr), out.stderr
             assert agent.inst("m1")["state"] == "ready"
             ps = mvllm("ps", router=url).stdout
-            assert models_row(ps, "m1")[:4] == ["m1", "gpu-a", "-", "-"]
+            assert models_row(ps, "m1")[:5] == ["m1", "gpu-a", "-", "-", "1"]  # one replica
             assert "10.0G/24.0G (42%)" in ps  # its memory budget, held on the GPU
 
             out = mvllm("sleep", "m1", "--level", "2", router=url)  # the router picks where it is awake

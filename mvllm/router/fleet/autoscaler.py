@@ -91,6 +91,10 @@ class Autoscaler:
 
     # -- observing --------------------------------------------------------------------------------------
 
+    def observe(self, now: float) -> list[ModelObservation]:
+        """What the policy would be shown now (also for /admin views and tests)."""
+        return self._observations(self._groups(), now)
+
     def _groups(self) -> dict[str, list[AgentRoute]]:
         groups: dict[str, list[AgentRoute]] = {}
         for agent in self.state.registry.agents():
