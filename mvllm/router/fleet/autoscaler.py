@@ -92,7 +92,7 @@ class Autoscaler:
     # -- observing --------------------------------------------------------------------------------------
 
     def observe(self, now: float) -> list[ModelObservation]:
-        """What the policy would be shown now (also for /admin views and tests)."""
+        """What the policy is shown at a tick taken now."""
         return self._observations(self._groups(), now)
 
     def _groups(self) -> dict[str, list[AgentRoute]]:
