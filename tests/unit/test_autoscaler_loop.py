@@ -3,7 +3,11 @@ releasing the right route, a reload disabling autoscale, replica views and their
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import replace
+
+import aiohttp
 
 from mvllm.common.state import AgentState, CatalogEntry, InstanceState
 from mvllm.router.autoscale import AutoscaleConfig
@@ -23,8 +27,9 @@ def state_of(*instances: InstanceState) -> AgentState:
 
 
 def router(*states: tuple[str, str, int]) -> tuple[RouterState, dict[str, AgentNode]]:
-    """Agents named by `states` (name, state of model m, running), autoscale ON."""
-    nodes = tuple(NodeConfig(n, f"http://127.0.0.1:{7070 + i}", kind="agent") for i, (n, _, _) in enumerate(states))
+    """Agents named by `states` (name, state of model m, running), autoscale ON; port 9 (discard)
+    of loopback as their address: nothing listens there, a call fails at once."""
+    nodes = tuple(NodeConfig(n, f"http://127.0.0.{1 + i}:9", kind="agent") for i, (n, _, _) in enumerate(states))
     rs = RouterState.create(RouterConfig(nodes=nodes, autoscale=ON))
     agents = {}
     for name, st, running in states:
@@ -54,7 +59,7 @@ def test_an_idle_second_replica_is_released_then_routing_skips_it_and_a_disable_
     assert 'mvllm_model_replicas{model="m",state="sleeping"} 1.0' in text
     assert 'mvllm_model_replicas{model="m",state="loading"} 0.0' in text
 
-    rs.config = replace(rs.config, autoscale=replace(ON, enabled=False))  # what a reload does
+    rs.apply_config(replace(rs.config, autoscale=replace(ON, enabled=False)))  # what a reload does
     scaler.step(12.0)
     assert not a.released and scaler.policy.config.enabled is False
     assert not probed  # a scale-down calls no agent
@@ -80,3 +85,25 @@ def test_busy_replicas_are_not_released_and_a_loaded_model_is_observed_with_its_
     assert obs.used is False
     scaler.step(1.0)
     assert not any(r.released for a in agents.values() for r in a.routes.values())
+
+
+async def test_scale_up_wakes_a_sleeping_copy_before_a_cold_load_and_a_failed_call_is_an_event(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="mvllm.router.autoscale")
+    rs, agents = router(("gpu-a", "ready", 4), ("gpu-b", "stopped", 0), ("gpu-c", "sleeping", 0))
+    agents["gpu-a"].routes["m"].record_load(4.0, 4.0)  # score (4 + 0.5 * 4) / 4 = 1.5
+    async with aiohttp.ClientSession() as session:
+        rs.session = session
+        scaler = Autoscaler(rs, lambda nodes: None)
+        scaler.step(1.0)
+        assert set(scaler.pending) == {("m", "gpu-c")}  # the sleeping copy, not the cold load on gpu-b
+        (obs,) = scaler.observe(1.0)
+        assert {r.agent: r.state for r in obs.replicas}["gpu-c"] == "loading"  # no second step meanwhile
+        for _ in range(100):
+            if not scaler.pending:
+                break
+            await asyncio.sleep(0.02)
+        await scaler.close()
+    assert not scaler.pending  # the wake failed: the next scale-up may try again
+    messages = [r.getMessage() for r in caplog.records if r.name == "mvllm.router.autoscale"]
+    assert any(m.startswith("autoscale: scale up m: wake on gpu-c (sleeping; mean score 1.50") for m in messages), messages
+    assert any(m.startswith("autoscale: wake of m on gpu-c failed") for m in messages), messages
