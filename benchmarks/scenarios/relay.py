@@ -304,6 +304,7 @@ async def run(ctx: Context) -> ScenarioResult:
     t0 = time.monotonic()
     seconds = ctx.pick(1.5, 4.0)
     paced_seconds = ctx.pick(2.5, 6.0)
+    rounds = int(ctx.pick(1, 2))
     with load_generator_cpu():
         async with ctx.harness("relay") as h:
             targets = await _start_targets(h, res)
@@ -322,33 +323,50 @@ async def run(ctx: Context) -> ScenarioResult:
                             8,
                             duration=0.3,
                         )
-                for leg in LEGS:
-                    for t in targets:
-                        ctx.log(f"relay: {leg.name} {t.name}")
-                        model = t.paced_model if leg.max_tokens >= PACED_TOKENS else t.model
-                        req = ChatRequest(model, leg.max_tokens, leg.stream)
-                        cpu0 = relay_cpu(t.pid, t.children) if t.pid else 0.0
-                        dur = paced_seconds if leg.max_tokens >= PACED_TOKENS else seconds
-                        url = t.paced_url if t.paced_url and leg.max_tokens >= PACED_TOKENS else t.url
-                        result = await closed_loop(
-                            sessions[t.name], url, req, leg.concurrency, duration=dur, timeout=30
-                        )
-                        m = measured.setdefault((t.name, leg.name), Measured())
-                        m.records += result.records
-                        m.wall += wall_time(result.records)
-                        if t.pid:
-                            m.cpu += relay_cpu(t.pid, t.children) - cpu0
+                # Each leg runs in `rounds` slices interleaved with the other targets' slices, so a
+                # busy spell of the shared machine spreads over all targets instead of hitting one.
+                for rnd in range(rounds):
+                    for leg in LEGS:
+                        for t in targets:
+                            ctx.log(f"relay: round {rnd + 1}/{rounds} {leg.name} {t.name}")
+                            await _measure(
+                                sessions[t.name],
+                                t,
+                                leg,
+                                measured,
+                                (paced_seconds if leg.max_tokens >= PACED_TOKENS else seconds) / rounds,
+                            )
             finally:
                 for s in sessions.values():
                     await s.close()
     res.rows, res.checks = rows_and_checks(targets, measured)
     res.notes.append(
-        f"relay: {seconds:g} s per leg ({paced_seconds:g} s for {PACED_TOKENS} chunks at {PACED_MS:g} ms), closed loop; "
+        f"{seconds:g} s per leg ({paced_seconds:g} s for {PACED_TOKENS} chunks at {PACED_MS:g} ms) in {rounds} interleaved slices, closed loop; "
         f"relay and backend pinned to CPU {RELAY_CPU}, load generator to CPU {LOAD_CPU}; CPU = the relay process's "
         "user+system time over the leg / requests completed; the agent is measured against its own sim engines"
     )
     res.seconds = time.monotonic() - t0
     return res
+
+
+async def _measure(
+    session: aiohttp.ClientSession,
+    t: Target,
+    leg: LegSpec,
+    measured: dict[tuple[str, str], Measured],
+    seconds: float,
+) -> None:
+    """One slice of one leg through one target, added to what earlier slices measured."""
+    paced = leg.max_tokens >= PACED_TOKENS
+    req = ChatRequest(t.paced_model if paced else t.model, leg.max_tokens, leg.stream)
+    url = t.paced_url if t.paced_url and paced else t.url
+    cpu0 = relay_cpu(t.pid, t.children) if t.pid else 0.0
+    result = await closed_loop(session, url, req, leg.concurrency, duration=seconds, timeout=30)
+    m = measured.setdefault((t.name, leg.name), Measured())
+    m.records += result.records
+    m.wall += wall_time(result.records)
+    if t.pid:
+        m.cpu += relay_cpu(t.pid, t.children) - cpu0
 
 
 def _session_with(headers: dict[str, str]) -> aiohttp.ClientSession:
