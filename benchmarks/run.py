@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.only if s not in NAMES + EXTRA]
     if unknown:
         p.error(f"unknown scenario(s): {', '.join(unknown)} (choose among {', '.join(NAMES + EXTRA)})")
+    if args.out and any(s in EXTRA for s in args.only):
+        # The results block of --out is the default scenarios' table; the relay table has its own section.
+        p.error(f"--out writes the default scenarios' results block: leave {', '.join(EXTRA)} out of --only")
     return args
 
 
