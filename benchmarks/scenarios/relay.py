@@ -5,7 +5,7 @@ Targets in front of one emulated vLLM backend (`benchmarks/fakevllm.py`): direct
 front an external backend (it runs its own engines), so the agent's relay is measured in front of
 the `mvllm sim` engines it starts (engine = "sim"), against those same engines direct. Relay and
 backend are pinned to CPU 0, the load generator to CPU 1. Not in the default run (about 2.5 minutes;
-`--quick` about 1): `python -m benchmarks.run --only relay [--quick]`.
+`--quick` about 75 s): `python -m benchmarks.run --only relay [--quick]`.
 """
 
 from __future__ import annotations
