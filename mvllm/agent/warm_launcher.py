@@ -47,8 +47,10 @@ class Standby:
         if line.startswith("ready"):
             with contextlib.suppress(ValueError, IndexError):
                 self.import_s = float(line.split()[1])
+            log.info("warm launcher: standby pid %d ready (imports took %.1f s)", self.popen.pid, self.import_s or 0.0)
         else:
             self.failed = line or f"exited with code {self.popen.poll()}"
+            log.warning("warm launcher: standby pid %d unusable: %s", self.popen.pid, self.failed)
         self.ready.set()
 
     async def wait_ready(self, timeout: float) -> bool:
