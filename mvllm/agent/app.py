@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mvllm.agent import engine_metrics, enginelogs, procs, report, runtime_api
+from mvllm.agent import engine_info, engine_metrics, enginelogs, procs, report, runtime_api
 from mvllm.agent.appkeys import CONFIG, GATEKEEPER, METRICS, REAP_STALE, SUPERVISOR
 from mvllm.agent.config import AgentConfig
 from mvllm.agent.errors import BadRequest
@@ -274,6 +274,7 @@ def create_app(cfg: AgentConfig, *, reap_stale: bool = False) -> web.Application
     app.cleanup_ctx.append(_agent_ctx)
     app.add_routes(routes)
     app.add_routes(runtime_api.routes)  # ad-hoc instances, assign
+    app.add_routes(engine_info.routes)  # GET /models/NAME/proxy/{path}: an engine's health, models, metrics
     app.cleanup_ctx.append(runtime_api.runtime_ctx)  # after the agent's own: it needs the supervisor
     logs = enginelogs.EngineLogs(cfg.log_dir, cfg.engine_log_max_bytes, cfg.engine_log_backups, cfg.log)
     enginelogs.register_log_routes(app, logs, lambda a: list(a[SUPERVISOR].instances), cfg.log_check_interval)

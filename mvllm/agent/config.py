@@ -47,6 +47,8 @@ class ModelSpec:
     pinned: bool = False  # never slept, stopped or evicted by the agent on its own
     preload: bool = False  # started when the agent starts
     lora_adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> path
+    # Adapters loaded on demand: each subdirectory with an adapter_config.json (mvllm.agent.lora_dir).
+    lora_dir: Path | None = None
     max_loras: int = 1
     max_lora_rank: int = 16
     sim: dict[str, Any] = field(default_factory=dict)  # `--sim-*` flags for engine = "sim"
@@ -83,9 +85,15 @@ class ModelSpec:
         return [*self.served_model_names, *self.lora_adapters]
 
     @property
+    def runtime_lora(self) -> bool:
+        """Whether the agent starts its engine ready for adapters loaded at run time
+        (`--enable-lora` and runtime LoRA updating): catalog adapters or a lora_dir."""
+        return bool(self.lora_adapters) or self.lora_dir is not None
+
+    @property
     def lora_enabled(self) -> bool:
-        """Whether its engine runs with `--enable-lora` (catalog adapters, or the flag in extra_args)."""
-        return bool(self.lora_adapters) or any(
+        """Whether its engine runs with `--enable-lora` (catalog adapters, a lora_dir, or the flag in extra_args)."""
+        return self.runtime_lora or any(
             a == "--enable-lora" or (a.startswith("--enable-lora=") and a.split("=", 1)[1].lower() not in ("false", "0"))
             for a in self.extra_args
         )
@@ -232,6 +240,7 @@ def _model(sec: Section, name: str, defaults: dict[str, Any], base: Path) -> Mod
     if not isinstance(loras_raw, dict) or not all(isinstance(v, str) for v in loras_raw.values()):
         raise sec.error("lora_adapters", "expected a table of adapter name = path")
     loras = {str(k): (str(base / v) if v.startswith(("./", "../")) else v) for k, v in loras_raw.items()}
+    lora_dir = _lora_dir(sec, base)
     max_rank = sec.int("max_lora_rank", 16, min=1)
     if max_rank not in _LORA_RANKS:
         raise sec.error("max_lora_rank", f"must be one of {_LORA_RANKS}")
@@ -257,7 +266,8 @@ def _model(sec: Section, name: str, defaults: dict[str, Any], base: Path) -> Mod
         pinned=sec.bool("pinned", False),
         preload=sec.bool("preload", False),
         lora_adapters=loras,
-        max_loras=sec.int("max_loras", max(1, min(len(loras), 4)), min=1) or 1,
+        lora_dir=lora_dir,
+        max_loras=sec.int("max_loras", 4 if lora_dir is not None else max(1, min(len(loras), 4)), min=1) or 1,
         max_lora_rank=max_rank or 16,
         sim=dict(sim),
         param_count=sec.float("param_count", None, min=0.001),
@@ -265,6 +275,19 @@ def _model(sec: Section, name: str, defaults: dict[str, Any], base: Path) -> Mod
     )
     sec.check_unknown()
     return spec
+
+
+def _lora_dir(sec: Section, base: Path) -> Path | None:
+    raw = sec.str("lora_dir", None)
+    if raw is None:
+        return None
+    path = Path(raw).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise sec.error("lora_dir", f"{path} does not exist (a directory of LoRA adapters, one subdirectory each)")
+    if not path.is_dir():
+        raise sec.error("lora_dir", f"{path} is not a directory (a directory of LoRA adapters, one subdirectory each)")
+    return path
 
 
 def _dtype(sec: Section) -> str | None:
