@@ -30,6 +30,17 @@ PRELOAD = {
     "vllm": ("vllm.entrypoints.cli.main", "vllm.entrypoints.cli.serve", "vllm.entrypoints.openai.api_server"),
     "sim": ("mvllm.sim.cli", "mvllm.sim.app", "mvllm.sim.engine"),
 }
+# Imported too when they exist (best effort: module names move between vLLM releases): what vLLM's
+# engine core process imports after the API server forks it, ~15 s more of a cold start otherwise.
+PRELOAD_EXTRA = {
+    "vllm": (
+        "vllm.v1.engine.async_llm", "vllm.v1.engine.core", "vllm.v1.executor.abstract",
+        "vllm.distributed.parallel_state", "vllm.v1.worker.gpu_worker", "vllm.v1.worker.gpu_model_runner",
+        "vllm.v1.worker.gpu.model_runner", "vllm.v1.attention.backends.flash_attn",
+        "vllm.model_executor.models.llama",
+    ),
+    "sim": (),
+}
 # Console scripts the standby can become when the package metadata does not name them (a wheel
 # unpacked without its dist-info).
 KNOWN_SCRIPTS = {"vllm": "vllm.entrypoints.cli.main:main"}
@@ -79,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # the agent reads this line and spawns plainly instead
             print(f"failed {name}: {type(exc).__name__}: {exc}", flush=True)
             return 3
+    for name in PRELOAD_EXTRA[opts.preload]:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            print(f"standby: skipped preloading {name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        # CUDA_VISIBLE_DEVICES is read once, at CUDA's start: this process could not honour the engine's.
+        print("failed CUDA was initialized while preloading", flush=True)
+        return 3
     print(f"ready {time.monotonic() - t0:.2f}", flush=True)
     line = sys.stdin.readline()
     if not line.strip():
