@@ -63,7 +63,7 @@ class Gatekeeper:
             "object": "model",
             "created": int(inst.history.started_at or self.sup.started_at),
             "owned_by": "mvllm-agent",
-            "root": inst.spec.model if lora is None else (inst.spec.lora_adapters.get(lora) or inst.extra_loras.get(lora)),
+            "root": inst.spec.model if lora is None else inst.lora_path(lora),
             "parent": None if lora is None else inst.spec.served_model_names[0],
             "max_model_len": inst.spec.max_model_len if lora is None and isinstance(inst.spec.max_model_len, int) else None,
             "mvllm_instance": inst.name,

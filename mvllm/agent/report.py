@@ -69,7 +69,7 @@ def catalog_entry(sup: Supervisor, inst: EngineProcess) -> CatalogEntry:
         name=spec.name,
         model=spec.model,
         served_model_names=list(spec.served_model_names),
-        lora_adapters=[*spec.lora_adapters, *inst.extra_loras],
+        lora_adapters=inst.lora_names(),
         devices=list(spec.devices),
         tensor_parallel_size=spec.tensor_parallel_size,
         memory_bytes=max(need.values()) if need else None,

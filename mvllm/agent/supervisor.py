@@ -99,6 +99,10 @@ class Supervisor:
         for inst in self.instances.values():
             if model in inst.extra_loras:
                 return inst, model
+        # Like vLLM's filesystem resolver: an adapter named in a request and found in a lora_dir.
+        for inst in self.instances.values():
+            if inst.dir_lora(model) is not None:
+                return inst, model
         return None
 
     def routable(self) -> list[tuple[str, EngineProcess, str | None]]:
@@ -106,7 +110,7 @@ class Supervisor:
         out = []
         for inst in self.instances.values():
             out += [(n, inst, None) for n in inst.spec.served_model_names]
-            out += [(n, inst, n) for n in [*inst.spec.lora_adapters, *inst.extra_loras]]
+            out += [(n, inst, n) for n in inst.lora_names()]
         return out
 
     def add(self, spec: ModelSpec) -> EngineProcess:

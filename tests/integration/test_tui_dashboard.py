@@ -89,7 +89,7 @@ async def test_table_lists_nodes_with_live_numbers_help_and_quit_confirmation(tm
         assert cell(app, "models", MODEL, "awake") == "n-a, n-b"
 
         await ask(router, 10)  # answered requests: the header's rate and latency come from /metrics
-        streams = asyncio.ensure_future(ask(router, 6, max_tokens=150))  # ~2 s each at 15 ms a token
+        streams = asyncio.ensure_future(ask(router, 6, max_tokens=300))  # ~4.5 s each at 15 ms a token: still in flight at "q" on a loaded machine
         try:
             await wait_until_async(
                 lambda: sum(float(cell(app, "nodes", n, "run") or 0) for n in ("n-a", "n-b")) >= 2
