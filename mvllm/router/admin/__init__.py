@@ -1,7 +1,7 @@
 """The admin API (`/admin/*`, admin keys only): one module per area, each a route table.
 
-Where a change belongs: nodes, drain, reload and the event log in nodes.py; model lifecycle
-(load/unload/sleep/wake) in models.py; LoRA adapters in lora.py; logs in logs.py; ad-hoc
+Where a change belongs: nodes, drain, reload and the event log in nodes.py; the models' replicas
+(GET /admin/models) and their lifecycle (load/unload/sleep/wake) in models.py; LoRA adapters in lora.py; logs in logs.py; ad-hoc
 instances and assign in instances.py; /proxy/{instance}/{path} (admin keys too) in
 engine_proxy.py; API keys and the usage file in keys.py; finding agents and calling them (the one
 mapping of an agent's failure to the admin answer) in agent_calls.py; AdminError in errors.py.
