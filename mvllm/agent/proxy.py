@@ -14,7 +14,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from mvllm.agent.errors import AgentError, BadRequest, Busy, NoRoom
+from mvllm.agent.errors import AgentError, BadRequest, Busy, Draining, NoRoom
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.process import EngineProcess
 from mvllm.agent.supervisor import Supervisor
@@ -88,6 +88,12 @@ class Gatekeeper:
         if inst.can_serve_now(lora):
             inst.begin()
             return
+        if inst.draining:
+            self.metrics.rejected.labels(inst.name, "draining").inc()
+            raise Draining(
+                f"model {inst.name} is draining on this agent to make room for another model "
+                "(max_switch_wait passed); try another node, or again shortly"
+            )
         if inst.queued >= self.max_queue:
             self.metrics.rejected.labels(inst.name, "queue_full").inc()
             raise Busy(f"model {inst.name}: {inst.queued} requests already wait for it to load; try again")
