@@ -3,19 +3,19 @@
 import pytest
 
 from mvllm.agent.placement import (
-    SwitchStep,
     ACTION_SLEEP,
     ACTION_STOP,
     GIB,
     Gpu,
     Resident,
     Step,
+    SwitchStep,
     effective_sleep_level,
     launch_utilization,
     need_bytes,
     plan,
-    switch_step,
     shortfall,
+    switch_step,
 )
 from mvllm.common.state import READY, SLEEPING, STARTING
 
