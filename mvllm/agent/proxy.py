@@ -28,7 +28,7 @@ from mvllm.agent.process import EngineProcess
 from mvllm.agent.supervisor import Supervisor
 from mvllm.common.errors import error_response
 from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
-from mvllm.common.state import READY
+from mvllm.common.state import FAILED
 
 # Besides the hop-by-hop set, what aiohttp recomputes itself. Authorization is the agent's token:
 # engines listen on loopback without a key of their own.
@@ -185,7 +185,7 @@ class Gatekeeper:
         deadline = time.monotonic() + self.load_timeout
         stale_retried = restarted = False
         while True:
-            handle = inst.handle
+            handle, restarts = inst.handle, inst.history.restarts
             sent = await self._forward(request, inst, body)
             if isinstance(sent, web.StreamResponse):
                 return sent
@@ -195,7 +195,7 @@ class Gatekeeper:
                 self.metrics.relay_retries.labels(inst.name, "stale_connection").inc()
                 log.info("%s: a pooled connection to the engine failed (%r); sending again on a new one", inst.name, exc)
                 continue
-            if not restarted and isinstance(exc, _CONNECTION_FAILURES) and await self._engine_gone(inst, handle):
+            if not restarted and isinstance(exc, _CONNECTION_FAILURES) and await self._crashed(inst, handle, restarts):
                 restarted = True
                 log.warning("%s: the engine's connection failed (%r) and its process is gone: holding the request "
                             "until it has restarted", inst.name, exc)  # fmt: skip
@@ -214,14 +214,17 @@ class Gatekeeper:
             self.metrics.requests.labels(inst.name, "502").inc()
             return error_response(502, f"engine of {inst.name} did not answer: {exc!r}", type="bad_gateway")
 
-    async def _engine_gone(self, inst: EngineProcess, handle: object) -> bool:
-        """After a refused or reset connection: whether the engine's process is gone and the
-        supervisor has seen it (restart under way), rather than an engine alive that refused."""
+    async def _crashed(self, inst: EngineProcess, handle: object, restarts: int) -> bool:
+        """After a refused or reset connection: whether the engine's process exited unasked and the
+        supervisor has seen it (a restart under way, or the model failed), rather than an engine
+        alive that refused, or one stopped on purpose (unload, eviction)."""
         deadline = time.monotonic() + _EXIT_GRACE_S
         exited = False
         while time.monotonic() < deadline:
-            if inst.handle is not handle or inst.state != READY:
+            if inst.history.restarts != restarts or inst.state == FAILED:
                 return True
+            if inst.handle is not handle or inst.expect_exit:
+                return False  # stopped by us: its request was cut by that stop, not by a crash
             if not exited and inst.handle is not None and not inst.handle.alive:
                 exited = True  # the supervision tick restarts it: wait for it to notice
                 deadline = time.monotonic() + _NOTICE_S
