@@ -26,6 +26,7 @@ from mvllm.agent.http_helpers import Handler, api, json_body, wants_wait
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.proxy import ENGINE_KEEPALIVE_S, Gatekeeper, engine_trace
 from mvllm.agent.supervisor import Supervisor
+from mvllm.agent.warm_launcher import WarmLauncher
 from mvllm.common.errors import error_response
 
 log = logging.getLogger("mvllm.agent")
@@ -231,7 +232,11 @@ async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     backend: GpuBackend = SimBackend(cfg.sim_gpus, session) if cfg.engine == "sim" else NvmlBackend()
     metrics_ = AgentMetrics()
-    sup = Supervisor(cfg, backend, session, metrics_, procs.agent_id())
+    agent_id = procs.agent_id()
+    launcher = WarmLauncher(cfg.engine, cfg.log_dir, agent_id) if cfg.warm_launcher_on else None
+    if launcher is not None:
+        await launcher.start()
+    sup = Supervisor(cfg, backend, session, metrics_, agent_id, launcher=launcher)
     metrics_.watch(lambda: report.snapshot(sup))
     app[SUPERVISOR] = sup
     app[METRICS] = metrics_
@@ -256,6 +261,8 @@ async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await sup.close()
+        if launcher is not None:
+            await launcher.close()
         await session.close()
         backend.close()
         log.info("agent stopped; no engine left running")

@@ -141,6 +141,17 @@ class AgentConfig:
     log_check_interval: float = 5.0  # how often engine log sizes are checked
     sim_gpus: list[SimGpuSpec] = field(default_factory=list)
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    # A standby process with the engine's modules imported (mvllm.agent.warm_launcher); None: on for
+    # engine = "vllm" with the default engine_binary, off otherwise.
+    warm_launcher: bool | None = None
+    # vLLM's cache root (torch.compile and CUDA-graph caches) per catalog model: ENGINE_CACHE_DIR/NAME.
+    engine_cache_dir: Path | None = None
+
+    @property
+    def warm_launcher_on(self) -> bool:
+        if self.warm_launcher is not None:
+            return self.warm_launcher
+        return self.engine == "vllm" and self.engine_binary == ["vllm"]
     adhoc: AdhocConfig = field(default_factory=AdhocConfig)
     warnings: list[str] = field(default_factory=list)  # accepted but worth telling (logged at start)
 
@@ -320,6 +331,14 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
     kw["restart_backoff_max"] = root.float("restart_backoff_max", d.restart_backoff_max, min=0) or 0.0
     kw["poll_interval"] = root.float("poll_interval", d.poll_interval, min=0.05) or d.poll_interval
     kw["reap_stale"] = root.bool("reap_stale", False)
+    if root.raw("warm_launcher") is not None:
+        kw["warm_launcher"] = root.bool("warm_launcher", True)
+    cache_dir = root.str("engine_cache_dir")
+    if cache_dir:
+        cache_path = Path(cache_dir).expanduser()
+        kw["engine_cache_dir"] = cache_path if cache_path.is_absolute() else base / cache_path
+    elif os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory= (deploy/mvllm-agent.service)
+        kw["engine_cache_dir"] = Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "engine-cache"
     kw["log"] = parse_log_keys(root, base)
     kw["engine_log_max_bytes"] = root.int("engine_log_max_bytes", d.engine_log_max_bytes, min=1024) or 1024
     kw["engine_log_backups"] = root.int("engine_log_backups", d.engine_log_backups, min=0, max=100) or 0

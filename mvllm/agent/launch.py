@@ -84,6 +84,10 @@ def engine_env(
     )
     if spec.lora_adapters:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    if cfg.engine_cache_dir is not None and "VLLM_CACHE_ROOT" not in spec.env:
+        # One cache root per model: its torch.compile and CUDA-graph artefacts survive the engine, so
+        # the next cold start of the same model reuses them (and `du` tells each model's share).
+        env["VLLM_CACHE_ROOT"] = str(cfg.engine_cache_dir / spec.name)
     return env
 
 
