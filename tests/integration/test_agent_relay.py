@@ -12,7 +12,7 @@ import time
 
 import openai
 
-from tests.integration.test_agent_lifecycle import model, running_agent
+from tests.integration.agent_support import model, running_agent
 
 BURST = 16
 

@@ -13,7 +13,8 @@ import time
 
 import openai
 
-from tests.integration.test_agent_lifecycle import model, running_agent, wait_until
+from tests.integration.agent_support import model, running_agent
+from tests.support import wait_until
 
 MAX_SWITCH_WAIT = 2.0
 STREAM_TOKENS = 80  # ~0.8 s per A stream at itl 10 ms
