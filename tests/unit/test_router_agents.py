@@ -197,6 +197,20 @@ def test_state_becomes_routes_in_the_model_index() -> None:
     assert node.capacity == 8 and node.running == 3.0  # the agent as a whole: its awake engines
 
 
+def test_a_draining_engine_is_no_candidate_until_the_agent_says_otherwise() -> None:
+    reg, node = registry_with_agent()
+    drained = agent_state(
+        InstanceState("a", "ready", served_model_names=["a"], in_flight=3, draining=True),
+        catalog=[entry("a", "awake")],
+    )
+    apply(reg, node, drained)
+    a = reg.nodes_for("a")[0]
+    assert a.tier is None and not a.routable(0.0)  # its in-flight requests finish; new ones go elsewhere
+    apply(reg, node, agent_state(InstanceState("a", "sleeping", served_model_names=["a"], sleep_level=1),
+                                 catalog=[entry("a", "sleeping")]), sent_at=200.0)
+    assert a.tier == TIER_SLEEPING  # evicted and resumed: a request may wake it again
+
+
 def test_routes_are_kept_across_states_and_names_follow_the_catalog() -> None:
     reg, node = registry_with_agent()
     apply(reg, node, STATE)

@@ -152,6 +152,8 @@ class AgentRoute(LoadCounter):
     @property
     def tier(self) -> int | None:
         """Where this model stands on this agent (policy.engine_tier); None: not a candidate."""
+        if self.instance is not None and self.instance.draining:
+            return None  # drained to make room for another model: the agent refuses new requests
         # Requests of ours sent since the agent's last /state was asked for (or still waiting)
         # make it load or wake: they count as a load under way.
         pending = self._in_flight > 0 or self.dispatched_at > self.agent.state_sent_at
