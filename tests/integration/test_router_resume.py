@@ -1,0 +1,146 @@
+"""Streams that survive a dying node: real `mvllm sim` processes with one --sim-seed, the serving
+one SIGKILLed mid-stream; the client's stream goes on from another sim with nothing lost or repeated."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from mvllm.router.app import RunningRouter
+from tests.integration.router_support import MODEL, client, node, router_for, sims
+
+SLOW = ["--sim-itl-ms", "40", "--sim-seed", "11"]
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about rivers."}]
+
+
+def resumes(r: RunningRouter) -> dict[str, float]:
+    out = {}
+    for line in r.state.metrics.render().decode().splitlines():
+        if line.startswith("mvllm_stream_resumes_total{"):
+            label, value = line.rsplit(" ", 1)
+            out[label.split('"')[1]] = float(value)
+    return out
+
+
+async def raw_stream(url: str, path: str, body: dict[str, Any], kill_after: int, victim: Any) -> tuple[list[dict], int, str]:
+    """POST a stream; SIGKILL `victim` once `kill_after` text chunks arrived (None: never). The
+    parsed chunks, the number of [DONE] events and the x-mvllm-node header."""
+    chunks: list[dict] = []
+    done = 0
+    texts = 0
+    async with aiohttp.ClientSession() as s, s.post(url + path, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        node_name = resp.headers.get("x-mvllm-node", "")
+        buf = b""
+        async for data in resp.content.iter_any():
+            buf += data
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                assert ev.startswith(b"data: "), ev
+                payload = ev[6:]
+                if payload == b"[DONE]":
+                    done += 1
+                    continue
+                obj = json.loads(payload)
+                chunks.append(obj)
+                if obj.get("choices") and obj["choices"][0].get("text"):
+                    texts += 1
+                    if texts == kill_after and victim is not None:
+                        victim.proc.kill()
+        assert buf == b""
+    return chunks, done, node_name
+
+
+async def test_chat_stream_survives_its_node_being_killed(tmp_path: Path) -> None:
+    with sims(tmp_path, SLOW, SLOW) as (a, b):
+        nodes = [node(a.url, "a", weight=1000.0), node(b.url, "b")]
+        async with router_for(tmp_path, nodes, health_check_interval=60) as r:
+            c = client(r)
+            kw = dict(model=MODEL, messages=MSGS, max_tokens=40, temperature=0, stream=True,
+                      stream_options={"include_usage": True})
+            # The uninterrupted answer, straight from b (same seed, so the same text).
+            direct = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0, timeout=30)
+            want, want_usage = [], None
+            async for ch in await direct.chat.completions.create(**kw):
+                want += [ch.choices[0].delta.content] if ch.choices and ch.choices[0].delta.content else []
+                want_usage = ch.usage or want_usage
+            assert len(want) == 40
+
+            raw = await c.chat.completions.with_raw_response.create(**kw)
+            assert raw.headers["x-mvllm-node"] == "a"
+            got, usages, ids, finish, roles = [], [], set(), None, 0
+            async for ch in raw.parse():
+                ids.add(ch.id)
+                if ch.usage is not None:
+                    usages.append(ch.usage)
+                for choice in ch.choices:
+                    roles += choice.delta.role is not None
+                    if choice.delta.content:
+                        got.append(choice.delta.content)
+                        if len(got) == 8:
+                            a.proc.kill()
+                    finish = choice.finish_reason or finish
+            assert a.proc.popen.poll() is not None  # it was killed mid-stream, not after
+            assert "".join(got) == "".join(want) and len(got) == 40
+            assert finish == "length" and len(ids) == 1 and roles == 1
+            assert len(usages) == 1
+            assert usages[0].completion_tokens == 40
+            assert usages[0].prompt_tokens == want_usage.prompt_tokens
+            assert usages[0].total_tokens == want_usage.total_tokens
+            assert resumes(r) == {"resumed": 1.0}
+
+
+async def test_completion_stream_survives_its_node_being_killed(tmp_path: Path) -> None:
+    with sims(tmp_path, SLOW, SLOW) as (a, b):
+        nodes = [node(a.url, "a", weight=1000.0), node(b.url, "b")]
+        async with router_for(tmp_path, nodes, health_check_interval=60) as r:
+            body = {"model": MODEL, "prompt": "The river flows", "max_tokens": 30, "temperature": 0, "stream": True}
+            want, done, _ = await raw_stream(b.url, "/v1/completions", body, 0, None)
+            want_text = "".join(ch["choices"][0]["text"] for ch in want if ch["choices"])
+            assert done == 1
+
+            got, done, served = await raw_stream(r.url, "/v1/completions", body, 12, a)
+            assert served == "a" and a.proc.popen.poll() is not None
+            texts = [ch["choices"][0]["text"] for ch in got if ch["choices"] and ch["choices"][0]["text"]]
+            assert "".join(texts) == want_text and len(texts) == 30
+            assert done == 1
+            assert all("error" not in ch for ch in got)
+            assert {ch["id"] for ch in got} == {got[0]["id"]} and {ch["created"] for ch in got} == {got[0]["created"]}
+            assert got[-1]["choices"][0]["finish_reason"] == "length"
+            assert resumes(r) == {"resumed": 1.0}
+
+
+
+async def test_resume_streams_false_keeps_the_sse_error(tmp_path: Path) -> None:
+    with sims(tmp_path, SLOW, SLOW) as (a, b):
+        nodes = [node(a.url, "a", weight=1000.0), node(b.url, "b")]
+        async with router_for(tmp_path, nodes, health_check_interval=60, resume_streams=False) as r:
+            stream = await client(r).chat.completions.create(model=MODEL, messages=MSGS, max_tokens=40, stream=True)
+            received = 0
+            with pytest.raises(openai.APIError) as info:
+                async with asyncio.timeout(10):
+                    async for ch in stream:
+                        if ch.choices and ch.choices[0].delta.content:
+                            received += 1
+                            if received == 5:
+                                a.proc.kill()
+            assert "failed mid-stream" in str(info.value.message)
+            assert received < 40
+            assert resumes(r) == {}
+
+
+async def test_unresumable_stream_ends_with_the_sse_error(tmp_path: Path) -> None:
+    with sims(tmp_path, SLOW, SLOW) as (a, b):
+        nodes = [node(a.url, "a", weight=1000.0), node(b.url, "b")]
+        async with router_for(tmp_path, nodes, health_check_interval=60) as r:
+            body = {"model": MODEL, "prompt": "The river flows", "max_tokens": 30, "stream": True, "echo": True}
+            got, done, _ = await raw_stream(r.url, "/v1/completions", body, 5, a)
+            assert done == 1  # the SSE error's own [DONE]
+            assert "failed mid-stream" in got[-1]["error"]["message"]
+            assert resumes(r) == {"unresumable": 1.0}
