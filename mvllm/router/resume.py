@@ -46,7 +46,9 @@ def plan_resume(path: str, doc: Any) -> ResumePlan | None:
 def _unresumable(kind: str, doc: Mapping[str, Any]) -> str | None:
     if _int(doc.get("n"), 1) != 1 or _int(doc.get("best_of"), 1) != 1:
         return "n > 1"
-    if doc.get("logprobs") not in (None, False) or doc.get("top_logprobs") is not None or doc.get("prompt_logprobs") is not None:
+    logprobs = doc.get("logprobs")  # chat: a bool; completions: a count, 0 included
+    if (logprobs is not None and logprobs is not False) or doc.get("top_logprobs") is not None \
+            or doc.get("prompt_logprobs") is not None:
         return "logprobs"
     if any(doc.get(k) is not None for k in _GUIDED_KEYS):
         return "guided decoding"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import openai
 import pytest
 
 from mvllm.router.app import RunningRouter
-from tests.integration.router_support import MODEL, client, node, router_for, sims
+from tests.integration.router_support import MODEL, client, node, node_state, router_for, sims
 
 SLOW = ["--sim-itl-ms", "40", "--sim-seed", "11"]
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about rivers."}]
@@ -28,9 +29,11 @@ def resumes(r: RunningRouter) -> dict[str, float]:
     return out
 
 
-async def raw_stream(url: str, path: str, body: dict[str, Any], kill_after: int, victim: Any) -> tuple[list[dict], int, str]:
-    """POST a stream; SIGKILL `victim` once `kill_after` text chunks arrived (None: never). The
-    parsed chunks, the number of [DONE] events and the x-mvllm-node header."""
+async def raw_stream(
+    url: str, path: str, body: dict[str, Any], kill_after: int, victim: Any, on_text: Callable[[int], None] | None = None
+) -> tuple[list[dict], int, str]:
+    """POST a stream; SIGKILL `victim` once `kill_after` text chunks arrived (None: never), and
+    tell `on_text` of each. The parsed chunks, the number of [DONE] events and the x-mvllm-node header."""
     chunks: list[dict] = []
     done = 0
     texts = 0
@@ -49,10 +52,13 @@ async def raw_stream(url: str, path: str, body: dict[str, Any], kill_after: int,
                     continue
                 obj = json.loads(payload)
                 chunks.append(obj)
-                if obj.get("choices") and obj["choices"][0].get("text"):
+                choice = obj["choices"][0] if obj.get("choices") else {}
+                if choice.get("text") or choice.get("delta", {}).get("content"):
                     texts += 1
                     if texts == kill_after and victim is not None:
                         victim.proc.kill()
+                    if on_text is not None:
+                        on_text(texts)
         assert buf == b""
     return chunks, done, node_name
 
@@ -115,6 +121,36 @@ async def test_completion_stream_survives_its_node_being_killed(tmp_path: Path) 
             assert got[-1]["choices"][0]["finish_reason"] == "length"
             assert resumes(r) == {"resumed": 1.0}
 
+
+
+async def test_a_stream_resumed_twice_when_its_second_node_dies_too(tmp_path: Path) -> None:
+    with sims(tmp_path, SLOW, SLOW, SLOW) as (a, b, c):
+        nodes = [node(a.url, "a", weight=1000.0), node(b.url, "b"), node(c.url, "c")]
+        by_name = {"b": b, "c": c}
+        async with router_for(tmp_path, nodes, health_check_interval=60) as r:
+            body = {"model": MODEL, "messages": MSGS, "max_tokens": 36, "stream": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+            want, _, _ = await raw_stream(c.url, "/v1/chat/completions", body, 0, None)
+            second: list[str] = []
+
+            def kill_second(count: int) -> None:
+                if count == 20:  # a died at 6: whichever node took over dies now
+                    second.extend(n for n in by_name if node_state(r, n)["in_flight"] == 1)
+                    assert len(second) == 1
+                    by_name[second[0]].proc.kill()
+
+            got, done, served = await raw_stream(r.url, "/v1/chat/completions", body, 6, a, kill_second)
+            assert served == "a" and len(second) == 1 and by_name[second[0]].proc.popen.poll() is not None
+
+            def text(chunks: list[dict]) -> list[str]:
+                return [ch["choices"][0]["delta"]["content"] for ch in chunks
+                        if ch["choices"] and ch["choices"][0]["delta"].get("content")]
+
+            assert text(got) == text(want) and len(text(got)) == 36
+            assert done == 1 and all("error" not in ch for ch in got)
+            # Per-chunk usage (continuous_usage_stats) counts on across both resumes, as uninterrupted.
+            assert [ch["usage"] for ch in got] == [ch["usage"] for ch in want]
+            assert resumes(r) == {"resumed": 2.0}
 
 
 async def test_resume_streams_false_keeps_the_sse_error(tmp_path: Path) -> None:
