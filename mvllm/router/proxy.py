@@ -5,7 +5,8 @@ Hot path: the body is read once and parsed once (common.http.json_object, only f
 session is reused, stream chunks are written as they come with no parsing, logging or metrics
 per chunk. Nothing reaches the client until the node has answered properly (headers plus the
 first chunk of a stream, or the whole of a sized body), so up to that point a failure is retried
-on another node; after it, a broken stream ends with an SSE error event.
+on another node; after it, a broken chat or completion stream is resumed on another node
+(mvllm.router.resume_relay) where it can be, and any other ends with an SSE error event.
 """
 
 from __future__ import annotations
