@@ -525,7 +525,9 @@ class Proxy:
         tail0 = tail1 = b""
         tail2 = chunk = first
         # A resumable stream keeps what it relays (references; parsed only if the node dies).
-        resume: ResumeContext | None = request.get(RESUME_KEY) if ctype.startswith("text/event-stream") else None
+        resume: ResumeContext | None = (
+            request.get(RESUME_KEY) if status == 200 and ctype.startswith("text/event-stream") else None
+        )
         relayed = Transcript() if resume is not None and resume.plan.reason is None else None
         if relayed is not None:
             relayed.add(first)

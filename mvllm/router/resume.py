@@ -15,8 +15,9 @@ COMPLETION_PATHS = frozenset({"/v1/completions", "/completions"})
 # Constrained decoding restarts its grammar at the continuation's first token: the text so far
 # would not be part of what the grammar matched, so such answers are not resumed.
 _GUIDED_KEYS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
-# Kept streams are folded into the transcript past this many bytes, so memory stays bounded.
-_FOLD_BYTES = 64 * 1024
+# Kept chunks are folded into the transcript (parsed) past this many bytes: most answers are
+# shorter and never parsed unless their node dies; longer ones keep their memory bounded.
+_FOLD_BYTES = 256 * 1024
 _DONE = b"[DONE]"
 
 
@@ -85,7 +86,7 @@ class Transcript:
     """What one stream (index 0, the only choice of a resumable request) has carried so far: its
     text, its tokens (from usage when the engine streams it per chunk, else one per chunk with
     text, as vLLM and the sim stream), and what would stop a resume. Raw chunks are only kept
-    (references) and parsed when a resume needs them, or in batches once they pass 64 KiB."""
+    (references) and parsed when a resume needs them, or in batches once they pass 256 KiB."""
 
     id: str | None = None
     created: int | None = None
@@ -114,18 +115,24 @@ class Transcript:
         self.raw_bytes = 0
         events = data.split(b"\n\n")
         self.partial = events.pop()
+        payloads = []
         for event in events:
-            payload = event_data(event)
-            if payload is None:
-                continue
+            # The usual event is one `data: {...}` line; anything else takes the general path.
+            payload = event[6:] if event.startswith(b"data: {") and b"\n" not in event else event_data(event)
             if payload == _DONE:
                 self.done = True
-                continue
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                self.blocker = "an unreadable chunk"
-                continue
+            elif payload is not None:
+                payloads.append(payload)
+        try:
+            objs = orjson.loads(b"[" + b",".join(payloads) + b"]")  # one parse for the batch
+        except orjson.JSONDecodeError:
+            objs = []
+            for payload in payloads:
+                try:
+                    objs.append(orjson.loads(payload))
+                except orjson.JSONDecodeError:
+                    self.blocker = "an unreadable chunk"
+        for obj in objs:
             if isinstance(obj, dict):
                 self.observe(obj)
 

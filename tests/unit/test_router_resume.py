@@ -83,11 +83,19 @@ def test_transcript_prefers_per_chunk_usage_and_folds_large_streams():
     t = transcript_of(chat_chunk("ab", usage=usage), 10_000)
     assert t.tokens == 7  # two tokens in one chunk: usage knows, counting does not
     big = Transcript()
-    for _ in range(2000):  # ~200 KiB: folded as it comes, not kept whole
+    for _ in range(6000):  # ~600 KiB: folded as it comes, not kept whole
         big.add(completion_chunk(" w"))
-    assert big.raw_bytes < 70 * 1024 and big.counted > 0
+    assert big.raw_bytes <= 257 * 1024 and big.counted > 0
     big.settle()
-    assert big.tokens == 2000 and big.text == " w" * 2000
+    assert big.tokens == 6000 and big.text == " w" * 6000
+
+
+def test_transcript_reads_the_unusual_events_too():
+    odd = b": a comment\n\n" + b'data: {"id": "c", "choices":\ndata: [{"index": 0, "text": " b"}]}\n\n'
+    t = transcript_of(completion_chunk(" a") + odd + completion_chunk(" c"), 10_000)
+    assert (t.text, t.blocker) == (" a b c", None)
+    bad = transcript_of(completion_chunk(" a") + b"data: {nope\n\n" + completion_chunk(" c"), 10_000)
+    assert (bad.text, bad.blocker) == (" a c", "an unreadable chunk")
 
 
 def test_blockers_after_a_break():
