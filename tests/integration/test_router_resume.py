@@ -180,3 +180,32 @@ async def test_unresumable_stream_ends_with_the_sse_error(tmp_path: Path) -> Non
             assert done == 1  # the SSE error's own [DONE]
             assert "failed mid-stream" in got[-1]["error"]["message"]
             assert resumes(r) == {"unresumable": 1.0}
+            # n = 2, through the official client: b serves it now (a is dead), and dies too.
+            stream = await client(r).chat.completions.create(model=MODEL, messages=MSGS, max_tokens=40, n=2, stream=True)
+            received = 0
+            with pytest.raises(openai.APIError) as info:
+                async with asyncio.timeout(10):
+                    async for ch in stream:
+                        if ch.choices and ch.choices[0].delta.content:
+                            received += 1
+                            if received == 5:
+                                b.proc.kill()
+            assert "failed mid-stream" in str(info.value.message)
+            assert resumes(r) == {"unresumable": 2.0}
+
+
+async def test_stream_cut_by_a_live_node_goes_on_elsewhere(tmp_path: Path) -> None:
+    with sims(tmp_path, SLOW, SLOW) as (a, b):
+        nodes = [node(a.url, "a", weight=1000.0), node(b.url, "b")]
+        async with router_for(tmp_path, nodes, health_check_interval=60, failure_threshold=100) as r:
+            async with aiohttp.ClientSession() as s, s.post(a.url + "/sim/fault", json={"kind": "midstream", "rate": 1}) as f:
+                assert f.status == 200
+            body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 20, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            want, _, _ = await raw_stream(b.url, "/v1/completions", body, 0, None)
+            got, done, served = await raw_stream(r.url, "/v1/completions", body, 0, None)
+            assert served == "a" and done == 1
+            assert [ch["choices"][0]["text"] for ch in got if ch["choices"]] == \
+                [ch["choices"][0]["text"] for ch in want if ch["choices"]]
+            assert [ch["usage"] for ch in got if ch.get("usage")] == [want[-1]["usage"]]
+            assert resumes(r) == {"resumed": 1.0}
