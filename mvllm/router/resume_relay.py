@@ -108,6 +108,7 @@ class StreamResumer:
             log.info("request %s: stream not resumed (%s)", request_id, ctx.plan.reason)
             return None
         tried = [broken]
+        watch.writing = False  # waiting for a node's continuation is no write the client holds up
         while True:
             sent.settle()
             why = blocker(ctx.plan, sent)
