@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from mvllm.router.app import RunningRouter
-from tests.integration.router_support import MODEL, client, node, node_state, router_for, sims
+from tests.integration.router_support import MODEL, client, node_state, router_for, sims
+from tests.support import node
 
 SLOW = ["--sim-itl-ms", "40", "--sim-seed", "11"]
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about rivers."}]
