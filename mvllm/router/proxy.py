@@ -33,7 +33,7 @@ from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_cata
 from mvllm.router.fleet.targets import Health, Target
 from mvllm.router.policy import choose_tiered
 from mvllm.router.request import ResponseComplete, ResponseHook
-from mvllm.router.resume import Transcript, plan_resume
+from mvllm.router.resume import EndedEarly, Transcript, plan_resume
 from mvllm.router.resume_relay import RESUME_KEY, NodeBook, ResumeContext, StreamResumer
 from mvllm.router.retry import (
     RETRY_STATUSES,
@@ -542,6 +542,15 @@ class Proxy:
                 # watch drops one that waits too long.
                 watch.writing = True
                 if stream.at_eof():
+                    if relayed is not None and not relayed.ended():
+                        if chunk:
+                            await resp.write(chunk)
+                        resumed = await self._broken_stream(
+                            request, resp, node, ctype, EndedEarly(), request_id, sent, resume, relayed, watch
+                        )
+                        if resumed is not None:
+                            tail0, tail1, tail2 = b"", b"", resumed
+                        break
                     # The node's answer is complete: its last bytes and the end of ours go out
                     # together, in one write instead of two.
                     await resp.write_eof(chunk)

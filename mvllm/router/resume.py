@@ -21,6 +21,14 @@ _FOLD_BYTES = 256 * 1024
 _DONE = b"[DONE]"
 
 
+class EndedEarly(Exception):
+    """A stream that ended cleanly but without its `data: [DONE]`: cut by a proxy in between (an
+    agent whose engine died ends its answer as if complete)."""
+
+    def __init__(self) -> None:
+        super().__init__("the stream ended without its data: [DONE]")
+
+
 @dataclass(frozen=True, slots=True)
 class ResumePlan:
     """A streamed chat or completion request as the client sent it; `reason` says why it cannot be
@@ -176,6 +184,14 @@ class Transcript:
         """Fold what is still kept: call before reading the transcript after a break."""
         if self.raw:
             self.fold()
+
+    def ended(self) -> bool:
+        """Did the stream end with its `data: [DONE]`? A look at its last bytes, else a parse."""
+        last = b"".join(self.raw[-2:]) if self.raw else self.partial
+        if last.rstrip().endswith(b"data: [DONE]"):
+            return True
+        self.settle()
+        return self.done
 
     @property
     def text(self) -> str:

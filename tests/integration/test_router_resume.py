@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,12 @@ import aiohttp
 import openai
 import pytest
 
-from mvllm.router.app import RunningRouter
+from mvllm.router.app import RunningRouter, running_router
+from mvllm.router.config import load_config
+from mvllm.router.stats import load_stats_snapshot
+from tests.integration.agent_support import TOKEN, marked_processes, model, running_agent
 from tests.integration.router_support import MODEL, client, node_state, router_for, sims
-from tests.support import node
+from tests.support import node, wait_until_async, write_servers
 
 SLOW = ["--sim-itl-ms", "40", "--sim-seed", "11"]
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about rivers."}]
@@ -207,5 +212,37 @@ async def test_stream_cut_by_a_live_node_goes_on_elsewhere(tmp_path: Path) -> No
             assert served == "a" and done == 1
             assert [ch["choices"][0]["text"] for ch in got if ch["choices"]] == \
                 [ch["choices"][0]["text"] for ch in want if ch["choices"]]
+            assert [ch["usage"] for ch in got if ch.get("usage")] == [want[-1]["usage"]]
+            assert resumes(r) == {"resumed": 1.0}
+
+
+async def test_stream_cut_by_an_agents_dying_engine_goes_on_at_another_agent(tmp_path: Path) -> None:
+    # An agent whose engine dies ends its answer cleanly, without [DONE]: the router resumes that too.
+    catalog = model("m", "preload = true", sim="sim = { ttft_ms = 5, itl_ms = 40, weights_gib = 2, seed = 11 }")
+    with running_agent(tmp_path, catalog) as a, running_agent(tmp_path, catalog) as b:
+        entries = [{"url": x.url, "name": n, "token": TOKEN, "load_timeout": 30} for x, n in ((a, "a"), (b, "b"))]
+        path = write_servers(tmp_path / "servers.toml", agents=entries, scrape_timeout=2.0)
+        async with running_router(load_config(path), host="127.0.0.1", port=0, config_path=path, watch=False) as r:
+            for x in (a, b):
+                await wait_until_async(lambda x=x: x.inst("m")["state"] == "ready", 30, what="m ready")
+            await wait_until_async(lambda: all(n["healthy"] for n in load_stats_snapshot(r.state)["nodes"]), 10)
+            body = {"model": "m", "messages": MSGS, "max_tokens": 30, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            want, done, _ = await raw_stream(r.url, "/v1/chat/completions", body, 0, None)
+            assert done == 1
+            agents = {"a": a, "b": b}
+
+            def kill_engine(count: int) -> None:
+                if count == 6:
+                    serving = [n for n in agents if node_state(r, n)["in_flight"] == 1]
+                    assert len(serving) == 1
+                    for pid in marked_processes(agents[serving[0]].proc.pid):
+                        os.kill(pid, signal.SIGKILL)
+
+            got, done, _ = await raw_stream(r.url, "/v1/chat/completions", body, 0, None, kill_engine)
+            text = [ch["choices"][0]["delta"].get("content") for ch in got if ch["choices"]]
+            assert [t for t in text if t] == [t for t in (ch["choices"][0]["delta"].get("content") for ch in want
+                                                          if ch["choices"]) if t]
+            assert done == 1 and all("error" not in ch for ch in got)
             assert [ch["usage"] for ch in got if ch.get("usage")] == [want[-1]["usage"]]
             assert resumes(r) == {"resumed": 1.0}

@@ -171,3 +171,16 @@ def test_whole_usage_moves_the_tokens_sent_back_to_the_completion():
     u = {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35, "prompt_tokens_details": None}
     assert whole_usage(u, 10) == {"prompt_tokens": 20, "completion_tokens": 15, "total_tokens": 35,
                                   "prompt_tokens_details": None}
+
+
+def test_ended_tells_a_stream_with_its_done_from_a_cut_one():
+    whole = completion_chunk(" a") + b"data: [DONE]\n\n"
+    assert transcript_of(whole, 10_000).ended()
+    for split in (1, 3):  # [DONE] in many pieces: found by the parse
+        t = Transcript()
+        for i in range(0, len(whole), split):
+            t.add(whole[i:i + split])
+        assert t.ended()
+    cut = Transcript()
+    cut.add(completion_chunk(" a"))
+    assert not cut.ended()
