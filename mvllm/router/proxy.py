@@ -542,7 +542,10 @@ class Proxy:
                 # watch drops one that waits too long.
                 watch.writing = True
                 if stream.at_eof():
-                    if relayed is not None and not relayed.ended():
+                    # Ended cleanly but mid-answer (no [DONE], no finish_reason): cut by a proxy
+                    # in between, as an agent whose engine died does. A backend that only omits
+                    # [DONE] after a finished answer is relayed as it is.
+                    if relayed is not None and not relayed.ended() and relayed.finish_reason is None:
                         if chunk:
                             await resp.write(chunk)
                         resumed = await self._broken_stream(
