@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.router_support import MODEL, QUICK_SIM, node, write_config
+from tests.integration.router_support import MODEL, QUICK_SIM
 from tests.procs import REPO, Proc, free_port, run_sim, wait_http_ok
+from tests.support import node, write_servers
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx not installed")
@@ -116,7 +117,7 @@ def upstreams(tmp: Path, at_least: int) -> list[list[str]]:
 
 def test_shipped_nginx_config_streams_and_survives_a_killed_router(tmp_path: Path) -> None:
     with run_sim(tmp_path, MODEL, QUICK_SIM) as sim:
-        cfg = write_config(tmp_path / "servers.toml", [node(sim.url, "n1")])
+        cfg = write_servers(tmp_path / "servers.toml", [node(sim.url, "n1")])
         ports = [free_port(), free_port()]
         routers = [
             Proc(["run", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(p)], tmp_path / f"r{p}.log")
