@@ -115,6 +115,8 @@ class RouterConfig:
     # Seconds a client may stay idle on a connection (before its first request too, which bounds
     # slow or never-finished headers), take to send its body, or leave a stream unread.
     client_timeout: float = 60.0
+    # A stream whose node dies after its first byte goes on from another node (docs/configuration.md).
+    resume_streams: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)  # [router] log_* keys (mvllm.common.logfiles)
     source: Path | None = None
@@ -204,6 +206,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         timeout=cfg.float("scrape_timeout", ScrapeConfig.timeout, min=0.01),
         models_interval=cfg.float("models_refresh_interval", ScrapeConfig.models_interval, min=0.1),
     )
+    resume_streams = cfg.bool("resume_streams", RouterConfig.resume_streams)
     # Original keys with no effect here (see LEGACY_NO_EFFECT): still type-checked, so typos show.
     cfg.float("health_check_min_success_rate", None, min=0.0, max=1.0)
     cfg.int("health_check_window_size", None, min=1)
@@ -239,6 +242,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         breaker=breaker,
         scrape=scrape,
         client_timeout=client_timeout if client_timeout is not None else RouterConfig.client_timeout,
+        resume_streams=resume_streams,
         auth=auth,
         log=log,
         source=path,

@@ -87,6 +87,10 @@ class RouterMetrics:
         self.stream_errors = Counter(
             "mvllm_stream_errors", "Answers that broke after their first byte reached the client", ["node"], registry=r
         )
+        self.stream_resumes = Counter(
+            "mvllm_stream_resumes", "Broken streams sent on to another node, by outcome (docs/configuration.md)", ["outcome"],
+            registry=r,
+        )
         self.breaker_transitions = Counter(
             "mvllm_breaker_transitions", "Circuit breaker state changes", ["node", "to"], registry=r
         )

@@ -5,7 +5,8 @@ Hot path: the body is read once and parsed once (common.http.json_object, only f
 session is reused, stream chunks are written as they come with no parsing, logging or metrics
 per chunk. Nothing reaches the client until the node has answered properly (headers plus the
 first chunk of a stream, or the whole of a sized body), so up to that point a failure is retried
-on another node; after it, a broken stream ends with an SSE error event.
+on another node; after it, a broken chat or completion stream is resumed on another node
+(mvllm.router.resume_relay) where it can be, and any other ends with an SSE error event.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_cata
 from mvllm.router.fleet.targets import Health, Target
 from mvllm.router.policy import choose_tiered
 from mvllm.router.request import ResponseComplete, ResponseHook
+from mvllm.router.resume import EndedEarly, Transcript, plan_resume
+from mvllm.router.resume_relay import RESUME_KEY, NodeBook, ResumeContext, StreamResumer
 from mvllm.router.retry import (
     RETRY_STATUSES,
     AttemptFailure,
@@ -109,6 +112,14 @@ def forward_headers(src: Mapping[str, str], request_id: str, *, strip_auth: bool
     out = copy_headers(src, _DROP_REQUEST_AND_CREDENTIALS if strip_auth else _DROP_REQUEST)
     out["X-Request-Id"] = request_id
     return out
+
+
+def upstream_target(request: web.Request) -> str:
+    """The path and query a request goes upstream with (un-versioned aliases in their /v1 form)."""
+    versioned = VERSIONED_ALIASES.get(request.path)
+    if versioned is not None:
+        return versioned + (f"?{request.query_string}" if request.query_string else "")
+    return str(request.rel_url)
 
 
 def response_headers(src: Mapping[str, str], node: str, request_id: str) -> CIMultiDict[str]:
@@ -220,6 +231,7 @@ class Proxy:
         self.state = state
         # Told of every answer relayed to its end (the access gate settles tokens from its tail).
         self.on_complete = on_complete
+        self.resumer = StreamResumer(state, NodeBook(self._node_ok, self._node_failed, self._transition, set_read_timeout))
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -270,6 +282,10 @@ class Proxy:
                 self._count("", "-", 404)
                 hint = unread_catalogs(state.registry.agents())  # an agent we could not read may have it
                 return error_response(404, f"The model `{model}` does not exist.{hint}", code="model_not_found")
+            if state.config.resume_streams:
+                plan = plan_resume(request.path, doc)
+                if plan is not None:
+                    request[RESUME_KEY] = ResumeContext(plan, nodes, model)
         else:
             denied = await state.gate.admit(request, None, None)
             if denied is not None:
@@ -308,10 +324,7 @@ class Proxy:
         state = self.state
         retry_cfg = state.config.retry
         headers = forward_headers(request.headers, request_id, strip_auth=not state.gate.open)
-        target = str(request.rel_url)
-        versioned = VERSIONED_ALIASES.get(request.path)
-        if versioned is not None:
-            target = versioned + (f"?{request.query_string}" if request.query_string else "")
+        target = upstream_target(request)
         ledger: FailureLedger[Target] = FailureLedger()
         tried: list[Target] = []
         last: Failed | None = None
@@ -511,6 +524,13 @@ class Proxy:
         # The last chunks relayed (references, not copies): the engine's usage is in them.
         tail0 = tail1 = b""
         tail2 = chunk = first
+        # A resumable stream keeps what it relays (references; parsed only if the node dies).
+        resume: ResumeContext | None = (
+            request.get(RESUME_KEY) if status == 200 and ctype.startswith("text/event-stream") else None
+        )
+        relayed = Transcript() if resume is not None and resume.plan.reason is None else None
+        if relayed is not None:
+            relayed.add(first)
         ttfb = True
         watch = _SendWatch(request, self.state.config.client_timeout, request_id)
         try:
@@ -522,6 +542,18 @@ class Proxy:
                 # watch drops one that waits too long.
                 watch.writing = True
                 if stream.at_eof():
+                    # Ended cleanly but mid-answer (no [DONE], no finish_reason): cut by a proxy
+                    # in between, as an agent whose engine died does. A backend that only omits
+                    # [DONE] after a finished answer is relayed as it is.
+                    if relayed is not None and not relayed.ended() and relayed.finish_reason is None:
+                        if chunk:
+                            await resp.write(chunk)
+                        resumed = await self._broken_stream(
+                            request, resp, node, ctype, EndedEarly(), request_id, sent, resume, relayed, watch
+                        )
+                        if resumed is not None:
+                            tail0, tail1, tail2 = b"", b"", resumed
+                        break
                     # The node's answer is complete: its last bytes and the end of ours go out
                     # together, in one write instead of two.
                     await resp.write_eof(chunk)
@@ -538,10 +570,14 @@ class Proxy:
                 except _UPSTREAM_ERRORS as exc:
                     up.close()
                     watch.writing = True  # the error event is a write too
-                    await self._broken_stream(request, resp, node, ctype, exc, request_id, sent)
+                    resumed = await self._broken_stream(request, resp, node, ctype, exc, request_id, sent, resume, relayed, watch)
+                    if resumed is not None:
+                        tail0, tail1, tail2 = b"", b"", resumed
                     break
                 if chunk:
                     tail0, tail1, tail2 = tail1, tail2, chunk
+                    if relayed is not None:
+                        relayed.add(chunk)
             if ttfb:
                 metrics.observe_ttfb(model, time.perf_counter() - t0)
         except ConnectionError:
@@ -564,17 +600,29 @@ class Proxy:
         exc: BaseException,
         request_id: str,
         sent: float,
-    ) -> None:
+        resume: ResumeContext | None = None,
+        relayed: Transcript | None = None,
+        watch: _SendWatch | None = None,
+    ) -> bytes | None:
+        """End a stream cut after its first byte: resumed on another node where it can be (the
+        tail written is returned), else with an SSE error event (None)."""
         detail = describe(exc)
         log.warning("request %s: node %s broke off mid-answer (%s)", request_id, node.name, detail)
         self.state.metrics.stream_errors.labels(node.name).inc()
         self._node_failed(node, FailureKind.BROKEN.value, sent)
+        if resume is not None and watch is not None:
+            headers = forward_headers(request.headers, request_id, strip_auth=not self.state.gate.open)
+            tail = await self.resumer.resume(resp, resume, relayed, node, headers, upstream_target(request), request_id, watch)
+            if tail is not None:
+                return tail
+            watch.writing = True  # the error event is a write too
         if ctype.startswith("text/event-stream"):
             await resp.write(sse_error_event(f"node {node.name} failed mid-stream ({detail}); the answer is incomplete"))
         elif request.transport is not None:
             # A plain body cut short must not look complete: drop the connection without the
             # final chunk, so the client sees a truncated transfer.
             request.transport.close()
+        return None
 
     # -- bookkeeping -------------------------------------------------------------------------------
 

@@ -146,6 +146,7 @@ drain = true
         ("[config]\nhealth_check_interval = \"10s\"", "config.health_check_interval", "number"),
         ("[config]\nrequest_timeout = 10\nfirst_byte_timeout = 20", "config.first_byte_timeout", "request_timeout"),
         ("[config]\nbreaker_cooldown = 1\nauto_recovery_threshold = 2", "config.auto_recovery_threshold", "not both"),
+        ('[config]\nresume_streams = "yes"', "config.resume_streams", "true or false"),
         ('[policy]\ntype = "fastest"', "policy.type", "least-score"),
         ("[router]\nport = 70000", "router.port", "<= 65535"),
         ("[routr]\nport = 1", "routr", "unknown key"),
@@ -196,3 +197,8 @@ def test_the_shipped_example_loads() -> None:
     assert [n.name for n in cfg.nodes] == ["gpu-server-1:8000", "gpu-2", "gpu-3"]
     assert cfg.nodes[2].models == ("Qwen/Qwen3-8B",)
     assert cfg.breaker.cooldown == 10
+
+
+def test_resume_streams_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, SEED_README)).resume_streams is True
+    assert load_config(write(tmp_path, "[config]\nresume_streams = false")).resume_streams is False
