@@ -21,6 +21,7 @@ from mvllm.router.access.usage_file import day_to_date, utc_day
 from mvllm.router.access.usage_store import UsageStore
 from mvllm.router.admin.errors import AdminError
 from mvllm.router.appkeys import CONFIG_PATH_KEY, STATE_KEY
+from mvllm.router.cluster import CLUSTER_KEY
 from mvllm.router.reload import reload_config
 
 log = logging.getLogger("mvllm.router.admin")
@@ -119,6 +120,9 @@ async def _set_enabled(request: web.Request, enabled: bool) -> web.Response:
         )
     was = key.enabled
     gate.set_enabled(key.name, enabled)
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None:  # every router sharing the Redis applies it too
+        await cluster.set_key_enabled(key.name, enabled)
     file_enabled = gate.file_key(key.name).enabled  # type: ignore[union-attr]
     if was != enabled:
         where = "as the keys file says" if enabled == file_enabled else "overriding the keys file until its entry changes"
