@@ -119,3 +119,114 @@ async def _status(s: aiohttp.ClientSession, url: str, key: str, want: int = 401)
 async def _draining(s: aiohttp.ClientSession, url: str, name: str, want: bool = True) -> bool:
     doc = await load_stats(s, url)
     return any(n["name"] == name and n["draining"] is want for n in doc["nodes"])
+
+
+async def _load(s: aiohttp.ClientSession, url: str, key: str, stop: asyncio.Event, statuses: list[int]) -> None:
+    """Requests one after another until `stop`, every status recorded (an exception counts as 0)."""
+    while not stop.is_set():
+        try:
+            statuses.append((await post(s, url + CHAT, key, body()))[0])
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            statuses.append(0)
+
+
+async def test_sigkill_of_one_router_fails_none_of_the_others_clients_and_frees_its_slots_within_10_s(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    keys = [
+        key_entry("admin", ADMIN_KEY, role="admin"),
+        key_entry("two", USER_KEY, limits={"max_concurrent": 2}),
+        key_entry("free", "sk-test-free-0123456789abcdef"),
+    ]
+    async with in_process_sims(quick_sim(itl_ms=20.0)) as (sim,):
+        path = cluster_config(tmp_path, [node(sim.url, "a")], redis_server.url, keys=keys)
+        async with routers(tmp_path, path) as (r1, r2), aiohttp.ClientSession() as s:
+            held: list[aiohttp.ClientResponse] = []
+            assert [await _open_stream(s, r1.url, USER_KEY, held) for _ in range(2)] == [200, 200]
+            assert await _open_stream(s, r2.url, USER_KEY, held) == 429  # both slots are r1's
+            stop = asyncio.Event()
+            statuses: list[int] = []
+            loaders = [asyncio.create_task(_load(s, r2.url, "sk-test-free-0123456789abcdef", stop, statuses)) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            r1.proc.kill()  # SIGKILL: no release of its leases
+            killed_at = time.monotonic()
+            for resp in held:
+                resp.close()
+
+            async def slot_free() -> bool:
+                more: list[aiohttp.ClientResponse] = []
+                got = await _open_stream(s, r2.url, USER_KEY, more)
+                for resp in more:
+                    resp.close()
+                return got == 200
+
+            await wait_until(slot_free, timeout=10, interval=0.25, what="the dead router's slots free")
+            freed_after = time.monotonic() - killed_at
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*loaders)
+            assert statuses and all(st == 200 for st in statuses), sorted(set(statuses))
+            assert r2.alive()
+            assert freed_after < 10.0
+
+
+async def test_redis_killed_under_load_routers_keep_serving_and_limits_are_exact_again_once_it_is_back(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    keys = [
+        key_entry("admin", ADMIN_KEY, role="admin"),
+        key_entry("slow", USER_KEY, limits={"requests_per_second": 5}),
+        key_entry("free", "sk-test-free-0123456789abcdef"),
+    ]
+    async with in_process_sims(quick_sim()) as (sim,):
+        path = cluster_config(tmp_path, [node(sim.url, "a")], redis_server.url, keys=keys)
+        async with routers(tmp_path, path) as (r1, r2), aiohttp.ClientSession() as s:
+            stop = asyncio.Event()
+            statuses: list[int] = []
+            loaders = [asyncio.create_task(_load(s, r.url, "sk-test-free-0123456789abcdef", stop, statuses)) for r in (r1, r2, r1, r2)]
+            await asyncio.sleep(0.5)
+            redis_server.kill()
+            await asyncio.sleep(2.0)
+            # Down: per-router limits (on_redis_down = "local"), the 5 rps key still served by each.
+            down = await asyncio.gather(*(post(s, (r1, r2)[i % 2].url + CHAT, USER_KEY, body()) for i in range(20)))
+            ok_down = sum(1 for st, _ in down if st == 200)
+            assert 5 <= ok_down <= 12, [st for st, _ in down]
+            stats = await load_stats(s, r1.url)
+            assert stats["cluster"]["healthy"] is False and stats["cluster"]["shared_limits"] is False
+            redis_server.start()
+            await asyncio.sleep(2.0)
+            stop.set()
+            await asyncio.gather(*loaders)
+            assert len(statuses) > 20 and all(st == 200 for st in statuses), sorted(set(statuses))
+            assert r1.alive() and r2.alive()
+
+            # Back: shared and exact again (a fresh Redis: the key's rate starts full).
+            async def exact() -> bool:
+                await asyncio.sleep(1.1)  # let the bucket refill between tries
+                res = await asyncio.gather(*(post(s, (r1, r2)[i % 2].url + CHAT, USER_KEY, body()) for i in range(20)))
+                return 5 <= sum(1 for st, _ in res if st == 200) <= 6
+
+            await wait_until(exact, timeout=10, interval=0.1, what="limits exact across routers again")
+            stats = await load_stats(s, r2.url)
+            assert stats["cluster"]["healthy"] is True and len(stats["cluster"]["routers"]) == 2
+
+
+async def test_with_on_redis_down_reject_limited_keys_get_503_and_others_are_served(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    keys = [
+        key_entry("admin", ADMIN_KEY, role="admin"),
+        key_entry("slow", USER_KEY, limits={"requests_per_second": 50}),
+        key_entry("free", "sk-test-free-0123456789abcdef"),
+    ]
+    async with in_process_sims(quick_sim()) as (sim,):
+        path = cluster_config(tmp_path, [node(sim.url, "a")], redis_server.url, keys=keys, cluster={"on_redis_down": "reject"})
+        async with routers(tmp_path, path, n=1) as (r1,), aiohttp.ClientSession() as s:
+            assert (await post(s, r1.url + CHAT, USER_KEY, body()))[0] == 200
+            redis_server.kill()
+            status, data = await post(s, r1.url + CHAT, USER_KEY, body())
+            assert status == 503 and data["error"]["code"] == "limits_unavailable"
+            assert "on_redis_down" in data["error"]["message"]
+            assert (await post(s, r1.url + CHAT, "sk-test-free-0123456789abcdef", body()))[0] == 200
+            redis_server.start()
+            await wait_until(lambda: _status(s, r1.url, USER_KEY, want=200), timeout=5, interval=0.2, what="served again")
