@@ -160,7 +160,9 @@ class Cluster:
 
     def own_stats(self) -> dict[str, Any]:
         nodes = list(self.state.registry.iter_all())
-        limits = self.state.gate.limits.counters().get("global", {})
+        counters = self.state.gate.limits.counters()
+        limits = counters.get("global", {})
+        denied = sum(v for c in counters.values() for k, v in c.items() if k.startswith("denied_"))
         return {
             "router_id": self.router_id,
             "pid": os.getpid(),
@@ -169,6 +171,7 @@ class Cluster:
             "in_flight": sum(n.in_flight for n in nodes),
             "limit_in_flight": int(limits.get("in_flight", 0)),
             "admitted": int(limits.get("admitted", 0)),
+            "denied": int(denied),  # answered 429 by a limit, any scope
         }
 
     def snapshot(self) -> dict[str, Any]:
