@@ -20,8 +20,8 @@ from typing import Any
 from aiohttp import web
 
 from mvllm.common.tasks import background_task
-from mvllm.router.access.shared import SharedLimits
-from mvllm.router.cluster_store import Change, ClusterStore, ClusterUnavailable
+from mvllm.router.access.shared import KEY_SCOPE_PREFIX, SharedLimits
+from mvllm.router.cluster_store import Change, ClusterStore, ClusterUnavailable, QuotaUsage
 from mvllm.router.config import ClusterConfig
 from mvllm.router.state import RouterState
 
@@ -156,6 +156,22 @@ class Cluster:
         except ClusterUnavailable:
             return None
 
+    async def seed_quotas(self) -> int:
+        """At start: the usage file's quota counters into Redis, for keys no router counts there yet
+        (the first router of a cluster brings the history; later ones never overwrite it)."""
+        seeded = 0
+        for name, usage in self.state.gate.limits.export_usage().items():
+            if usage.requests_total or usage.requests_today:
+                counted = QuotaUsage(usage.requests_total, usage.requests_today, usage.day)
+                seeded += await self.store.restore_quota(KEY_SCOPE_PREFIX + name, counted)
+        return seeded
+
+    async def reset_quota(self, name: str) -> None:
+        try:
+            await self.store.reset_quota(KEY_SCOPE_PREFIX + name)
+        except ClusterUnavailable as exc:
+            log.warning("key %s: usage reset here only, not in the shared quota (%s)", name, exc)
+
     # -- this router's figures and the view of all --------------------------------------------------
 
     def own_stats(self) -> dict[str, Any]:
@@ -221,6 +237,8 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     store = cluster.store
     if await store.ping():
         log.info("cluster: sharing limits, keys, drains and events through Redis at %s (router %s)", store.display_url, cluster.router_id)
+        with contextlib.suppress(ClusterUnavailable):
+            await cluster.seed_quotas()
     else:
         log.warning(
             "cluster: Redis at %s unreachable at start (%s); serving with on_redis_down = %s, reconnecting by itself",

@@ -230,3 +230,39 @@ async def test_with_on_redis_down_reject_limited_keys_get_503_and_others_are_ser
             assert (await post(s, r1.url + CHAT, "sk-test-free-0123456789abcdef", body()))[0] == 200
             redis_server.start()
             await wait_until(lambda: _status(s, r1.url, USER_KEY, want=200), timeout=5, interval=0.2, what="served again")
+
+
+async def test_a_quota_and_tokens_per_minute_hold_across_routers_and_events_are_shared(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    third = "sk-test-third-0123456789abcdef"
+    keys = [
+        key_entry("admin", ADMIN_KEY, role="admin"),
+        key_entry("capped", USER_KEY, quota={"requests_total": 3}),
+        key_entry("tpm", third, limits={"tokens_per_minute": 100}),
+    ]
+    async with in_process_sims(quick_sim()) as (sim,):
+        path = cluster_config(tmp_path, [node(sim.url, "a")], redis_server.url, keys=keys)
+        async with routers(tmp_path, path, log_level="info") as (r1, r2), aiohttp.ClientSession() as s:
+            got = [await post(s, (r1, r2)[i % 2].url + CHAT, USER_KEY, body()) for i in range(8)]
+            assert [st for st, _ in got] == [200, 200, 200] + [429] * 5
+            assert all(d["error"]["code"] == "insufficient_quota" for _, d in got[3:])
+            # Reset on one router: the shared quota starts again for both.
+            assert await _admin(s, r2.url + "/admin/keys/capped/reset-usage") == 200
+            assert (await post(s, r1.url + CHAT, USER_KEY, body()))[0] == 200
+
+            # 100 tokens a minute, each request reserving 40 up front (max_tokens) plus its prompt:
+            # two fit across both routers, the third does not.
+            tpm = [await post(s, (r1, r2)[i % 2].url + CHAT, third, body(max_tokens=40)) for i in range(3)]
+            assert [st for st, _ in tpm][:2] == [200, 200] and tpm[2][0] == 429
+            assert "'tokens_per_minute'" in tpm[2][1]["error"]["message"]
+
+            # The event log is shared: r2 sees what r1 logged (its admin drain).
+            assert await _admin(s, r1.url + "/admin/nodes/a/drain") == 200
+
+            async def seen_on_r2() -> bool:
+                async with s.get(r2.url + "/admin/events?scope=cluster&limit=200", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+                    doc = await resp.json()
+                return any("node a drained by admin" in e["message"] and e["router"] != doc["router"] for e in doc["events"])
+
+            await wait_until(seen_on_r2, timeout=5, interval=0.2, what="r1's event in the shared log")

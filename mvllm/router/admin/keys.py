@@ -145,6 +145,9 @@ async def reset_usage(request: web.Request) -> web.Response:
     gate = request.app[STATE_KEY].gate
     key = _key_or_404(gate, request.match_info["name"])
     gate.reset_usage(key.name)
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None:  # the quota every router counts against
+        await cluster.reset_quota(key.name)
     log.info("key %s: usage reset by admin (quota counters, tokens, denials)", key.name)
     store = request.app.get(USAGE_STORE_KEY)
     if store is not None:

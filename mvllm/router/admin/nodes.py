@@ -232,7 +232,7 @@ async def _cluster_events(request: web.Request, limit: int | None) -> web.Respon
         items = await cluster.events(limit or 100)
     except ClusterUnavailable as exc:
         raise AdminError(503, f"the shared event log is unavailable: {exc}", code="cluster_unavailable") from None
-    return _json({"events": items, "time": time.time()})
+    return _json({"events": items, "router": cluster.router_id, "time": time.time()})
 
 
 # -- wiring ------------------------------------------------------------------------------------------------
