@@ -23,7 +23,7 @@ from mvllm.router import admin
 from mvllm.router.access.gate import API_KEY, GATE_KEY, authenticate, visible_models
 from mvllm.router.access.guard import guard_check
 from mvllm.router.appkeys import CONFIG_PATH_KEY, SCRAPER_KEY, STATE_KEY
-from mvllm.router.cluster import CLUSTER_KEY, cluster_view
+from mvllm.router.cluster import CLUSTER_KEY, add_cluster_view
 from mvllm.router.cluster import setup as setup_cluster
 from mvllm.router.config import RouterConfig
 from mvllm.router.eventloop import LoopLagMonitor
@@ -140,10 +140,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def load_stats(request: web.Request) -> web.Response:
     doc = load_stats_snapshot(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY))
-    view = cluster_view(request.app)
-    if view is not None:  # several routers share one Redis: the whole, not just this process
-        doc["cluster"] = view
-    return _json(doc)
+    return _json(add_cluster_view(request.app, doc))  # several routers on one Redis: the whole too
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -272,6 +272,18 @@ def setup(app: web.Application, state: RouterState) -> None:
     app.cleanup_ctx.append(_cluster_ctx)
 
 
-def cluster_view(app: web.Application) -> dict[str, Any] | None:
+def add_cluster_view(app: web.Application, doc: dict[str, Any]) -> dict[str, Any]:
+    """/load-stats and /admin/nodes of a router in a cluster: `cluster` (every live router, the sums)
+    and its summary under `router.cluster` (what the dashboard's header shows). Unchanged without."""
     cluster = app.get(CLUSTER_KEY)
-    return cluster.snapshot() if cluster is not None else None
+    if cluster is None:
+        return doc
+    view = cluster.snapshot()
+    doc["cluster"] = view
+    doc["router"]["cluster"] = {
+        "routers": len(view["routers"]),
+        "in_flight": view["in_flight"],
+        "redis": "ok" if view["healthy"] else "down",
+        "shared_limits": view["shared_limits"],
+    }
+    return doc

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from mvllm.router.admin.errors import AdminError
 from mvllm.router.appkeys import CONFIG_PATH_KEY, STATE_KEY
-from mvllm.router.cluster import CLUSTER_KEY
+from mvllm.router.cluster import CLUSTER_KEY, add_cluster_view
 from mvllm.router.cluster_store import ClusterUnavailable
 from mvllm.router.fleet.targets import Node
 from mvllm.router.reload import reload_config
@@ -133,7 +133,7 @@ def nodes_document(state: RouterState, config_path: str | None) -> dict[str, Any
 
 
 async def get_nodes(request: web.Request) -> web.Response:
-    return _json(nodes_document(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY)))
+    return _json(add_cluster_view(request.app, nodes_document(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY))))
 
 
 def _node_entry(request: web.Request, name: str) -> dict[str, Any]:
