@@ -63,7 +63,7 @@ class Cluster:
         self.shared = SharedLimits(self.store, config.on_redis_down, config.lease_ttl)
         self.routers: dict[str, dict[str, Any]] = {}  # the last view of every live router
         self.listen: str | None = None  # host:port, for the view
-        self._forward = _Forward()
+        self.log_handler = _Forward()  # attached to the mvllm loggers while the app runs
 
     @property
     def router_id(self) -> str:
@@ -166,6 +166,16 @@ class Cluster:
                 seeded += await self.store.restore_quota(KEY_SCOPE_PREFIX + name, counted)
         return seeded
 
+    async def quota_usage(self, names: list[str]) -> dict[str, QuotaUsage]:
+        """The shared quota counters of these keys ({} while Redis is down: callers show their own)."""
+        out: dict[str, QuotaUsage] = {}
+        try:
+            for name in names:
+                out[name] = await self.store.quota_usage(KEY_SCOPE_PREFIX + name)
+        except ClusterUnavailable:
+            return {}
+        return out
+
     async def reset_quota(self, name: str) -> None:
         try:
             await self.store.reset_quota(KEY_SCOPE_PREFIX + name)
@@ -204,7 +214,8 @@ class Cluster:
             "in_flight": sum(int(r.get("in_flight", 0)) for r in routers.values()),
         }
 
-    async def _heartbeat(self) -> None:
+    async def heartbeat(self) -> None:
+        """Every HEARTBEAT_S until cancelled: leases refreshed, this router's figures published, the view read."""
         ttl = max(2.0, self.config.lease_ttl)
         while True:
             with contextlib.suppress(ClusterUnavailable):
@@ -213,8 +224,9 @@ class Cluster:
                 self.routers = await self.store.router_stats()
             await asyncio.sleep(HEARTBEAT_S)
 
-    async def _flush_events(self) -> None:
-        buffer = self._forward.buffer
+    async def forward_events(self) -> None:
+        """Until cancelled: this router's buffered log records appended to the shared log."""
+        buffer = self.log_handler.buffer
         while True:
             await asyncio.sleep(EVENTS_FLUSH_S)
             while buffer:
@@ -245,16 +257,16 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             store.display_url, store.last_error, cluster.config.on_redis_down,
         )  # fmt: skip
     logger = logging.getLogger("mvllm")
-    logger.addHandler(cluster._forward)
+    logger.addHandler(cluster.log_handler)
     try:
         async with (
             background_task(store.watch(cluster.on_change), name="mvllm-cluster-watch"),
-            background_task(cluster._heartbeat(), name="mvllm-cluster-heartbeat"),
-            background_task(cluster._flush_events(), name="mvllm-cluster-events"),
+            background_task(cluster.heartbeat(), name="mvllm-cluster-heartbeat"),
+            background_task(cluster.forward_events(), name="mvllm-cluster-events"),
         ):
             yield
     finally:
-        logger.removeHandler(cluster._forward)
+        logger.removeHandler(cluster.log_handler)
         await cluster.shared.drain()
         with contextlib.suppress(ClusterUnavailable):
             await store.forget_router()

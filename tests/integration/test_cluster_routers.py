@@ -247,6 +247,10 @@ async def test_a_quota_and_tokens_per_minute_hold_across_routers_and_events_are_
             got = [await post(s, (r1, r2)[i % 2].url + CHAT, USER_KEY, body()) for i in range(8)]
             assert [st for st, _ in got] == [200, 200, 200] + [429] * 5
             assert all(d["error"]["code"] == "insufficient_quota" for _, d in got[3:])
+            async with s.get(r1.url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+                capped = next(k for k in (await resp.json())["keys"] if k["name"] == "capped")
+            assert capped["usage"]["requests_total"] == 3 and capped["quota_left"] == {"requests_total": 0}
+            assert capped["usage"]["quota_counted"] == "cluster"
             # Reset on one router: the shared quota starts again for both.
             assert await _admin(s, r2.url + "/admin/keys/capped/reset-usage") == 200
             assert (await post(s, r1.url + CHAT, USER_KEY, body()))[0] == 200

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mvllm.router.access.keys import ApiKey
@@ -73,15 +73,15 @@ def is_limiting(check: Check) -> bool:
     return not (isinstance(check, SlotCheck) and check.limit is None)
 
 
-@dataclass
 class SharedLimits:
     """The gate's link to the cluster store, with the fallback policy and the settle tasks."""
 
-    store: ClusterStore
-    on_redis_down: str = "local"  # "local" | "reject"
-    lease_ttl: float = 5.0
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _falling_back: bool = False
+    def __init__(self, store: ClusterStore, on_redis_down: str = "local", lease_ttl: float = 5.0) -> None:
+        self.store = store
+        self.on_redis_down = on_redis_down  # "local" | "reject"
+        self.lease_ttl = lease_ttl
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._falling_back = False
 
     @property
     def falling_back(self) -> bool:
