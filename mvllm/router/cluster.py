@@ -83,6 +83,8 @@ class Cluster:
                 self._apply_drain(str(change.data.get("node", "")), bool(change.data.get("drained", False)))
         except ClusterUnavailable:
             pass  # the watcher reconnects and delivers "resync" again
+        except Exception:  # a bug here must not end the watch: later changes would be lost
+            log.exception("cluster: applying %s from another router failed", change.kind)
 
     async def resync(self) -> None:
         """Read the shared key and drain sets again (at start, after any reconnect)."""

@@ -97,7 +97,7 @@ async def test_two_workers_on_one_port_serve_as_one_router_and_die_with_their_pa
             proc.stop()
 
 
-def test_sigterm_of_the_parent_stops_every_worker_and_exits_0(tmp_path: Path, redis_server: RedisServer) -> None:
+def test_a_dead_worker_is_replaced_and_sigterm_of_the_parent_stops_every_worker_and_exits_0(tmp_path: Path, redis_server: RedisServer) -> None:
     port = free_port()
     path = cluster_config(tmp_path, [node("http://127.0.0.1:9", "a")], redis_server.url)
     proc = Proc(["run", "--config", str(path), "--console", "--workers", "2", "--port", str(port)], tmp_path / "r.log").start()
@@ -106,6 +106,13 @@ def test_sigterm_of_the_parent_stops_every_worker_and_exits_0(tmp_path: Path, re
         while len(_workers_of(proc.pid)) < 2 or not _answers(port):
             assert time.monotonic() < deadline, proc.log()[-3000:]
             time.sleep(0.1)
+        # A worker that dies is replaced.
+        first = _workers_of(proc.pid)[0].pid
+        os.kill(first, signal.SIGKILL)
+        while first in {w.pid for w in _workers_of(proc.pid)} or len(_workers_of(proc.pid)) < 2 or not _answers(port):
+            assert time.monotonic() < deadline + 15, proc.log()[-3000:]
+            time.sleep(0.1)
+        assert f"(pid {first}) exited with -9: restarting it" in proc.log()
         pids = [w.pid for w in _workers_of(proc.pid)]
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.popen.wait(timeout=30) == 0  # type: ignore[union-attr]
