@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` (install, then start the router with its embedded
-# demo) and `make test` (install with the dev extra, then run the whole suite).
+# demo) and `make test` (install with the dev extra, check the import layering, then run the whole suite).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -16,7 +16,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/mvllm run
 
+# lint-imports checks pyproject's [tool.importlinter] contracts: a broken layer fails the build.
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

@@ -23,22 +23,25 @@ from pathlib import Path
 
 from benchmarks.harness import nginx_version, raise_nofile_limit, router_cli_available
 from benchmarks.report import Row, ScenarioResult, environment, render_report, write_results
-from benchmarks.scenarios import NAMES, Context
+from benchmarks.scenarios import EXTRA, NAMES, Context
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short legs (whole run under 3 minutes)")
-    p.add_argument("--only", default=",".join(NAMES), help=f"comma-separated scenarios among {', '.join(NAMES)}")
+    p.add_argument("--only", default=",".join(NAMES), help=f"comma-separated scenarios among {', '.join(NAMES)} (default), and {', '.join(EXTRA)}")
     p.add_argument("--out", type=Path, help="write the results block into this Markdown file (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="also dump rows and checks as JSON here")
     p.add_argument("--keep-logs", action="store_true", help="keep each scenario's temp dir (process logs, configs)")
     p.add_argument("--no-router", action="store_true", help="skip the router legs (measure direct and nginx only)")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in args.only if s not in NAMES]
+    unknown = [s for s in args.only if s not in NAMES + EXTRA]
     if unknown:
-        p.error(f"unknown scenario(s): {', '.join(unknown)} (choose among {', '.join(NAMES)})")
+        p.error(f"unknown scenario(s): {', '.join(unknown)} (choose among {', '.join(NAMES + EXTRA)})")
+    if args.out and any(s in EXTRA for s in args.only):
+        # The results block of --out is the default scenarios' table; the relay table has its own section.
+        p.error(f"--out writes the default scenarios' results block: leave {', '.join(EXTRA)} out of --only")
     return args
 
 

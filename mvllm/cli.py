@@ -16,6 +16,7 @@ _COMMAND_MODULES: list[str] = [
     "mvllm.agent.cli",
     "mvllm.sim.cli",
     "mvllm.ctl.cli",
+    "mvllm.tui.cli",
     "mvllm.ctl.instances",
     "mvllm.ctl.logs",
     "mvllm.ctl.keys",

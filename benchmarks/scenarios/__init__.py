@@ -28,3 +28,5 @@ class Context:
 
 
 NAMES = ("overhead", "balancing", "failover", "scale", "prefix")
+# Run only when asked (`--only relay`): longer than a minute, and it needs vllm-router installed.
+EXTRA = ("relay",)

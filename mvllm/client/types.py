@@ -2,7 +2,7 @@
 in `raw` for fields it does not name.
 
 The fleet types (`NodeInfo`, `InstanceInfo`, `GpuInfo`, `FleetView`) are the views of
-`mvllm/ctl/fleet.py`, the same parsing `mvllm ps` and the dashboard use.
+`mvllm/client/fleet.py`, the same parsing `mvllm ps` and the dashboard use.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mvllm.ctl.fleet import FleetView, GpuView, InstanceView, NodeView, build_fleet, instance_view
+from mvllm.client.fleet import FleetView, GpuView, InstanceView, NodeView, build_fleet, instance_view
 
 NodeInfo = NodeView
 InstanceInfo = InstanceView

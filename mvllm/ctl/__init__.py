@@ -1,3 +1,2 @@
-"""Operator side of the router: the fleet view shared by CLI, dashboard and `mvllm.client`, and the
-`mvllm ps/load/unload/sleep/wake/drain/undrain/status/reload/top` commands (every HTTP call through
-`mvllm.client`)."""
+"""Operator side of the router: the `mvllm ps/load/unload/sleep/wake/drain/undrain/status/reload`
+commands. Every HTTP call, and the fleet and key views they print, come from `mvllm.client`."""

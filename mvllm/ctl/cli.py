@@ -1,5 +1,5 @@
 """Operator commands against a running router's admin API: `mvllm ps`, `status`, `drain`,
-`undrain`, `reload`, `load`, `unload`, `sleep`, `wake` and `top` (the dashboard of a remote router).
+`undrain`, `reload`, `load`, `unload`, `sleep` and `wake` (`mvllm top`, the dashboard, is mvllm/tui/cli.py).
 
 `--router URL` (env MVLLM_ROUTER, default http://127.0.0.1:8888) picks the router; `--key`
 (env MVLLM_ADMIN_KEY) is sent as `Authorization: Bearer`. Exit status: 0 done, 1 error. Every call
@@ -11,33 +11,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-from mvllm.client import DEFAULT_URL, APIConnectionError, AsyncClient, MvllmError
+from mvllm.client import APIConnectionError, AsyncClient, MvllmError
+from mvllm.client.endpoint import default_key, default_router
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_NO_HEALTHY_NODE = 2
-ROUTER_ENV = "MVLLM_ROUTER"
-KEY_ENV = "MVLLM_ADMIN_KEY"
 # Admin reads answer at once; model actions pass their own, longer limit.
 ADMIN_TIMEOUT_S = 5.0
 
 
-def default_router() -> str:
-    return os.environ.get(ROUTER_ENV) or DEFAULT_URL
-
-
-def default_key() -> str | None:
-    return os.environ.get(KEY_ENV) or None
-
-
-def _common(json_output: bool = True) -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
         "--router",
@@ -46,18 +36,17 @@ def _common(json_output: bool = True) -> argparse.ArgumentParser:
         help="the router's base URL (default: $MVLLM_ROUTER, else http://127.0.0.1:8888)",
     )
     p.add_argument("--key", default=None, help="admin key, sent as a bearer token (default: $MVLLM_ADMIN_KEY)")
-    if json_output:
-        p.add_argument("--json", action="store_true", help="print the router's JSON answer instead of a table")
+    p.add_argument("--json", action="store_true", help="print the router's JSON answer instead of a table")
     return p
 
 
 def register(subparsers: Any) -> None:
-    common = _common()
+    common = common_options()
     ps = subparsers.add_parser("ps", parents=[common], help="nodes and models of a running router, as tables")
-    ps.set_defaults(func=lambda a: _main(a, _ps))
+    ps.set_defaults(func=lambda a: run_command(a, _ps))
 
     st = subparsers.add_parser("status", parents=[common], help="is the router up, how many nodes are healthy")
-    st.set_defaults(func=lambda a: _main(a, _status))
+    st.set_defaults(func=lambda a: run_command(a, _status))
 
     for name, what in (("drain", "take no new requests (in-flight ones finish)"), ("undrain", "take requests again")):
         p = subparsers.add_parser(name, parents=[common], help=f"{what}: a node, at run time")
@@ -65,10 +54,10 @@ def register(subparsers: Any) -> None:
         if name == "drain":
             p.add_argument("--wait", action="store_true", help="wait until the node has no request in flight")
             p.add_argument("--timeout", type=float, default=300.0, help="limit of --wait, seconds (default 300)")
-        p.set_defaults(func=lambda a, name=name: _main(a, _drain if name == "drain" else _undrain))
+        p.set_defaults(func=lambda a, name=name: run_command(a, _drain if name == "drain" else _undrain))
 
     rl = subparsers.add_parser("reload", parents=[common], help="re-read servers.toml now (an invalid file is refused)")
-    rl.set_defaults(func=lambda a: _main(a, _reload))
+    rl.set_defaults(func=lambda a: run_command(a, _reload))
 
     helps = {
         "load": "load a model on an agent and wait until it is ready",
@@ -83,26 +72,23 @@ def register(subparsers: Any) -> None:
         if action == "sleep":
             p.add_argument("--level", type=int, choices=(1, 2), default=1, help="1: weights to CPU RAM; 2: discarded")
         p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
-        p.set_defaults(func=lambda a, action=action: _main(a, _model_action(action)))
+        p.set_defaults(func=lambda a, action=action: run_command(a, _model_action(action)))
 
-    top = subparsers.add_parser("top", parents=[_common(json_output=False)], help="the full-screen dashboard of a running router")
-    top.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds (default 1)")
-    top.set_defaults(func=_top)
 
 
 def _client(args: argparse.Namespace) -> AsyncClient:
     return AsyncClient(args.router or default_router(), admin_key=args.key or default_key(), timeout=ADMIN_TIMEOUT_S)
 
 
-def _main(args: argparse.Namespace, command: Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]) -> int:
+def run_command(args: argparse.Namespace, command: Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]) -> int:
     async def run() -> int:
         async with _client(args) as client:
             try:
                 return await command(client, args)
             except APIConnectionError as exc:
-                _err(str(exc))
+                print_error(str(exc))
             except MvllmError as exc:
-                _err(_explain(exc))
+                print_error(_explain(exc))
             return EXIT_ERROR
 
     try:
@@ -119,11 +105,11 @@ def _explain(exc: MvllmError) -> str:
     return exc.message
 
 
-def _err(message: str) -> None:
+def print_error(message: str) -> None:
     print(f"mvllm: error: {message}", file=sys.stderr)
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
 
@@ -132,7 +118,7 @@ async def _ps(client: AsyncClient, args: argparse.Namespace) -> int:
 
     fleet = await client.fleet()
     if args.json:
-        _print_json({"router": fleet.router, "nodes": [n.raw for n in fleet.nodes], "models": [asdict(m) for m in fleet.models]})
+        print_json({"router": fleet.router, "nodes": [n.raw for n in fleet.nodes], "models": [asdict(m) for m in fleet.models]})
     else:
         print(ps_text(fleet))
     return EXIT_OK
@@ -149,7 +135,7 @@ async def _status(client: AsyncClient, args: argparse.Namespace) -> int:
     except MvllmError:
         fleet = None  # no admin rights: /health alone still answers "is it up"
     if args.json:
-        _print_json({"url": client.base_url, "health": health.raw, "router": fleet.router if fleet else None})
+        print_json({"url": client.base_url, "health": health.raw, "router": fleet.router if fleet else None})
     else:
         print(status_text(client.base_url, health.raw, fleet))
     if health.nodes and not health.healthy_nodes:
@@ -164,13 +150,13 @@ async def _drain(client: AsyncClient, args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         while left > 0:
             if time.monotonic() > deadline:
-                _err(f"node {args.node} still has {left} request(s) in flight after {args.timeout:.0f}s")
+                print_error(f"node {args.node} still has {left} request(s) in flight after {args.timeout:.0f}s")
                 return EXIT_ERROR
             await asyncio.sleep(0.5)
             now = next((n for n in await client.nodes() if n.name == args.node), None)
             entry, left = (now.raw, now.in_flight) if now else ({"in_flight": 0}, 0)
     if args.json:
-        _print_json(entry)
+        print_json(entry)
     else:
         tail = f"; {left} request(s) in flight finish there" if left else "; no request in flight"
         print(f"node {args.node} drained: no new requests go there{tail}")
@@ -180,7 +166,7 @@ async def _drain(client: AsyncClient, args: argparse.Namespace) -> int:
 async def _undrain(client: AsyncClient, args: argparse.Namespace) -> int:
     node = await client.undrain(args.node)
     if args.json:
-        _print_json(node.raw)
+        print_json(node.raw)
     else:
         print(f"node {args.node} undrained: it takes requests again")
     return EXIT_OK
@@ -189,7 +175,7 @@ async def _undrain(client: AsyncClient, args: argparse.Namespace) -> int:
 async def _reload(client: AsyncClient, args: argparse.Namespace) -> int:
     result = await client.reload()
     if args.json:
-        _print_json(result.raw)
+        print_json(result.raw)
     else:
         print(f"config {result.config} applied: {result.message}")
     return EXIT_OK
@@ -209,26 +195,15 @@ def _model_action(action: str) -> Callable[[AsyncClient, argparse.Namespace], Aw
             progress=None if args.json else Progress(sys.stderr),
         )
         if args.json:
-            _print_json({"ok": outcome.ok, "message": outcome.message, "elapsed_s": round(outcome.elapsed, 3),
+            print_json({"ok": outcome.ok, "message": outcome.message, "elapsed_s": round(outcome.elapsed, 3),
                          "result": outcome.result, "log_tail": outcome.log_tail})  # fmt: skip
         elif outcome.ok:
             print(outcome.message)
         else:
-            _err(outcome.message)
+            print_error(outcome.message)
             if outcome.log_tail:
                 print("--- engine log (last lines) ---", file=sys.stderr)
                 print("\n".join(outcome.log_tail), file=sys.stderr)
         return EXIT_OK if outcome.ok else EXIT_ERROR
 
     return command
-
-
-def _top(args: argparse.Namespace) -> int:
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        _err("mvllm top needs a terminal; `mvllm ps` prints the same facts as tables")
-        return EXIT_ERROR
-    from mvllm.tui.app import DashboardApp
-
-    app = DashboardApp(args.router or default_router(), key=args.key or default_key(), refresh_interval=args.interval)
-    app.run()
-    return EXIT_OK

@@ -9,11 +9,11 @@ import time
 from typing import Any
 
 from mvllm.client import AsyncClient
-from mvllm.ctl.cli import EXIT_OK, _common, _main, _print_json
+from mvllm.ctl.cli import EXIT_OK, common_options, print_json, run_command
 
 
 def register(subparsers: Any) -> None:
-    common = _common()
+    common = common_options()
     inst = subparsers.add_parser("instance", help="ad-hoc engines: start one for any model, list, remove")
     sub = inst.add_subparsers(dest="instance_command", metavar="SUBCOMMAND")
     inst.set_defaults(func=lambda a: inst.print_help() or 2)
@@ -36,17 +36,17 @@ def register(subparsers: Any) -> None:
     start.add_argument("--ttl", type=float, help="seconds until it is stopped (once idle); 0 = never (default: the agent's)")
     start.add_argument("--no-wait", action="store_true", help="return once it is starting, not ready")
     start.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
-    start.set_defaults(func=lambda a: _main(a, _start))
+    start.set_defaults(func=lambda a: run_command(a, _start))
 
     ls = sub.add_parser("ls", parents=[common], help="the ad-hoc instances of every agent")
     ls.add_argument("--node", help="only this agent")
-    ls.set_defaults(func=lambda a: _main(a, _ls))
+    ls.set_defaults(func=lambda a: run_command(a, _ls))
 
     rm = sub.add_parser("rm", parents=[common], help="drain, stop and forget an ad-hoc instance")
     rm.add_argument("name", help="instance name, as `mvllm instance ls` shows it")
     rm.add_argument("--node", help="the agent it runs on (needed only when several have that name)")
     rm.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
-    rm.set_defaults(func=lambda a: _main(a, _rm))
+    rm.set_defaults(func=lambda a: run_command(a, _rm))
 
     assign = subparsers.add_parser(
         "assign", parents=[common], help="change a catalog model's devices, memory or max length (saved in agent.toml)",
@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
     assign.add_argument("--restart", action="store_true", help="restart a running engine now (after draining)")
     assign.add_argument("--node", help="the agent (needed when several have the model)")
     assign.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
-    assign.set_defaults(func=lambda a: _main(a, _assign))
+    assign.set_defaults(func=lambda a: run_command(a, _assign))
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -108,7 +108,7 @@ async def _start(client: AsyncClient, args: argparse.Namespace) -> int:
         memory_gib=args.memory_gib,
     )  # fmt: skip
     if args.json:
-        _print_json(doc)
+        print_json(doc)
         return EXIT_OK
     served = ", ".join(doc.get("served_model_names") or [])
     expires = f", expires in {_ttl(doc.get('expires_at'))}" if doc.get("expires_at") else ", no expiry"
@@ -133,7 +133,7 @@ def instances_text(items: list[dict[str, Any]]) -> str:
 async def _ls(client: AsyncClient, args: argparse.Namespace) -> int:
     doc = await client.instances(node=args.node)
     if args.json:
-        _print_json(doc)
+        print_json(doc)
         return EXIT_OK
     items = doc.get("instances") or []
     print(instances_text(items) if items else "no ad-hoc instance")
@@ -145,7 +145,7 @@ async def _ls(client: AsyncClient, args: argparse.Namespace) -> int:
 async def _rm(client: AsyncClient, args: argparse.Namespace) -> int:
     doc = await client.remove_instance(args.name, node=args.node, timeout=args.timeout)
     if args.json:
-        _print_json(doc)
+        print_json(doc)
     else:
         print(f"{args.name} on {doc.get('node')}: removed")
     return EXIT_OK
@@ -168,7 +168,7 @@ async def _assign(client: AsyncClient, args: argparse.Namespace) -> int:
         changes["extra_args"] = args.extra_args
     doc = await client.assign(args.model, node=args.node, restart=args.restart, timeout=args.timeout, **changes)
     if args.json:
-        _print_json(doc)
+        print_json(doc)
         return EXIT_OK
     applied = {
         "now": "in effect now",

@@ -1,6 +1,6 @@
 """`mvllm keys` (every API key with its usage and limits), `mvllm keys enable|disable NAME` (at run
 time, no restart), `mvllm keys reset-usage NAME` and `mvllm keys reload`, through a router's
-/admin/keys API. The row texts are pure functions, shared with the dashboard's keys panel."""
+/admin/keys API. The row texts are mvllm/client/keyview.py's, shared with the dashboard's keys panel."""
 
 from __future__ import annotations
 
@@ -9,60 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from mvllm.client import AsyncClient
-from mvllm.ctl.cli import EXIT_OK, _common, _main, _print_json
+from mvllm.client.keyview import KEY_COLUMNS, key_row
+from mvllm.ctl.cli import EXIT_OK, common_options, print_json, run_command
 from mvllm.ctl.render import table
-
-KEY_COLUMNS = ("name", "role", "enabled", "today", "total", "tokens", "limits", "models")
-
-
-def _num(n: float) -> str:
-    """1234 → 1234, 12345 → 12.3k, 1234567 → 1.23M: short enough for a table cell."""
-    if n < 10_000:
-        return str(int(n))
-    if n < 1_000_000:
-        return f"{n / 1000:.1f}k"
-    return f"{n / 1_000_000:.2f}M"
-
-
-def enabled_text(entry: Mapping[str, Any]) -> str:
-    """yes / no, with "(admin)" when a runtime enable/disable overrides the keys file."""
-    text = "yes" if entry.get("enabled") else "no"
-    return text + " (admin)" if entry.get("override") else text
-
-
-def used_text(used: int, cap: int | None) -> str:
-    return f"{used}/{cap}" if cap is not None else str(used)
-
-
-def limits_text(entry: Mapping[str, Any]) -> str:
-    """The key's rate limits, compactly: `5 rps (burst 10), 4 conc, 10000 tpm`, or `-`."""
-    limits = entry.get("limits") or {}
-    parts = []
-    if limits.get("requests_per_second") is not None:
-        burst = f" (burst {limits['burst']})" if limits.get("burst") is not None else ""
-        parts.append(f"{limits['requests_per_second']:g} rps{burst}")
-    if limits.get("max_concurrent") is not None:
-        parts.append(f"{limits['max_concurrent']} conc")
-    if limits.get("tokens_per_minute") is not None:
-        parts.append(f"{limits['tokens_per_minute']} tpm")
-    return ", ".join(parts) or "-"
-
-
-def key_row(entry: Mapping[str, Any]) -> tuple[str, ...]:
-    """One key's cells, in KEY_COLUMNS order: today and total as `used/quota` when a quota is set."""
-    usage = entry.get("usage") or {}
-    quota = entry.get("quota") or {}
-    models = entry.get("models") or []
-    return (
-        str(entry.get("name", "?")),
-        str(entry.get("role", "?")),
-        enabled_text(entry),
-        used_text(int(usage.get("requests_today", 0)), quota.get("requests_per_day")),
-        used_text(int(usage.get("requests_total", 0)), quota.get("requests_total")),
-        _num(int(usage.get("tokens", 0))),
-        limits_text(entry),
-        "*" if models == ["*"] else (", ".join(models) or "none"),
-    )
 
 
 def keys_text(doc: Mapping[str, Any]) -> str:
@@ -87,14 +36,14 @@ def _sub_common() -> argparse.ArgumentParser:
 
 
 def register(subparsers: Any) -> None:
-    common = _common()
+    common = common_options()
     sub_common = _sub_common()
     keys = subparsers.add_parser(
         "keys", parents=[common], help="API keys: usage, limits; enable/disable at run time",
         description="Without a subcommand: every API key with its requests today and in total (as "
         "used/quota when a quota is set), tokens, limits and models. Needs an admin key.",
     )  # fmt: skip
-    keys.set_defaults(func=lambda a: _main(a, _list))
+    keys.set_defaults(func=lambda a: run_command(a, _list))
     sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND")
     for action, text in (
         ("disable", "refuse a key's requests from now on (401 api_key_disabled), without a restart"),
@@ -103,15 +52,15 @@ def register(subparsers: Any) -> None:
     ):
         p = sub.add_parser(action, parents=[sub_common], help=text)
         p.add_argument("name", help="key name, as `mvllm keys` shows it")
-        p.set_defaults(func=lambda a, action=action: _main(a, _key_action(action)))
+        p.set_defaults(func=lambda a, action=action: run_command(a, _key_action(action)))
     rl = sub.add_parser("reload", parents=[sub_common], help="re-read the keys file now (an invalid file is refused)")
-    rl.set_defaults(func=lambda a: _main(a, _reload))
+    rl.set_defaults(func=lambda a: run_command(a, _reload))
 
 
 async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
     doc = await client.keys()
     if args.json:
-        _print_json(doc)
+        print_json(doc)
     else:
         print(keys_text(doc))
     return EXIT_OK
@@ -124,7 +73,7 @@ def _key_action(action: str) -> Any:
         else:
             entry = await client.set_key_enabled(args.name, action == "enable")
         if args.json:
-            _print_json(entry)
+            print_json(entry)
             return EXIT_OK
         if action == "reset-usage":
             print(f"key {args.name}: usage reset (today 0, total 0)")
@@ -143,7 +92,7 @@ def _key_action(action: str) -> Any:
 async def _reload(client: AsyncClient, args: argparse.Namespace) -> int:
     result = await client.reload_keys()
     if args.json:
-        _print_json(result)
+        print_json(result)
         return EXIT_OK
     parts = [f"{len(result.get('keys') or [])} key(s)"]
     for what in ("added", "removed", "changed"):

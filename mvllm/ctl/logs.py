@@ -10,13 +10,13 @@ import sys
 from typing import Any
 
 from mvllm.client import AsyncClient
-from mvllm.ctl.cli import EXIT_ERROR, EXIT_OK, _common, _err, _main, _print_json
+from mvllm.ctl.cli import EXIT_ERROR, EXIT_OK, common_options, print_error, print_json, run_command
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "logs",
-        parents=[_common()],
+        parents=[common_options()],
         help="an engine's log (-f follows it), or the log files' sizes (--stats) and cleanup (--cleanup)",
         description="Print the last lines of MODEL's engine log from the agent that runs it; with -f, "
         "keep printing what the engine writes (Ctrl-C ends). --stats lists the log files of the router "
@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--stats", action="store_true", help="log files of the router and every agent, with sizes")
     p.add_argument("--cleanup", action="store_true", help="remove log files older than --days")
     p.add_argument("--days", type=float, help="--cleanup: age limit (default: each part's log_retention_days)")
-    p.set_defaults(func=lambda a: _main(a, _logs))
+    p.set_defaults(func=lambda a: run_command(a, _logs))
 
 
 async def _logs(client: AsyncClient, args: argparse.Namespace) -> int:
@@ -39,14 +39,14 @@ async def _logs(client: AsyncClient, args: argparse.Namespace) -> int:
     if args.cleanup:
         return _print_cleanup(await client.logs_cleanup(args.days), args.json)
     if not args.model:
-        _err("give a MODEL (or --stats / --cleanup)")
+        print_error("give a MODEL (or --stats / --cleanup)")
         return EXIT_ERROR
     if args.tail < 0 or args.interval <= 0:
-        _err("--tail must be >= 0 and --interval > 0")
+        print_error("--tail must be >= 0 and --interval > 0")
         return EXIT_ERROR
     doc = await client.model_logs(args.model, args.node, tail=args.tail)
     if args.json and not args.follow:
-        _print_json(doc)
+        print_json(doc)
         return EXIT_OK
     _write(doc["text"])
     if not args.follow:
@@ -78,7 +78,7 @@ def _size(n: int) -> str:
 
 def _print_stats(doc: dict[str, Any], as_json: bool) -> int:
     if as_json:
-        _print_json(doc)
+        print_json(doc)
         return EXIT_OK
     rows = [("router", doc["router"])] + [(f"agent {k}", v) for k, v in doc.get("agents", {}).items()]
     for who, part in rows:
@@ -97,7 +97,7 @@ def _print_stats(doc: dict[str, Any], as_json: bool) -> int:
 
 def _print_cleanup(doc: dict[str, Any], as_json: bool) -> int:
     if as_json:
-        _print_json(doc)
+        print_json(doc)
         return EXIT_OK
     rows = [("router", doc["router"])] + [(f"agent {k}", v) for k, v in doc.get("agents", {}).items()]
     for who, part in rows:

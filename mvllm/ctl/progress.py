@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from mvllm.client import APIConnectionError, AsyncClient, MvllmError
-from mvllm.ctl.fleet import InstanceView, build_fleet
+from mvllm.client.fleet import InstanceView, build_fleet
 
 POLL_S = 0.5
 LOG_TAIL_LINES = 20

@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mvllm.ctl.fleet import FleetView, fmt_bytes, fmt_num
+from mvllm.client.fleet import FleetView, fmt_bytes, fmt_num
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -24,8 +24,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, RichLog, Sparkline, Static
 
 from mvllm.client import APIConnectionError, AsyncClient, MvllmError
-from mvllm.ctl.fleet import FleetView, build_fleet
-from mvllm.ctl.keys import KEY_COLUMNS
+from mvllm.client.fleet import FleetView, build_fleet
+from mvllm.client.keyview import KEY_COLUMNS
 from mvllm.tui.cells import (
     GPU_COLUMNS,
     MODEL_COLUMNS,
@@ -339,12 +339,13 @@ class DashboardApp(App[None]):
         self.exit()
 
     async def _in_flight_now(self) -> int:
-        """Requests in flight right now (the screen's numbers may be a second old); 0 when the
-        router cannot tell us."""
+        """Requests in flight right now (the screen's numbers may be a second old). When the router
+        does not answer in time (a busy router is when it matters most), the last poll's count
+        stands in; 0 only when there has been no poll."""
         try:
             doc = await asyncio.wait_for(self._fetch_nodes(), timeout=QUIT_CHECK_S)
         except (MvllmError, asyncio.TimeoutError):
-            return 0
+            return self.fleet.totals.in_flight if self.fleet else 0
         return build_fleet(doc).totals.in_flight
 
     @work(group="action", exit_on_error=False)

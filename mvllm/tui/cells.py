@@ -7,8 +7,8 @@ import time
 
 from rich.text import Text
 
-from mvllm.ctl.fleet import FleetView, GpuView, ModelView, NodeView, fmt_bytes, fmt_num
-from mvllm.ctl.keys import key_row
+from mvllm.client.fleet import FleetView, GpuView, ModelView, NodeView, fmt_bytes, fmt_num
+from mvllm.client.keyview import key_row
 from mvllm.tui.rates import Window
 
 NODE_COLUMNS = ("node", "kind", "state", "breaker", "models", "run", "wait", "cap", "score", "in-flight")

@@ -13,7 +13,8 @@ import aiohttp
 import tomli_w
 
 from mvllm.common.tomlconf import load_toml
-from tests.integration.security_support import RouterProc, router_process, write_keys, write_servers
+from tests.integration.security_support import RouterProc, router_process, write_keys
+from tests.support import write_servers
 
 
 def cluster_config(

@@ -1,83 +1,39 @@
-"""Helpers of the router's integration tests: a servers.toml writer, the real router on a free
-127.0.0.1 port (in this process, so tests can look at its registry), bounded waits, clients."""
+"""Helpers of the router's integration tests: the real router on a free 127.0.0.1 port (in this
+process, so tests can look at its registry), simulated engines as `mvllm sim serve` subprocesses
+or in this process, clients. The servers.toml writer, fast timings and waits are tests/support.py's."""
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import contextlib
+import os
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import tomli_w
 from openai import AsyncOpenAI
 
 from mvllm.router.app import RunningRouter, running_router
 from mvllm.router.config import load_config
+from mvllm.sim.config import add_serve_arguments, config_from_args
+from mvllm.sim.inprocess import RunningSim, start_sim
 from tests.procs import Proc, Sim, free_port, wait_http_ok
+from tests.support import write_servers
 
 MODEL = "sim-model"
 # Short simulated timings: tests stay fast, and still stream over many chunks.
 QUICK_SIM = ["--sim-ttft-ms", "5", "--sim-itl-ms", "2", "--max-num-seqs", "8"]
-
-# Quick loops and a long breaker cooldown, so that ejection stays observable within a test.
-FAST = {
-    "scrape_interval": 0.1,
-    "scrape_timeout": 0.5,
-    "health_check_interval": 0.2,
-    "health_check_timeout": 1.0,
-    "models_refresh_interval": 0.5,
-    "connect_timeout": 1.0,
-    "first_byte_timeout": 10.0,
-    "request_timeout": 30.0,
-    "breaker_cooldown": 30.0,
-    "retry_backoff_base": 0.005,
-    "retry_backoff_max": 0.02,
-}
-
-
-def node(url: str, name: str | None = None, **extra: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {"url": url}
-    if name:
-        entry["name"] = name
-    entry.update(extra)
-    return entry
-
-
-def write_config(path: Path, nodes: list[dict[str, Any]], *, router: dict | None = None, **config: Any) -> Path:
-    doc: dict[str, Any] = {"servers": {"servers": nodes}, "config": {**FAST, **config}}
-    if router:
-        doc["router"] = router
-    # Write then rename, as editors do, so a watcher never reads half a file.
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(tomli_w.dumps(doc).encode())
-    tmp.replace(path)
-    return path
 
 
 @contextlib.asynccontextmanager
 async def router_for(
     tmp_path: Path, nodes: list[dict[str, Any]], *, watch: bool = False, router: dict | None = None, **config: Any
 ) -> AsyncIterator[RunningRouter]:
-    path = write_config(tmp_path / "servers.toml", nodes, router=router, **config)
+    path = write_servers(tmp_path / "servers.toml", nodes, router=router, **config)
     async with running_router(load_config(path), host="127.0.0.1", port=0, config_path=path, watch=watch) as r:
         yield r
-
-
-async def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what or check}")
-        await asyncio.sleep(interval)
 
 
 def client(router: RunningRouter, **kw: Any) -> AsyncOpenAI:
@@ -97,6 +53,25 @@ def node_state(router: RunningRouter, name: str) -> dict[str, Any]:
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
     async with session.get(url) as resp:
         return await resp.json()
+
+
+@contextlib.asynccontextmanager
+async def engines(
+    *extras: Sequence[str], model: str = MODEL, env: dict[str, str] | None = None
+) -> AsyncIterator[list[RunningSim]]:
+    """The engines `sims` would start, served in this event loop instead (no process start-up): the
+    same flags give the same SimConfig. For tests that need an engine, not a process to kill."""
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    started: list[RunningSim] = []
+    try:
+        for extra in extras:
+            config = config_from_args(parser.parse_args([model, *QUICK_SIM, *extra]), {**os.environ, **(env or {})})
+            started.append(await start_sim(config))
+        yield started
+    finally:
+        for sim in started:
+            await sim.close()
 
 
 @contextlib.contextmanager

@@ -23,8 +23,8 @@ from mvllm.router.app import RunningRouter, running_router
 from mvllm.router.config import load_config
 from mvllm.sim.config import SimConfig
 from mvllm.sim.inprocess import RunningSim, start_sim
-from tests.integration.router_support import FAST
 from tests.procs import Proc, free_port
+from tests.support import atomic_write, write_servers
 
 # Keys of the tests (>= 16 printable characters, as the loader wants).
 ADMIN_KEY = "sk-test-admin-0123456789abcdef"
@@ -38,32 +38,8 @@ def key_entry(name: str, secret: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "key": secret, **extra}
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    # Write then rename, as editors do, so a watcher never reads half a file.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
 def write_keys(path: Path, keys: list[dict[str, Any]]) -> Path:
-    return _atomic_write(path, tomli_w.dumps({"keys": keys}))
-
-
-def write_servers(
-    path: Path,
-    nodes: list[dict[str, Any]],
-    *,
-    auth: dict[str, Any] | None = None,
-    router: dict[str, Any] | None = None,
-    **config: Any,
-) -> Path:
-    doc: dict[str, Any] = {"servers": {"servers": nodes}, "config": {**FAST, **config}}
-    if router:
-        doc["router"] = router
-    if auth is not None:
-        doc["auth"] = auth
-    return _atomic_write(path, tomli_w.dumps(doc))
+    return atomic_write(path, tomli_w.dumps({"keys": keys}))
 
 
 @contextlib.asynccontextmanager

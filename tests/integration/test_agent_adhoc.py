@@ -17,7 +17,8 @@ from pathlib import Path
 
 import tomllib
 
-from tests.integration.test_agent_lifecycle import TOKEN, model, pid_alive, running_agent, wait_until
+from tests.integration.agent_support import TOKEN, model, pid_alive, running_agent
+from tests.support import wait_until
 
 FAST_ADHOC = {
     "max_instances": 2,

@@ -13,7 +13,8 @@ import time
 import openai
 import pytest
 
-from tests.integration.test_agent_lifecycle import TOKEN, model, running_agent, wait_until
+from tests.integration.agent_support import TOKEN, model, running_agent
+from tests.support import wait_until
 
 GIB = 1024**3
 CATALOG = model("ev-a") + model("ev-b") + model("ev-c")

@@ -7,7 +7,8 @@ import json
 
 import openai
 
-from tests.integration.test_agent_lifecycle import TOKEN, model, running_agent, wait_until
+from tests.integration.agent_support import TOKEN, model, running_agent
+from tests.support import wait_until
 
 
 def test_engine_that_cannot_start_becomes_failed_with_its_log(tmp_path):

@@ -15,8 +15,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.integration.router_support import MODEL, node, sims, write_config
+from tests.integration.router_support import MODEL, sims
 from tests.procs import REPO, Proc, free_port, wait_http_ok
+from tests.support import node, write_servers
 
 ADMIN_KEY = "sk-admin-0123456789abcdef"
 USER_KEY = "sk-user-0123456789abcdefgh"
@@ -59,7 +60,7 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
         nodes = [node(a.url, "n-a", max_concurrent_requests=8), node(b.url, "n-b", max_concurrent_requests=8)]
         # A third node drained in the file itself (its url answers nothing: it is down too).
         nodes.append(node(f"http://127.0.0.1:{free_port()}", "n-off", drain=True))
-        config = write_config(tmp / "servers.toml", nodes)
+        config = write_servers(tmp / "servers.toml", nodes)
         proc = start_router(tmp, config)
         try:
             yield Router(proc.url, config, nodes)  # type: ignore[attr-defined]
@@ -151,7 +152,7 @@ def test_reload_applies_a_valid_file_and_refuses_a_bad_one(router: Router) -> No
         assert mvllm("drain", "n-a", router=router.url).returncode == 0
         # n-a kept as it is, n-b changed in place (weight), n-off removed.
         kept = [router.nodes[0], {**router.nodes[1], "weight": 2.0}]
-        write_config(router.config, kept)
+        write_servers(router.config, kept)
         out = mvllm("reload", "--json", router=router.url)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["nodes"] == ["n-a", "n-b"]
@@ -165,7 +166,7 @@ def test_reload_applies_a_valid_file_and_refuses_a_bad_one(router: Router) -> No
 
 
 def test_admin_key_is_sent_when_keys_are_configured(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "servers.toml", [node(f"http://127.0.0.1:{free_port()}", "n-x")])
+    config = write_servers(tmp_path / "servers.toml", [node(f"http://127.0.0.1:{free_port()}", "n-x")])
     config.write_text(
         config.read_text()
         + f'\n[[auth.keys]]\nname = "ops"\nrole = "admin"\nkey = "{ADMIN_KEY}"\n'

@@ -8,9 +8,9 @@ import json
 import re
 from pathlib import Path
 
-from tests.integration.router_support import write_config
-from tests.integration.test_agent_lifecycle import TOKEN, model, running_agent
+from tests.integration.agent_support import TOKEN, model, running_agent
 from tests.integration.test_cli_admin import mvllm, start_router
+from tests.support import write_servers
 
 CATALOG = (
     model("m1", sim="sim = { ttft_ms = 5, itl_ms = 2, weights_gib = 2, startup_s = 0.5 }")
@@ -27,7 +27,7 @@ def models_row(ps: str, name: str) -> list[str]:
 
 def test_load_sleep_wake_unload_and_a_failed_load(tmp_path: Path) -> None:
     with running_agent(tmp_path, CATALOG, sim_gpus=(24,), top={"restart_max": 1, "restart_backoff": 0.1}) as agent:
-        config = write_config(tmp_path / "servers.toml", [])
+        config = write_servers(tmp_path / "servers.toml", [])
         config.write_text(config.read_text() + f'\n[[agents]]\nname = "gpu-a"\nurl = "{agent.url}"\ntoken = "{TOKEN}"\n')
         router = start_router(tmp_path, config)
         url = router.url  # type: ignore[attr-defined]

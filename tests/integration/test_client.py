@@ -35,10 +35,11 @@ from mvllm.client import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from tests.integration.router_support import FAST, MODEL, node, sims
-from tests.integration.test_agent_lifecycle import TOKEN, model, running_agent
+from tests.integration.agent_support import TOKEN, model, running_agent
+from tests.integration.router_support import MODEL, sims
 from tests.integration.test_cli_admin import start_router
 from tests.procs import REPO, Proc, free_port, wait_http_ok
+from tests.support import FAST_ROUTER, node
 
 ADMIN_KEY = "sk-admin-client-0123456789abcdef"
 USER_KEY = "sk-user-client-0123456789abcdefgh"
@@ -75,7 +76,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                     node(f"http://127.0.0.1:{free_port()}", "n-off", drain=True),  # drained in the file
                 ]
             },
-            "config": {**FAST, "breaker_cooldown": 0.5},
+            "config": {**FAST_ROUTER, "breaker_cooldown": 0.5},
             "agents": [{"name": "gpu-a", "url": agent.url, "token": TOKEN}],
             "auth": {
                 "keys": [

@@ -16,10 +16,10 @@ import tomli_w
 
 from mvllm.router.app import RunningRouter, running_router
 from mvllm.router.config import load_config
-from tests.integration.router_support import FAST
-from tests.integration.test_agent_lifecycle import TOKEN, model
+from tests.integration.agent_support import TOKEN, model
 from tests.integration.test_router_agents import agents
 from tests.redis_support import RedisServer
+from tests.support import FAST_ROUTER
 
 SLOW_LOAD = "sim = { ttft_ms = 5, itl_ms = 2, weights_gib = 2, startup_s = 2.0 }"
 
@@ -48,7 +48,7 @@ async def test_loads_through_two_routers_at_once_start_one_engine(tmp_path: Path
                 {"url": a.url, "name": "a", "token": TOKEN, "load_timeout": 30},
                 {"url": b.url, "name": "b", "token": TOKEN, "load_timeout": 30},
             ],
-            "config": {**FAST, "scrape_timeout": 2.0},
+            "config": {**FAST_ROUTER, "scrape_timeout": 2.0},
             "cluster": {"redis_url": redis_server.url},
         }
         async with two_routers(tmp_path, doc) as (r1, r2), aiohttp.ClientSession() as s:

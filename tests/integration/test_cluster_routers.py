@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 
 from tests.integration.cluster_support import cluster_config, load_stats, post, routers
-from tests.integration.router_support import node, wait_until
 from tests.integration.security_support import ADMIN_KEY, MSG, USER_KEY, in_process_sims, key_entry, quick_sim
 from tests.redis_support import RedisServer
+from tests.support import node, wait_until_async
 
 CHAT = "/v1/chat/completions"
 
@@ -73,7 +73,7 @@ async def test_a_concurrency_2_key_admits_exactly_2_streams_across_both_routers(
                     resp.close()
                 return got == [200, 200]
 
-            await wait_until(two_again, timeout=10, interval=0.3, what="both slots free again")
+            await wait_until_async(two_again, timeout=10, interval=0.3, what="both slots free again")
 
 
 async def _admin(s: aiohttp.ClientSession, url: str) -> int:
@@ -92,13 +92,13 @@ async def test_a_key_disabled_or_a_node_drained_on_one_router_applies_on_the_oth
             assert (await post(s, r2.url + CHAT, USER_KEY, body()))[0] == 200
             assert await _admin(s, r1.url + "/admin/keys/user/disable") == 200
             t0 = time.monotonic()
-            await wait_until(lambda: _status(s, r2.url, USER_KEY), timeout=2.0, interval=0.05, what="key disabled on r2")
+            await wait_until_async(lambda: _status(s, r2.url, USER_KEY), timeout=2.0, interval=0.05, what="key disabled on r2")
             disabled_after = time.monotonic() - t0
             assert await _admin(s, r2.url + "/admin/keys/user/enable") == 200
-            await wait_until(lambda: _status(s, r1.url, USER_KEY, want=200), timeout=2.0, interval=0.05, what="key enabled on r1")
+            await wait_until_async(lambda: _status(s, r1.url, USER_KEY, want=200), timeout=2.0, interval=0.05, what="key enabled on r1")
 
             assert await _admin(s, r1.url + "/admin/nodes/a/drain") == 200
-            await wait_until(lambda: _draining(s, r2.url, "a"), timeout=2.0, interval=0.05, what="node a drained on r2")
+            await wait_until_async(lambda: _draining(s, r2.url, "a"), timeout=2.0, interval=0.05, what="node a drained on r2")
             # Drained on r2: its requests all go to b.
             nodes = set()
             for _ in range(6):
@@ -107,7 +107,7 @@ async def test_a_key_disabled_or_a_node_drained_on_one_router_applies_on_the_oth
                     nodes.add(resp.headers["x-mvllm-node"])
             assert nodes == {"b"}
             assert await _admin(s, r2.url + "/admin/nodes/a/undrain") == 200
-            await wait_until(lambda: _draining(s, r1.url, "a", want=False), timeout=2.0, interval=0.05, what="undrained on r1")
+            await wait_until_async(lambda: _draining(s, r1.url, "a", want=False), timeout=2.0, interval=0.05, what="undrained on r1")
             assert disabled_after < 2.0
 
 
@@ -160,7 +160,7 @@ async def test_sigkill_of_one_router_fails_none_of_the_others_clients_and_frees_
                     resp.close()
                 return got == 200
 
-            await wait_until(slot_free, timeout=10, interval=0.25, what="the dead router's slots free")
+            await wait_until_async(slot_free, timeout=10, interval=0.25, what="the dead router's slots free")
             freed_after = time.monotonic() - killed_at
             await asyncio.sleep(0.5)
             stop.set()
@@ -206,7 +206,7 @@ async def test_redis_killed_under_load_routers_keep_serving_and_limits_are_exact
                 res = await asyncio.gather(*(post(s, (r1, r2)[i % 2].url + CHAT, USER_KEY, body()) for i in range(20)))
                 return 5 <= sum(1 for st, _ in res if st == 200) <= 6
 
-            await wait_until(exact, timeout=10, interval=0.1, what="limits exact across routers again")
+            await wait_until_async(exact, timeout=10, interval=0.1, what="limits exact across routers again")
             stats = await load_stats(s, r2.url)
             assert stats["cluster"]["healthy"] is True and len(stats["cluster"]["routers"]) == 2
 
@@ -229,7 +229,7 @@ async def test_with_on_redis_down_reject_limited_keys_get_503_and_others_are_ser
             assert "on_redis_down" in data["error"]["message"]
             assert (await post(s, r1.url + CHAT, "sk-test-free-0123456789abcdef", body()))[0] == 200
             redis_server.start()
-            await wait_until(lambda: _status(s, r1.url, USER_KEY, want=200), timeout=5, interval=0.2, what="served again")
+            await wait_until_async(lambda: _status(s, r1.url, USER_KEY, want=200), timeout=5, interval=0.2, what="served again")
 
 
 async def test_a_quota_and_tokens_per_minute_hold_across_routers_and_events_are_shared(
@@ -269,4 +269,4 @@ async def test_a_quota_and_tokens_per_minute_hold_across_routers_and_events_are_
                     doc = await resp.json()
                 return any("node a drained by admin" in e["message"] and e["router"] != doc["router"] for e in doc["events"])
 
-            await wait_until(seen_on_r2, timeout=5, interval=0.2, what="r1's event in the shared log")
+            await wait_until_async(seen_on_r2, timeout=5, interval=0.2, what="r1's event in the shared log")

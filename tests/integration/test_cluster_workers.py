@@ -15,10 +15,10 @@ import aiohttp
 import psutil
 
 from tests.integration.cluster_support import cluster_config, load_stats, post
-from tests.integration.router_support import node, wait_until
 from tests.integration.security_support import ADMIN_KEY, MSG, USER_KEY, in_process_sims, key_entry, quick_sim
 from tests.procs import Proc, free_port, http_get
 from tests.redis_support import RedisServer
+from tests.support import node, wait_until_async
 
 
 def _workers_of(pid: int) -> list[psutil.Process]:
@@ -66,7 +66,7 @@ async def test_two_workers_on_one_port_serve_as_one_router_and_die_with_their_pa
                         return False
                     return len(doc.get("cluster", {}).get("routers", [])) == 2 and bool(doc["models"])
 
-                await wait_until(both_up, timeout=30, interval=0.2, what="two workers in /load-stats")
+                await wait_until_async(both_up, timeout=30, interval=0.2, what="two workers in /load-stats")
                 workers = _workers_of(proc.pid)
                 assert len(workers) == 2
                 pids = {w.pid for w in workers}
@@ -87,12 +87,12 @@ async def test_two_workers_on_one_port_serve_as_one_router_and_die_with_their_pa
                     taken = [r["admitted"] + r["denied"] for r in routers]
                     return sum(taken) == 20 and all(n > 0 for n in taken)
 
-                await wait_until(both_served, timeout=5, interval=0.2, what="both workers took requests")
+                await wait_until_async(both_served, timeout=5, interval=0.2, what="both workers took requests")
 
             # SIGKILL of the parent alone: the workers follow (no orphans).
             os.kill(proc.pid, signal.SIGKILL)
             proc.popen.wait(timeout=10)  # type: ignore[union-attr]
-            await wait_until(lambda: _gone(list(pids)), timeout=10, interval=0.1, what="workers gone with their parent")
+            await wait_until_async(lambda: _gone(list(pids)), timeout=10, interval=0.1, what="workers gone with their parent")
         finally:
             proc.stop()
 

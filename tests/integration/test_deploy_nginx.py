@@ -20,10 +20,11 @@ import aiohttp
 import pytest
 
 from tests.integration.cluster_support import cluster_config, post, routers
-from tests.integration.router_support import MODEL, QUICK_SIM, node, wait_until, write_config
+from tests.integration.router_support import MODEL, QUICK_SIM
 from tests.integration.security_support import ADMIN_KEY, USER_KEY, in_process_sims, key_entry, quick_sim
 from tests.procs import REPO, Proc, free_port, run_sim, wait_http_ok
 from tests.redis_support import RedisServer
+from tests.support import node, wait_until_async, write_servers
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx not installed")
@@ -122,7 +123,7 @@ def upstreams(tmp: Path, at_least: int) -> list[list[str]]:
 
 def test_shipped_nginx_config_streams_and_survives_a_killed_router(tmp_path: Path) -> None:
     with run_sim(tmp_path, MODEL, QUICK_SIM) as sim:
-        cfg = write_config(tmp_path / "servers.toml", [node(sim.url, "n1")])
+        cfg = write_servers(tmp_path / "servers.toml", [node(sim.url, "n1")])
         ports = [free_port(), free_port()]
         routers = [
             Proc(["run", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(p)], tmp_path / f"r{p}.log")
@@ -177,7 +178,7 @@ async def test_shipped_nginx_config_with_two_routers_on_one_redis_acts_as_one_ro
             with nginx(tmp_path, port, [r1.port, r2.port]):
                 base = f"http://127.0.0.1:{port}"
                 async with aiohttp.ClientSession() as s:
-                    await wait_until(lambda: _ok(s, base + "/health"), timeout=20, what="nginx up")
+                    await wait_until_async(lambda: _ok(s, base + "/health"), timeout=20, what="nginx up")
                     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
                     got = await asyncio.gather(*(post(s, base + "/v1/chat/completions", USER_KEY, body) for _ in range(20)))
                     ok = sum(1 for st, _ in got if st == 200)
@@ -193,7 +194,7 @@ async def test_shipped_nginx_config_with_two_routers_on_one_redis_acts_as_one_ro
                         res = await asyncio.gather(*(post(s, r.url + "/v1/chat/completions", USER_KEY, body) for r in (r1, r2)))
                         return [st for st, _ in res] == [401, 401]
 
-                    await wait_until(refused_by_both, timeout=2.0, interval=0.05, what="key disabled on both routers")
+                    await wait_until_async(refused_by_both, timeout=2.0, interval=0.05, what="key disabled on both routers")
 
 
 async def _ok(s: aiohttp.ClientSession, url: str) -> bool:

@@ -22,17 +22,9 @@ import aiohttp
 import openai
 
 from mvllm.common.prom import iter_samples
-from tests.integration.router_support import node
-from tests.integration.security_support import (
-    MSG,
-    OTHER_KEY,
-    USER_KEY,
-    key_entry,
-    router_process,
-    write_keys,
-    write_servers,
-)
+from tests.integration.security_support import MSG, OTHER_KEY, USER_KEY, key_entry, router_process, write_keys
 from tests.procs import Proc, free_port, wait_http_ok
+from tests.support import node, write_servers
 
 MODEL = "sim-model"
 STREAMS = 300

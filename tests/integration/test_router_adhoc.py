@@ -20,11 +20,11 @@ import aiohttp
 import openai
 import pytest
 
-from tests.integration.router_support import wait_until
+from tests.integration.agent_support import Agent, model
 from tests.integration.test_agent_adhoc import FAST_ADHOC, cmdline
-from tests.integration.test_agent_lifecycle import Agent, model
 from tests.integration.test_cli_admin import mvllm
 from tests.integration.test_router_agents import agent_entry, chat, client, node_entry, router_for
+from tests.support import wait_until_async
 
 
 @contextlib.contextmanager
@@ -53,7 +53,7 @@ async def test_adhoc_instances_and_assign_through_the_router_and_the_cli(tmp_pat
     with two_agents(tmp_path) as (a, b):
         async with router_for(tmp_path, [agent_entry(a, "gpu-a"), agent_entry(b, "gpu-b")]) as router:
             url = router.url
-            await wait_until(
+            await wait_until_async(
                 lambda: all(node_entry(router, n)["agent"]["gpus"] for n in ("gpu-a", "gpu-b")), 10, what="agents read"
             )
             c = client(router)

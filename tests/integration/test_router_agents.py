@@ -23,14 +23,13 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-import tomli_w
 
 from mvllm.router.app import RunningRouter, running_router
 from mvllm.router.config import load_config
 from mvllm.router.reload import reload_config
 from mvllm.router.stats import load_stats_snapshot
-from tests.integration.router_support import FAST, wait_until
-from tests.integration.test_agent_lifecycle import TOKEN, Agent, marked_processes, model
+from tests.integration.agent_support import TOKEN, Agent, marked_processes, model
+from tests.support import wait_until_async, write_servers
 
 GIB = 1024**3
 # The client's own key: never the agent's token, so a request only succeeds if the router swaps it.
@@ -42,17 +41,14 @@ def agent_entry(agent: Agent, name: str, **extra: Any) -> dict[str, Any]:
     return {"url": agent.url, "name": name, "token": TOKEN, "load_timeout": 30, **extra}
 
 
-def write_config(path: Path, agents: list[dict[str, Any]], **config: Any) -> Path:
-    doc = {"agents": agents, "config": {**FAST, "scrape_timeout": 2.0, **config}}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(tomli_w.dumps(doc).encode())
-    tmp.replace(path)
-    return path
+def write_agents(path: Path, agents: list[dict[str, Any]], **config: Any) -> Path:
+    # servers.toml of these tests: agents only, with a longer scrape limit than FAST_ROUTER's.
+    return write_servers(path, agents=agents, **{"scrape_timeout": 2.0, **config})
 
 
 @contextlib.asynccontextmanager
 async def router_for(tmp_path: Path, agents: list[dict[str, Any]], **config: Any) -> AsyncIterator[RunningRouter]:
-    path = write_config(tmp_path / "servers.toml", agents, **config)
+    path = write_agents(tmp_path / "servers.toml", agents, **config)
     async with running_router(load_config(path), host="127.0.0.1", port=0, config_path=path, watch=False) as r:
         yield r
 
@@ -127,7 +123,7 @@ async def test_a_stopped_model_loads_through_the_router_and_concurrent_requests_
             pieces = [ch.choices[0].delta.content async for ch in stream if ch.choices and ch.choices[0].delta.content]
             assert len(pieces) >= 6
 
-            await wait_until(lambda: instance(router, "gpu-a", "cold")["state"] == "ready", 5, what="router sees it awake")
+            await wait_until_async(lambda: instance(router, "gpu-a", "cold")["state"] == "ready", 5, what="router sees it awake")
             entry = node_entry(router, "gpu-a")
             assert entry["kind"] == "agent" and entry["error"] is None and entry["healthy"]
             assert entry["agent"]["engine"] == "sim" and entry["agent"]["gpus"][0]["simulated"]
@@ -177,7 +173,7 @@ async def test_a_sleeping_model_is_woken_rather_than_loaded_cold_elsewhere_and_a
                 assert status == code and body["error"]["message"], (path, body)
 
             # Both stopped, both with room: concurrent requests all go to one of them, one load.
-            await wait_until(lambda: instance(router, "a", "m")["state"] == "stopped", 5, what="router sees the unload")
+            await wait_until_async(lambda: instance(router, "a", "m")["state"] == "stopped", 5, what="router sees the unload")
             answers = await asyncio.gather(*(chat(c, "m") for _ in range(6)))
             nodes = {node for _, node in answers}
             assert all(text for text, _ in answers) and len(nodes) == 1, answers
@@ -198,7 +194,7 @@ async def test_two_agents_a_model_each_and_a_shared_model_balanced(tmp_path):
             assert (await chat(c, "beta"))[1] == "b"
             assert a.inst("alpha")["loads"] == 1 and b.inst("beta")["loads"] == 1
 
-            await wait_until(
+            await wait_until_async(
                 lambda: all(instance(router, n, "shared")["state"] == "ready" for n in ("a", "b")),
                 20, what="the preloaded model awake on both agents, as the router sees it",
             )
@@ -238,7 +234,7 @@ async def test_three_models_room_for_two_one_agent_each_in_turn(tmp_path):
                     lru = order[n - 2]
                     assert st[lru]["state"] in ("sleeping", "stopped"), (n, {k: i["state"] for k, i in st.items()})
             await c.close()
-            await wait_until(lambda: node_entry(router, "gpu")["agent"]["gpus"][0]["memory_used_bytes"] > 0, 5)
+            await wait_until_async(lambda: node_entry(router, "gpu")["agent"]["gpus"][0]["memory_used_bytes"] > 0, 5)
         engines = [i["pid"] for i in agent.state()["instances"] if i["pid"]]
         assert len(engines) == 3 and agent.proc is not None
         os.kill(agent.proc.pid, signal.SIGTERM)
@@ -267,13 +263,13 @@ async def test_a_model_switch_waits_for_the_busy_model_then_evicts_it_once_idle(
                 return r
 
             long = asyncio.ensure_future(ask("big-a", 300))
-            await wait_until(
+            await wait_until_async(
                 lambda: instance(router, "gpu", "big-a")["in_flight"] == 1
                 and instance(router, "gpu", "big-b")["router"]["rank"] == "no_room",
                 10, what="the router's /state: big-a busy, no room for big-b",
             )
             switch = asyncio.ensure_future(ask("big-b", 4))
-            await wait_until(lambda: agent.inst("big-b")["queued"] == 1, 10, what="big-b's request waits at the agent")
+            await wait_until_async(lambda: agent.inst("big-b")["queued"] == 1, 10, what="big-b's request waits at the agent")
             assert not long.done(), "big-a's request ended too early to prove anything"
             assert agent.inst("big-a")["state"] == "ready" and agent.inst("big-a")["in_flight"] == 1
             assert not switch.done()
@@ -301,26 +297,26 @@ async def router_metrics(router: RunningRouter) -> str:
 async def test_agent_down_fails_over_then_503_then_readmitted(tmp_path):
     with agents(tmp_path, model("m", "preload = true"), model("m")) as (a, b):
         async with router_for(tmp_path, [agent_entry(a, "a"), agent_entry(b, "b")]) as router:
-            await wait_until(lambda: instance(router, "a", "m")["state"] == "ready", 20, what="m awake on a")
+            await wait_until_async(lambda: instance(router, "a", "m")["state"] == "ready", 20, what="m awake on a")
             c = client(router)
             assert (await chat(c, "m"))[1] == "a"
 
             a.stop()  # agent and its engine gone
             text, node = await chat(c, "m")  # retried on b, which loads it
             assert text and node == "b"
-            await wait_until(lambda: node_entry(router, "a")["health"] == "down", 10, what="a down")
+            await wait_until_async(lambda: node_entry(router, "a")["health"] == "down", 10, what="a down")
             assert not node_entry(router, "a")["healthy"] and node_entry(router, "a")["error"]
             assert (await chat(c, "m"))[1] == "b"
 
             b.stop()
-            await wait_until(lambda: node_entry(router, "b")["health"] == "down", 10, what="b down")
+            await wait_until_async(lambda: node_entry(router, "b")["health"] == "down", 10, what="b down")
             with pytest.raises(openai.APIStatusError) as exc:
                 await chat(c, "m")
             assert exc.value.status_code == 503 and exc.value.response.headers.get("retry-after")
             assert "m" in [m.id for m in (await c.models.list()).data]  # known, just unavailable
 
             a.start()  # same port and config: it comes back with m stopped
-            await wait_until(lambda: node_entry(router, "a")["healthy"], 10, what="a re-admitted")
+            await wait_until_async(lambda: node_entry(router, "a")["healthy"], 10, what="a re-admitted")
             text, node = await chat(c, "m")
             assert text and node == "a"
             await c.close()
@@ -331,7 +327,7 @@ async def test_wrong_agent_token_is_reported_once_and_never_passed_to_the_client
     with agents(tmp_path, model("m", "preload = true")) as (agent,):
         entry = agent_entry(agent, "a", token="wrong-token")
         async with router_for(tmp_path, [entry]) as router:
-            await wait_until(lambda: node_entry(router, "a")["error"], 5, what="the error shown")
+            await wait_until_async(lambda: node_entry(router, "a")["error"], 5, what="the error shown")
             await asyncio.sleep(1.0)  # ~10 scrape cycles with the same answer
             err = node_entry(router, "a")["error"]
             assert "rejected the router's token" in err and "401" in err
@@ -345,14 +341,14 @@ async def test_wrong_agent_token_is_reported_once_and_never_passed_to_the_client
 
             # Fixed by a config reload: the agent is read and serves.
             path = tmp_path / "servers.toml"
-            write_config(path, [agent_entry(agent, "a")])
+            write_agents(path, [agent_entry(agent, "a")])
             assert await reload_config(router.state, path)
-            await wait_until(lambda: node_entry(router, "a")["healthy"], 5, what="token accepted")
+            await wait_until_async(lambda: node_entry(router, "a")["healthy"], 5, what="token accepted")
             assert (await chat(c, "m"))[1] == "a"
 
             # The agent's token changes under the router (no scrape in between): the router must
             # not hand the agent's 401 to its client as if the client's key were wrong.
-            write_config(path, [agent_entry(agent, "a")], scrape_interval=60, health_check_interval=60)
+            write_agents(path, [agent_entry(agent, "a")], scrape_interval=60, health_check_interval=60)
             assert await reload_config(router.state, path)
             agent.stop()
             agent.config.write_text(agent.config.read_text().replace(f'token = "{TOKEN}"', 'token = "rotated"'))

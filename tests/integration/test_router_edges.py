@@ -13,7 +13,8 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.integration.router_support import client, node, node_state, router_for, wait_until
+from tests.integration.router_support import client, node_state, router_for
+from tests.support import node, wait_until_async
 
 Handler = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
 
@@ -196,7 +197,7 @@ async def test_malformed_metrics_does_not_blind_the_router(tmp_path: Path, aioht
     fake = FakeNode("weird", metrics=garbage)
     url = await start(aiohttp_server, fake)
     async with router_for(tmp_path, [node(url, "weird")]) as r:
-        await wait_until(lambda: node_state(r, "weird")["scrape_error"], what="a scrape of the bad /metrics")
+        await wait_until_async(lambda: node_state(r, "weird")["scrape_error"], what="a scrape of the bad /metrics")
         assert "no vllm:num_requests" in node_state(r, "weird")["scrape_error"]
         out = await client(r).chat.completions.create(model="fake-model", messages=MSG)
         assert out.choices[0].message.content == "hi from weird"
@@ -207,7 +208,7 @@ async def test_no_healthy_node_is_503_with_retry_after(tmp_path: Path, aiohttp_s
     fake = FakeNode("sick", health_status=503)
     url = await start(aiohttp_server, fake)
     async with router_for(tmp_path, [node(url, "sick")], health_check_consecutive_failures=1) as r:
-        await wait_until(lambda: node_state(r, "sick")["health"] == "down", what="node marked down")
+        await wait_until_async(lambda: node_state(r, "sick")["health"] == "down", what="node marked down")
         async with aiohttp.ClientSession() as s:
             async with s.post(r.url + "/v1/chat/completions", json={"model": "fake-model", "messages": MSG}) as resp:
                 assert resp.status == 503

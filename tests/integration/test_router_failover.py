@@ -12,17 +12,9 @@ import openai
 import pytest
 
 from mvllm.router.app import RunningRouter
-from tests.integration.router_support import (
-    MODEL,
-    QUICK_SIM,
-    client,
-    node,
-    node_state,
-    router_for,
-    sims,
-    wait_until,
-)
+from tests.integration.router_support import MODEL, QUICK_SIM, client, engines, node_state, router_for, sims
 from tests.procs import free_port, run_sim
+from tests.support import node, wait_until_async
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -90,7 +82,7 @@ async def test_stream_whose_node_dies_before_its_first_chunk_moves_on(tmp_path: 
             pending = asyncio.ensure_future(
                 c.chat.completions.with_raw_response.create(model=MODEL, messages=MSG, max_tokens=5, stream=True)
             )
-            await wait_until(lambda: node_state(r, "slow")["in_flight"] == 1, what="stream waiting on slow")
+            await wait_until_async(lambda: node_state(r, "slow")["in_flight"] == 1, what="stream waiting on slow")
             await asyncio.sleep(0.2)  # its headers are in; its first token is seconds away
             slow.proc.kill()
             raw = await asyncio.wait_for(pending, timeout=10)
@@ -101,7 +93,7 @@ async def test_stream_whose_node_dies_before_its_first_chunk_moves_on(tmp_path: 
 
 
 async def test_midstream_fault_fails_over_when_nothing_was_sent(tmp_path: Path) -> None:
-    with sims(tmp_path, ["--sim-fail-kind", "midstream", "--sim-fail-rate", "1"], []) as (bad, good):
+    async with engines(["--sim-fail-kind", "midstream", "--sim-fail-rate", "1"], []) as (bad, good):
         # The bad node's weight makes it the first choice of almost every request.
         nodes = [node(bad.url, "bad", weight=100.0), node(good.url, "good")]
         async with router_for(tmp_path, nodes, failure_threshold=100) as r:
@@ -128,7 +120,7 @@ async def test_midstream_fault_fails_over_when_nothing_was_sent(tmp_path: Path) 
 
 
 async def test_hung_node_times_out_and_fails_over(tmp_path: Path) -> None:
-    with sims(tmp_path, ["--sim-fail-kind", "hang", "--sim-fail-rate", "1"], []) as (hung, ok):
+    async with engines(["--sim-fail-kind", "hang", "--sim-fail-rate", "1"], []) as (hung, ok):
         async with (
             router_for(
                 tmp_path,
@@ -144,7 +136,7 @@ async def test_hung_node_times_out_and_fails_over(tmp_path: Path) -> None:
             ) as busy,
         ):
             assert busy.status == 200
-            await wait_until(lambda: node_state(r, "ok")["running"] >= 1, timeout=10, what="ok node looks busy")
+            await wait_until_async(lambda: node_state(r, "ok")["running"] >= 1, timeout=10, what="ok node looks busy")
             c = client(r)
             took: list[float] = []
             for stream in (False, True, False, True, False, False):
@@ -165,7 +157,7 @@ async def test_hung_node_times_out_and_fails_over(tmp_path: Path) -> None:
 
 
 async def test_node_answering_500_is_ejected_within_two_requests_then_readmitted(tmp_path: Path) -> None:
-    with sims(tmp_path, [], []) as (sick, well):
+    async with engines([], []) as (sick, well):
         async with router_for(
             tmp_path, [node(sick.url, "sick"), node(well.url, "well")], breaker_cooldown=1.0, health_check_interval=0.2
         ) as r:
@@ -186,7 +178,7 @@ async def test_node_answering_500_is_ejected_within_two_requests_then_readmitted
                 await c.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1)
                 return node_state(r, "sick")["breaker"] == "closed"
 
-            await wait_until(readmitted, timeout=10, interval=0.1, what="sick node re-admitted")
+            await wait_until_async(readmitted, timeout=10, interval=0.1, what="sick node re-admitted")
             seen = set()
             for _ in range(20):
                 raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=MSG, max_tokens=1)
@@ -195,8 +187,8 @@ async def test_node_answering_500_is_ejected_within_two_requests_then_readmitted
 
 
 async def test_503_and_reset_faults_are_retried(tmp_path: Path) -> None:
-    with sims(tmp_path, ["--sim-fail-kind", "503", "--sim-fail-rate", "1"],
-              ["--sim-fail-kind", "reset", "--sim-fail-rate", "1"], []) as (busy, reset, ok):
+    async with engines(["--sim-fail-kind", "503", "--sim-fail-rate", "1"],
+                       ["--sim-fail-kind", "reset", "--sim-fail-rate", "1"], []) as (busy, reset, ok):
         nodes = [node(busy.url, "busy"), node(reset.url, "reset"), node(ok.url, "ok")]
         async with router_for(tmp_path, nodes, failure_threshold=1000) as r:
             c = client(r)
@@ -218,11 +210,11 @@ async def test_node_down_at_start_joins_when_it_comes_up(tmp_path: Path) -> None
     # Discovery is slow on purpose: the node must be picked up by its recovery, not by the timer.
     async with router_for(tmp_path, [node(url, "late")], models_refresh_interval=600,
                           health_check_consecutive_failures=1) as r:
-        await wait_until(lambda: node_state(r, "late")["health"] == "down", what="late seen down")
+        await wait_until_async(lambda: node_state(r, "late")["health"] == "down", what="late seen down")
         with pytest.raises(openai.NotFoundError):  # no model known yet
             await client(r).chat.completions.create(model=MODEL, messages=MSG, max_tokens=1)
         with run_sim(tmp_path, MODEL, QUICK_SIM, port=port):
-            await wait_until(lambda: r.state.registry.nodes_for(MODEL), timeout=10, what="late's models discovered")
+            await wait_until_async(lambda: r.state.registry.nodes_for(MODEL), timeout=10, what="late's models discovered")
             out = await client(r).chat.completions.create(model=MODEL, messages=MSG, max_tokens=1)
             assert out.choices[0].message.content
             assert node_state(r, "late")["health"] == "up"

@@ -12,14 +12,15 @@ from pathlib import Path
 import openai
 from openai import AsyncOpenAI
 
-from tests.integration.router_support import MODEL, client, node, node_state, router_for, sims, wait_until
+from tests.integration.router_support import MODEL, client, engines, node_state, router_for, sims
+from tests.support import node, wait_until_async
 
 MSG = [{"role": "user", "content": "hello"}]
 
 
 async def test_routing_follows_the_scraped_load(tmp_path: Path) -> None:
     slow = ["--sim-itl-ms", "100", "--max-num-seqs", "4"]
-    with sims(tmp_path, slow, slow) as (a, b):
+    async with engines(slow, slow) as (a, b):
         nodes = [node(a.url, "a", max_concurrent_requests=4), node(b.url, "b", max_concurrent_requests=4)]
         async with router_for(tmp_path, nodes) as r:
             # Load a directly, behind the router's back: only its /metrics can tell.
@@ -29,7 +30,7 @@ async def test_routing_follows_the_scraped_load(tmp_path: Path) -> None:
                 for _ in range(4)
             ]
             try:
-                await wait_until(lambda: node_state(r, "a")["running"] >= 3, timeout=10, what="a's load scraped")
+                await wait_until_async(lambda: node_state(r, "a")["running"] >= 3, timeout=10, what="a's load scraped")
                 c = client(r)
                 seen = Counter()
                 for _ in range(10):
@@ -45,7 +46,7 @@ async def test_routing_follows_the_scraped_load(tmp_path: Path) -> None:
 
 async def test_a_burst_between_scrapes_spreads(tmp_path: Path) -> None:
     slow = ["--sim-itl-ms", "100", "--max-num-seqs", "8"]
-    with sims(tmp_path, slow, slow) as (a, b):
+    async with engines(slow, slow) as (a, b):
         nodes = [node(a.url, "a", max_concurrent_requests=4), node(b.url, "b", max_concurrent_requests=4)]
         # No scrape during the burst: only the router's own in-flight count can spread it. Eight
         # requests over two nodes of capacity 4 end up exactly 4 + 4 when each one sent raises its
@@ -61,7 +62,7 @@ async def test_a_burst_between_scrapes_spreads(tmp_path: Path) -> None:
                 for s in streams:
                     await s.parse().close()
                 assert placed == {"a": 4, "b": 4}
-                await wait_until(lambda: node_state(r, "a")["in_flight"] + node_state(r, "b")["in_flight"] == 0,
+                await wait_until_async(lambda: node_state(r, "a")["in_flight"] + node_state(r, "b")["in_flight"] == 0,
                                  timeout=10, what="burst drained")
 
 
@@ -106,8 +107,8 @@ async def test_node_killed_during_load_fails_no_request_that_had_not_started_str
                     await one(i)
 
             async def killer() -> None:
-                await wait_until(lambda: done >= total // 3, timeout=60, interval=0.01)
-                await wait_until(lambda: node_state(r, "victim")["in_flight"] > 0, timeout=10, interval=0.002)
+                await wait_until_async(lambda: done >= total // 3, timeout=60, interval=0.01)
+                await wait_until_async(lambda: node_state(r, "victim")["in_flight"] > 0, timeout=10, interval=0.002)
                 victim.proc.kill()
 
             kill = asyncio.ensure_future(killer())

@@ -12,13 +12,14 @@ import pytest
 
 from mvllm.router.app import running_router
 from mvllm.router.config import load_config
-from tests.integration.router_support import MODEL, client, node, node_state, router_for, sims, wait_until
+from tests.integration.router_support import MODEL, client, engines, node_state, router_for
+from tests.support import node, wait_until_async
 
 MSG = [{"role": "user", "content": "Tell me about routers."}]
 
 
 async def test_openai_api_through_the_router(tmp_path: Path) -> None:
-    with sims(tmp_path, [], ["--served-model-name", "other-model"]) as (a, b):
+    async with engines([], ["--served-model-name", "other-model"]) as (a, b):
         async with router_for(tmp_path, [node(a.url, "a"), node(b.url, "b")]) as r:
             c = client(r)
             assert sorted(m.id for m in (await c.models.list()).data) == ["other-model", MODEL]
@@ -60,12 +61,12 @@ async def test_openai_api_through_the_router(tmp_path: Path) -> None:
 
 async def test_lora_adapter_routes_to_the_node_that_loaded_it(tmp_path: Path) -> None:
     lora_env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    with sims(tmp_path, ["--enable-lora"], ["--enable-lora"], env=lora_env) as (a, b):
+    async with engines(["--enable-lora"], ["--enable-lora"], env=lora_env) as (a, b):
         async with router_for(tmp_path, [node(a.url, "a"), node(b.url, "b")]) as r, aiohttp.ClientSession() as s:
             body = {"lora_name": "sql-lora", "lora_path": "/adapters/sql"}
             async with s.post(a.url + "/v1/load_lora_adapter", json=body) as resp:  # on a only, behind the router
                 assert resp.status == 200
-            await wait_until(lambda: r.state.registry.nodes_for("sql-lora"), timeout=10, what="adapter discovered")
+            await wait_until_async(lambda: r.state.registry.nodes_for("sql-lora"), timeout=10, what="adapter discovered")
             c = client(r)
             cards = {m.id: m for m in (await c.models.list()).data}
             assert cards["sql-lora"].parent == MODEL  # type: ignore[attr-defined]
@@ -77,7 +78,7 @@ async def test_lora_adapter_routes_to_the_node_that_loaded_it(tmp_path: Path) ->
 
 async def test_streaming_is_relayed_as_generated(tmp_path: Path) -> None:
     # 30 tokens at 60 ms: the engine needs ~1.8 s; the first chunk must not wait for the last.
-    with sims(tmp_path, ["--sim-itl-ms", "60"]) as (a,):
+    async with engines(["--sim-itl-ms", "60"]) as (a,):
         async with router_for(tmp_path, [node(a.url, "a")]) as r:
             t0 = time.monotonic()
             stream = await client(r).chat.completions.create(model=MODEL, messages=MSG, max_tokens=30, stream=True)
@@ -91,7 +92,7 @@ async def test_streaming_is_relayed_as_generated(tmp_path: Path) -> None:
 
 
 async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
-    with sims(tmp_path, ["--sim-itl-ms", "50"]) as (a,):
+    async with engines(["--sim-itl-ms", "50"]) as (a,):
         async with router_for(tmp_path, [node(a.url, "a")]) as r, aiohttp.ClientSession() as s:
             async def engine_running() -> float:
                 async with s.get(a.url + "/metrics") as resp:
@@ -112,8 +113,8 @@ async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
             assert await engine_running() == 1  # 400 tokens at 50 ms: 20 s left to generate
             await stream.close()
             # The router closes its upstream connection and the engine aborts the request.
-            await wait_until(engine_idle, timeout=5, what="engine aborted the stream")
-            await wait_until(lambda: node_state(r, "a")["in_flight"] == 0, timeout=5, what="router in-flight back to 0")
+            await wait_until_async(engine_idle, timeout=5, what="engine aborted the stream")
+            await wait_until_async(lambda: node_state(r, "a")["in_flight"] == 0, timeout=5, what="router in-flight back to 0")
 
             # A non-streamed request whose client gives up while the engine is still generating:
             # nothing was written to that client yet, so only cancelling the handler can notice.
@@ -121,11 +122,11 @@ async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
                 await asyncio.wait_for(
                     client(r).chat.completions.create(model=MODEL, messages=MSG, max_tokens=400), timeout=0.5
                 )
-            await wait_until(engine_idle, timeout=5, what="engine aborted the non-streamed request")
+            await wait_until_async(engine_idle, timeout=5, what="engine aborted the non-streamed request")
 
 
 async def test_seed_format_config_routes(tmp_path: Path) -> None:
-    with sims(tmp_path, [], []) as (a, b):
+    async with engines([], []) as (a, b):
         path = tmp_path / "servers.toml"
         path.write_text(
             "[servers]\n"

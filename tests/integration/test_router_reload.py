@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 
 from mvllm.router.app import RunningRouter
-from tests.integration.router_support import (
-    MODEL,
-    client,
-    node,
-    node_state,
-    router_for,
-    sims,
-    wait_until,
-    write_config,
-)
+from tests.integration.router_support import MODEL, client, engines, node_state, router_for
+from tests.support import node, wait_until_async, write_servers
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -31,15 +23,15 @@ def names(r: RunningRouter) -> list[str]:
 
 async def test_reload_adds_removes_and_rejects(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mvllm")
-    with sims(tmp_path, ["--sim-itl-ms", "40"], []) as (a, b):
+    async with engines(["--sim-itl-ms", "40"], []) as (a, b):
         path = tmp_path / "servers.toml"
         async with router_for(tmp_path, [node(a.url, "a")], watch=True) as r:
             c = client(r)
             assert names(r) == ["a"]
 
             # add b
-            write_config(path, [node(a.url, "a"), node(b.url, "b")])
-            await wait_until(lambda: r.state.registry.nodes_for(MODEL) and len(r.state.registry.nodes_for(MODEL)) == 2,
+            write_servers(path, [node(a.url, "a"), node(b.url, "b")])
+            await wait_until_async(lambda: r.state.registry.nodes_for(MODEL) and len(r.state.registry.nodes_for(MODEL)) == 2,
                              timeout=10, what="b joined with its models discovered")
             seen = Counter()
             for _ in range(64):  # idle nodes are picked at random: until both answered (misses: 2**-63)
@@ -50,25 +42,25 @@ async def test_reload_adds_removes_and_rejects(tmp_path: Path, caplog: pytest.Lo
             assert set(seen) == {"a", "b"}
 
             # remove a while a stream runs on it: the stream finishes, new requests go to b
-            write_config(path, [node(a.url, "a"), node(b.url, "b", drain=True)])
-            await wait_until(lambda: node_state(r, "b")["draining"], what="b drained")
+            write_servers(path, [node(a.url, "a"), node(b.url, "b", drain=True)])
+            await wait_until_async(lambda: node_state(r, "b")["draining"], what="b drained")
             stream = await c.chat.completions.create(model=MODEL, messages=MSG, max_tokens=40, stream=True)
             first = await stream.__anext__()
             assert first is not None
-            write_config(path, [node(b.url, "b")])
-            await wait_until(lambda: names(r) == ["b"], what="a removed")
+            write_servers(path, [node(b.url, "b")])
+            await wait_until_async(lambda: names(r) == ["b"], what="a removed")
             assert node_state(r, "a")["removed"] and node_state(r, "a")["in_flight"] == 1
             raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=MSG, max_tokens=1)
             assert raw.headers["x-mvllm-node"] == "b"
             rest = [ch async for ch in stream]
             finish = [ch.choices[0].finish_reason for ch in rest if ch.choices and ch.choices[0].finish_reason]
             assert finish == ["length"]  # the in-flight stream ran to its end on the removed node
-            await wait_until(lambda: all(n.name != "a" for n in r.state.registry.iter_all()), what="a forgotten")
+            await wait_until_async(lambda: all(n.name != "a" for n in r.state.registry.iter_all()), what="a forgotten")
 
             # an invalid file is rejected whole; the running config stays
             caplog.clear()
             path.write_text('[servers]\nservers = [{ url = "http://127.0.0.1:1", max_concurrent_requests = "lots" }]\n')
-            await wait_until(lambda: r.state.last_reload is not None and not r.state.last_reload.ok, what="rejected")
+            await wait_until_async(lambda: r.state.last_reload is not None and not r.state.last_reload.ok, what="rejected")
             assert "max_concurrent_requests" in r.state.last_reload.message
             assert any("reload rejected" in rec.getMessage() and rec.levelno == logging.ERROR for rec in caplog.records)
             assert names(r) == ["b"]
@@ -76,13 +68,13 @@ async def test_reload_adds_removes_and_rejects(tmp_path: Path, caplog: pytest.Lo
             assert out.choices[0].message.content
 
             # and a valid file afterwards applies again
-            write_config(path, [node(b.url, "b", max_concurrent_requests=3), node(a.url, "a")])
-            await wait_until(lambda: names(r) == ["b", "a"] and node_state(r, "b")["capacity"] == 3, what="valid again")
+            write_servers(path, [node(b.url, "b", max_concurrent_requests=3), node(a.url, "a")])
+            await wait_until_async(lambda: names(r) == ["b", "a"] and node_state(r, "b")["capacity"] == 3, what="valid again")
             assert r.state.last_reload is not None and r.state.last_reload.ok
 
 
 async def test_editing_the_config_under_load_fails_no_request(tmp_path: Path) -> None:
-    with sims(tmp_path, [], [], []) as (a, b, c3):
+    async with engines([], [], []) as (a, b, c3):
         path = tmp_path / "servers.toml"
         every = [node(a.url, "a"), node(b.url, "b"), node(c3.url, "c")]
         async with router_for(tmp_path, every[:2], watch=True) as r:
@@ -117,9 +109,9 @@ async def test_editing_the_config_under_load_fails_no_request(tmp_path: Path) ->
                     every,
                 ]
                 for nodes in edits:
-                    write_config(path, nodes)
+                    write_servers(path, nodes)
                     want = [n["name"] for n in nodes]
-                    await wait_until(lambda want=want: names(r) == want, timeout=10, what=f"reloaded to {want}")
+                    await wait_until_async(lambda want=want: names(r) == want, timeout=10, what=f"reloaded to {want}")
                     await asyncio.sleep(0.3)
             finally:
                 stop.set()

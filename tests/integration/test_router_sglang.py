@@ -13,7 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.integration.router_support import client, node, node_state, router_for, wait_until
+from tests.integration.router_support import client, node_state, router_for
+from tests.support import node, wait_until_async
 
 MODEL = "qwen-sgl"
 MSG = [{"role": "user", "content": "hello"}]
@@ -99,7 +100,7 @@ async def test_sglang_load_steers_routing_and_health_ejects(tmp_path: Path, aioh
         node(urls["as-vllm"], "as-vllm", drain=True),
     ]
     async with router_for(tmp_path, nodes) as r:
-        await wait_until(lambda: node_state(r, "sgl-a")["running"] == 30, what="SGLang load scraped")
+        await wait_until_async(lambda: node_state(r, "sgl-a")["running"] == 30, what="SGLang load scraped")
         st = node_state(r, "sgl-a")
         assert (st["running"], st["waiting"], st["scrape_error"]) == (30, 10, None)
         assert node_state(r, "sgl-b")["scrape_error"] is None
@@ -111,12 +112,12 @@ async def test_sglang_load_steers_routing_and_health_ejects(tmp_path: Path, aioh
 
         a.running, a.queued = 0, 0
         b.running, b.queued = 31, 20
-        await wait_until(lambda: node_state(r, "sgl-b")["waiting"] == 20, what="new load scraped")
+        await wait_until_async(lambda: node_state(r, "sgl-b")["waiting"] == 20, what="new load scraped")
         assert set(await _nodes_of(c, 8)) == {"sgl-a"}
 
         # /health decides health as for vLLM: a 503 takes the node out whatever its load.
         b.running, b.queued = 0, 0
         a.healthy = False
-        await wait_until(lambda: node_state(r, "sgl-a")["health"] == "down", what="sgl-a down")
+        await wait_until_async(lambda: node_state(r, "sgl-a")["health"] == "down", what="sgl-a down")
         assert set(await _nodes_of(c, 6)) == {"sgl-b"}
         await c.close()

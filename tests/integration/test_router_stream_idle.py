@@ -13,13 +13,13 @@ from typing import Any
 
 import openai
 import pytest
-import tomli_w
 from aiohttp import web
 
 from mvllm.common.state import AgentState, CatalogEntry, InstanceState
 from mvllm.router.app import running_router
 from mvllm.router.config import load_config
-from tests.integration.router_support import FAST, client, node, router_for, wait_until
+from tests.integration.router_support import client, router_for
+from tests.support import node, wait_until_async, write_servers
 
 MODEL = "hang-model"
 IDLE = 0.5  # stream_idle_timeout of these tests
@@ -110,7 +110,7 @@ async def test_static_node_hung_mid_stream_is_given_up_after_stream_idle_timeout
     server = await aiohttp_server(up.app())
     url = str(server.make_url("")).rstrip("/")
     try:
-        # first_byte_timeout (10 s in FAST) bounds the wait for the first chunk only.
+        # first_byte_timeout (10 s in FAST_ROUTER) bounds the wait for the first chunk only.
         async with router_for(tmp_path, [node(url, "hangs")], stream_idle_timeout=IDLE) as r:
             got, after_last, error = await _stream_until_error(client(r))
             assert got == ["one", "two"]  # the first chunk came 1.2 s late (> IDLE) and was waited for
@@ -128,15 +128,11 @@ async def test_agent_hung_mid_stream_is_given_up_after_stream_idle_not_load_time
     up = HangingUpstream(agent=True)
     server = await aiohttp_server(up.app())
     url = str(server.make_url("")).rstrip("/")
-    path = tmp_path / "servers.toml"
-    doc = {
-        "agents": [{"url": url, "name": "agent-a", "load_timeout": 60}],
-        "config": {**FAST, "stream_idle_timeout": IDLE},
-    }
-    path.write_bytes(tomli_w.dumps(doc).encode())
+    path = write_servers(tmp_path / "servers.toml", agents=[{"url": url, "name": "agent-a", "load_timeout": 60}],
+                         stream_idle_timeout=IDLE)  # fmt: skip
     try:
         async with running_router(load_config(path), host="127.0.0.1", port=0, config_path=path, watch=False) as r:
-            await wait_until(lambda: MODEL in r.state.registry.models(), 10, what="the agent's model is listed")
+            await wait_until_async(lambda: MODEL in r.state.registry.models(), 10, what="the agent's model is listed")
             got, after_last, error = await _stream_until_error(client(r))
             assert got == ["one", "two"]
             # Before: the agent's load_timeout (60 s here, 600 by default) between chunks too.

@@ -9,7 +9,7 @@ import socket
 
 import psutil
 
-from tests.integration.test_agent_lifecycle import TOKEN, model, running_agent
+from tests.integration.agent_support import TOKEN, model, running_agent
 
 
 def raw(port: int, request: bytes) -> tuple[int, bytes]:

@@ -20,7 +20,6 @@ from openai import AsyncOpenAI
 from mvllm.common.prom import iter_samples
 from mvllm.router.app import running_router
 from mvllm.router.config import load_config
-from tests.integration.router_support import node, wait_until
 from tests.integration.security_support import (
     ADMIN_KEY,
     MSG,
@@ -37,8 +36,8 @@ from tests.integration.security_support import (
     raw_request,
     serve_app,
     write_keys,
-    write_servers,
 )
+from tests.support import node, wait_until_async, write_servers
 
 
 async def engine_hits(session: aiohttp.ClientSession, url: str, handler: str = "/v1/chat/completions") -> float:
@@ -127,7 +126,7 @@ async def test_the_clients_key_never_travels_to_a_node(tmp_path: Path, oai: Any)
             nodes = [node(sim.url, "keyed", api_key=NODE_KEY), node(rec_url, "plain")]
             async with auth_router(tmp_path, nodes, keys=[key_entry("user", USER_KEY)]) as r:
                 c = oai(r.url, USER_KEY)
-                await wait_until(lambda: "sim-model" in r.state.registry.models(), what="keyed node's models discovered")
+                await wait_until_async(lambda: "sim-model" in r.state.registry.models(), what="keyed node's models discovered")
                 out = await c.chat.completions.create(model="sim-model", messages=MSG, max_tokens=2)
                 assert out.choices[0].message.content  # the sim would answer 401 to the client's key
                 async with aiohttp.ClientSession() as s:
@@ -152,7 +151,7 @@ async def test_user_key_cannot_call_admin_nor_a_model_outside_its_list(tmp_path:
         auth_router(tmp_path, [node(a.url, "a"), node(b.url, "b")], keys=keys) as r,
         aiohttp.ClientSession() as s,
     ):
-        await wait_until(lambda: len(r.state.registry.models()) == 2, what="both models discovered")
+        await wait_until_async(lambda: len(r.state.registry.models()) == 2, what="both models discovered")
         user = {"Authorization": f"Bearer {USER_KEY}"}
         admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
         for path in ("/admin/nodes", "//admin/nodes", "/ADMIN/nodes", "/admin", "/admin/reload"):
@@ -229,11 +228,11 @@ async def test_keys_file_hot_reload_and_an_invalid_one_is_rejected_whole(
 
         assert await works(user) and not await works(other)
         write_keys(keys_path, [key_entry("user", USER_KEY), key_entry("other", OTHER_KEY)])
-        await wait_until(lambda: works(other), timeout=10, what="the new key accepted after the keys file changed")
+        await wait_until_async(lambda: works(other), timeout=10, what="the new key accepted after the keys file changed")
 
         # Invalid: a key too short. The whole file is refused; both keys keep working.
         write_keys(keys_path, [key_entry("user", USER_KEY), key_entry("other", OTHER_KEY), key_entry("x", "sk-tiny")])
-        await wait_until(
+        await wait_until_async(
             lambda: r.state.last_reload is not None and not r.state.last_reload.ok, timeout=10, what="rejected reload"
         )
         assert "keys.toml" in r.state.last_reload.message and "too short" in r.state.last_reload.message
@@ -247,8 +246,8 @@ async def test_keys_file_hot_reload_and_an_invalid_one_is_rejected_whole(
 
         # A leaked key: disable it, save, and its next request gets 401.
         write_keys(keys_path, [key_entry("user", USER_KEY), key_entry("other", OTHER_KEY, enabled=False)])
-        await wait_until(lambda: r.state.last_reload is not None and r.state.last_reload.ok, timeout=10)
-        await wait_until(lambda: refused(other), timeout=10, what="disabled key refused")
+        await wait_until_async(lambda: r.state.last_reload is not None and r.state.last_reload.ok, timeout=10)
+        await wait_until_async(lambda: refused(other), timeout=10, what="disabled key refused")
         assert await works(user)
 
         # servers.toml names another keys file: that one is read, and watched from then on.
@@ -256,10 +255,10 @@ async def test_keys_file_hot_reload_and_an_invalid_one_is_rejected_whole(
         third = oai(r.url, third_key)
         write_keys(tmp_path / "keys2.toml", [key_entry("third", third_key)])
         write_servers(tmp_path / "servers.toml", [node(sim.url, "a")], auth={"keys_file": "keys2.toml"})
-        await wait_until(lambda: works(third), timeout=10, what="the keys of the new keys file")
+        await wait_until_async(lambda: works(third), timeout=10, what="the keys of the new keys file")
         assert await refused(user)
         write_keys(tmp_path / "keys2.toml", [key_entry("third", third_key), key_entry("user", USER_KEY)])
-        await wait_until(lambda: works(user), timeout=10, what="the new keys file is watched")
+        await wait_until_async(lambda: works(user), timeout=10, what="the new keys file is watched")
         logs = "\n".join(rec.getMessage() for rec in caplog.records)
         assert USER_KEY not in logs and OTHER_KEY not in logs
 

@@ -17,7 +17,7 @@ import psutil
 from aiohttp import web
 
 from mvllm.common.prom import iter_samples
-from tests.integration.router_support import node, node_state, wait_until
+from tests.integration.router_support import node_state
 from tests.integration.security_support import (
     MSG,
     USER_KEY,
@@ -32,8 +32,8 @@ from tests.integration.security_support import (
     read_response,
     router_process,
     serve_app,
-    write_servers,
 )
+from tests.support import node, wait_until_async, write_servers
 
 MIB = 1024 * 1024
 
@@ -238,8 +238,8 @@ async def test_client_that_disconnects_mid_stream_cancels_the_engine_request(tmp
             if abort:  # RST instead of FIN
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             sock.close()
-            await wait_until(lambda: sim.state.in_flight == 0, timeout=5, what="engine request aborted")
-            await wait_until(lambda: node_state(r, "a")["in_flight"] == 0, timeout=5, what="router in-flight back to 0")
+            await wait_until_async(lambda: sim.state.in_flight == 0, timeout=5, what="engine request aborted")
+            await wait_until_async(lambda: node_state(r, "a")["in_flight"] == 0, timeout=5, what="router in-flight back to 0")
         text = r.state.metrics.render().decode()
         assert 'status="499"' in text
         await serves_normally(r.port)
@@ -330,8 +330,8 @@ async def test_slow_client_that_never_reads_a_stream(tmp_path: Path) -> None:
                 # An engine stream that the client never reads: the engine request ends (finished
                 # into socket buffers, or cancelled with the client), nothing keeps running.
                 sock = _slow_reader(router.port, chat_body(max_tokens=2000, stream=True))
-                await wait_until(lambda: sim.state.in_flight == 1, timeout=5, what="engine request started")
-                await wait_until(lambda: sim.state.in_flight == 0, timeout=20, what="engine request over")
+                await wait_until_async(lambda: sim.state.in_flight == 1, timeout=5, what="engine request started")
+                await wait_until_async(lambda: sim.state.in_flight == 0, timeout=20, what="engine request over")
                 sock.close()
                 await serves_normally(router.port)
                 assert router.alive()
@@ -359,7 +359,7 @@ async def test_thousands_of_idle_connections(tmp_path: Path) -> None:
             t0 = time.monotonic()
             await asyncio.gather(*(open_one(i) for i in range(2000)))
             assert len(conns) == 2000
-            await wait_until(lambda: proc.num_fds() >= fds0 + 1900, timeout=10, what="router accepted them")
+            await wait_until_async(lambda: proc.num_fds() >= fds0 + 1900, timeout=10, what="router accepted them")
             # Others are still served, promptly.
             t1 = time.monotonic()
             await serves_normally(router.port)
@@ -374,7 +374,7 @@ async def test_thousands_of_idle_connections(tmp_path: Path) -> None:
                 results = await asyncio.gather(*(closed(rd) for rd, _ in conns))
             assert all(results)
             assert time.monotonic() - t0 > 1.5  # not before the timeout ran out
-            await wait_until(lambda: proc.num_fds() < fds0 + 50, timeout=10, what="router's fds back")
+            await wait_until_async(lambda: proc.num_fds() < fds0 + 50, timeout=10, what="router's fds back")
             for _, w in conns:
                 w.close()
             await serves_normally(router.port)

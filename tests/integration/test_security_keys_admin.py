@@ -24,7 +24,6 @@ from openai import AsyncOpenAI
 from mvllm.router.access.keys import hash_key
 from mvllm.tui.app import DashboardApp
 from mvllm.tui.widgets import SyncedTable
-from tests.integration.router_support import node, wait_until
 from tests.integration.security_support import (
     ADMIN_KEY,
     MSG,
@@ -36,9 +35,9 @@ from tests.integration.security_support import (
     quick_sim,
     router_process,
     write_keys,
-    write_servers,
 )
 from tests.procs import REPO
+from tests.support import node, wait_until_async, write_servers
 
 DAILY_KEY = "sk-test-daily-0123456789abcdef"
 SECRETS = (ADMIN_KEY, USER_KEY, OTHER_KEY, DAILY_KEY)
@@ -245,7 +244,7 @@ async def test_usage_and_a_runtime_disable_survive_a_router_restart_and_the_cli(
             rc, out, err = await mvllm_cli("keys", router=r.url, key=OTHER_KEY)  # not an admin key
             assert rc == 1 and "admin" in err
             # The admin action was saved at once, without waiting for the 5 s tick.
-            await wait_until(
+            await wait_until_async(
                 lambda: usage_file.exists() and json.loads(usage_file.read_text())["keys"].get("free", {}).get("override"),
                 timeout=5,
                 what="the disable in the usage file",
@@ -278,12 +277,12 @@ async def test_dashboard_shows_a_keys_panel_only_when_keys_are_configured(tmp_pa
             app = DashboardApp(r.url, key=ADMIN_KEY, refresh_interval=0.2)
             async with app.run_test(size=(160, 48)):
                 table = app.query_one("#keys", SyncedTable)
-                await wait_until(lambda: table.row_count == 4, 15, what="the keys panel")
+                await wait_until_async(lambda: table.row_count == 4, 15, what="the keys panel")
                 assert app.query_one("#keys-pane").display
                 assert table.cell_text("daily", "today") == "2/2"
                 assert table.cell_text("total", "enabled") == "yes"
                 await admin(r.url, "POST", "/admin/keys/total/disable")
-                await wait_until(lambda: table.cell_text("total", "enabled") == "no (admin)", 10, what="disabled on screen")
+                await wait_until_async(lambda: table.cell_text("total", "enabled") == "no (admin)", 10, what="disabled on screen")
                 assert "API keys" in app.screen_text()
 
         # No keys: no panel.
@@ -291,6 +290,6 @@ async def test_dashboard_shows_a_keys_panel_only_when_keys_are_configured(tmp_pa
         async with auth_router(tmp_path / "open", [node(sim.url, "a")]) as r:
             app = DashboardApp(r.url, refresh_interval=0.2)
             async with app.run_test(size=(160, 48)):
-                await wait_until(lambda: app.polls >= 3, 15, what="polls")
+                await wait_until_async(lambda: app.polls >= 3, 15, what="polls")
                 assert not app.query_one("#keys-pane").display
                 assert app.query_one("#keys", SyncedTable).row_count == 0

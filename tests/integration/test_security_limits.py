@@ -17,7 +17,6 @@ import pytest
 from openai import AsyncOpenAI
 
 from mvllm.common.prom import iter_samples
-from tests.integration.router_support import node, wait_until
 from tests.integration.security_support import (
     MSG,
     OTHER_KEY,
@@ -27,6 +26,7 @@ from tests.integration.security_support import (
     key_entry,
     quick_sim,
 )
+from tests.support import node, wait_until_async
 
 THIRD_KEY = "sk-test-third-0123456789abcdef"
 
@@ -110,7 +110,7 @@ async def test_concurrency_slots_come_back_when_a_request_ends_or_its_client_lea
         assert metric(text, "mvllm_key_in_flight", key="one") == 1
         chunks = [ch async for ch in stream]
         assert len(chunks) > 30
-        await wait_until(lambda: in_flight() == 0, timeout=5, what="slot released after the stream")
+        await wait_until_async(lambda: in_flight() == 0, timeout=5, what="slot released after the stream")
         assert (await c.chat.completions.create(model="sim-model", messages=MSG, max_tokens=2)).choices
 
         # A client that leaves mid-stream gives its slot back too.
@@ -118,7 +118,7 @@ async def test_concurrency_slots_come_back_when_a_request_ends_or_its_client_lea
         async for _ in stream:
             break
         await stream.close()
-        await wait_until(lambda: in_flight() == 0, timeout=5, what="slot released after the client left")
+        await wait_until_async(lambda: in_flight() == 0, timeout=5, what="slot released after the client left")
         assert (await c.chat.completions.create(model="sim-model", messages=MSG, max_tokens=2)).choices
 
 
@@ -142,12 +142,12 @@ async def test_tokens_per_minute_settle_from_the_reported_usage(tmp_path: Path, 
         usages = [ch.usage for ch in [ch async for ch in stream] if ch.usage is not None]
         assert len(usages) == 1
         used += usages[0].total_tokens
-        await wait_until(lambda: window("counted") == used, timeout=5, what="stream settled from its usage")
+        await wait_until_async(lambda: window("counted") == used, timeout=5, what="stream settled from its usage")
 
         # A stream without usage: its up-front estimate (prompt 'hello' ~2 + max_tokens 10) stays charged.
         stream = await c.chat.completions.create(model="sim-model", messages=MSG, max_tokens=10, stream=True)
         assert [ch async for ch in stream]
-        await wait_until(lambda: window("counted") == used + 12, timeout=5, what="estimate kept")
+        await wait_until_async(lambda: window("counted") == used + 12, timeout=5, what="estimate kept")
         counters = r.state.gate.limits.counters()["counted"]
         assert counters["tokens_reported"] == used  # only what the engine reported
 

@@ -23,9 +23,9 @@ import tomli_w
 from mvllm.common.logfiles import file_logging
 from mvllm.router.app import running_router
 from mvllm.router.config import load_config
-from tests.integration.router_support import wait_until as async_wait
-from tests.integration.test_agent_lifecycle import TOKEN, Agent
+from tests.integration.agent_support import TOKEN, Agent
 from tests.procs import Proc, wait_http_ok
+from tests.support import wait_until_async
 
 GIB = 1024**3
 SIM = "sim = { ttft_ms = 2, itl_ms = 1, weights_gib = 1 }"
@@ -143,7 +143,7 @@ async def test_engine_logs_rotation_follow_stats_and_cleanup(tmp_path: Path) -> 
         with file_logging(config.log):
             async with running_router(config, host="127.0.0.1", port=0, config_path=cfg_path, watch=False) as r, \
                     aiohttp.ClientSession() as s:  # fmt: skip
-                await async_wait(lambda: "m1" in r.state.registry.models(), what="the agent's catalog read")
+                await wait_until_async(lambda: "m1" in r.state.registry.models(), what="the agent's catalog read")
                 assert (await _post(s, r.url + "/admin/models/m1/load"))[0] == 200
 
                 status, doc = await _get(s, r.url + "/admin/models/m1/logs?tail=50")
@@ -153,21 +153,21 @@ async def test_engine_logs_rotation_follow_stats_and_cleanup(tmp_path: Path) -> 
 
                 follower = Proc(["logs", "m1", "-f", "--router", r.url, "--interval", "0.1", "--tail", "5"],
                                 tmp_path / "follow.out").start()  # fmt: skip
-                await async_wait(lambda: "mvllm sim serving" in follower.log(), 20, what="mvllm logs -f printed the tail")
+                await wait_until_async(lambda: "mvllm sim serving" in follower.log(), 20, what="mvllm logs -f printed the tail")
 
                 # The engine writes a lot (appended as its stdout is): the agent rotates it.
                 filler = "".join(f"filler line {i:04d} of the engine\n" for i in range(100))
                 append(logs / "m1.log", filler + "MARKER-AFTER-ROTATION\n")
-                await async_wait(lambda: (logs / "m1.log.1").exists(), 10, what="m1.log rotated")
+                await wait_until_async(lambda: (logs / "m1.log.1").exists(), 10, what="m1.log rotated")
                 assert (logs / "m1.log").stat().st_size < 1024
 
                 status, nxt = await _get(s, r.url + f"/admin/models/m1/logs?cursor={cursor}")
                 assert status == 200 and not nxt["skipped"]
                 assert nxt["text"].endswith(filler + "MARKER-AFTER-ROTATION\n")  # nothing lost across it
-                await async_wait(lambda: "MARKER-AFTER-ROTATION" in follower.log(), 20, what="the follower saw the new lines")
+                await wait_until_async(lambda: "MARKER-AFTER-ROTATION" in follower.log(), 20, what="the follower saw the new lines")
                 assert follower.log().count("filler line 0099") == 1
                 append(logs / "m1.log", "LATER LINE\n")
-                await async_wait(lambda: "LATER LINE" in follower.log(), 20, what="the follower keeps following")
+                await wait_until_async(lambda: "LATER LINE" in follower.log(), 20, what="the follower keeps following")
 
                 assert (await _get(s, r.url + "/admin/models/m1/logs?cursor=bogus"))[0] == 400
                 assert (await _get(s, r.url + "/admin/models/nope/logs"))[0] == 404

@@ -15,8 +15,7 @@ import openai
 import tomli_w
 
 from tests.procs import Proc, free_port, http_get, run_sim, wait_http_ok
-
-QUICK = ["--sim-ttft-ms", "2", "--sim-itl-ms", "1"]
+from tests.support import FAST_SIM_ARGS
 
 
 def _write_config(path: Path, sim_url: str, **router: object) -> Path:
@@ -32,7 +31,7 @@ def _listening(port: int) -> bool:
 
 
 def test_env_overrides_file_and_unversioned_paths(tmp_path: Path) -> None:
-    with run_sim(tmp_path, "sim-model", QUICK) as sim:
+    with run_sim(tmp_path, "sim-model", FAST_SIM_ARGS) as sim:
         file_port, env_port = free_port(), free_port()
         cfg = _write_config(tmp_path / "elsewhere.toml", sim.url, port=file_port, log_level="warning")
         log_file = tmp_path / "logs" / "router.log"
@@ -73,7 +72,7 @@ def test_env_overrides_file_and_unversioned_paths(tmp_path: Path) -> None:
 
 
 def test_flags_beat_environment(tmp_path: Path) -> None:
-    with run_sim(tmp_path, "sim-model", QUICK) as sim:
+    with run_sim(tmp_path, "sim-model", FAST_SIM_ARGS) as sim:
         env_port, flag_port = free_port(), free_port()
         cfg = _write_config(tmp_path / "servers.toml", sim.url)
         env = {"MVLLM_CONFIG": str(tmp_path / "missing.toml"), "MVLLM_PORT": str(env_port), "MVLLM_LOG_LEVEL": "bogus"}

@@ -18,7 +18,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,12 @@ import tomli_w
 import tomllib
 
 from mvllm.client import Client
-from tests.integration.test_agent_lifecycle import marked_processes, pid_alive
+from tests.integration.agent_support import marked_processes, pid_alive
 from tests.integration.test_cli_admin import mvllm
 from tests.integration.test_router_sglang import MODEL as SGLANG_MODEL
 from tests.integration.test_router_sglang import FakeSGLang
 from tests.procs import REPO, Proc, free_port, run_sim, wait_http_ok
+from tests.support import wait_until
 
 GUIDE = REPO / "docs" / "migrating.md"
 TOKEN = "seed-quickstart-agent-token"
@@ -60,17 +61,6 @@ def example_doc(name: str) -> dict[str, Any]:
 
 
 # -- processes --------------------------------------------------------------------------------------
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(interval)
 
 
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:

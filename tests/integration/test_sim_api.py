@@ -9,25 +9,12 @@ import aiohttp
 import openai
 import pytest
 
-from mvllm.sim.config import SimConfig
-from mvllm.sim.inprocess import start_sim
-
-FAST = {"ttft_ms": 2.0, "itl_ms": 1.0, "prefill_ms_per_token": 0.0, "wake_ms": 0.0}
 MSG = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
 @pytest.fixture
-async def start():
-    sims = []
-
-    async def _start(**kw):
-        sim = await start_sim(SimConfig(**{"model": "sim-model", **FAST, **kw}))
-        sims.append(sim)
-        return sim
-
-    yield _start
-    for sim in sims:
-        await sim.close()
+def start(sim_factory):
+    return sim_factory
 
 
 def client(sim, key="none"):

@@ -9,8 +9,10 @@ import pytest
 
 from mvllm.sim.config import SimConfig
 from mvllm.sim.inprocess import start_sim
+from tests.support import FAST_SIM
 
-FAST = {"ttft_ms": 2.0, "itl_ms": 5.0, "prefill_ms_per_token": 0.0, "wake_ms": 0.0}
+# Slower tokens than FAST_SIM: a stream lasts long enough for a fault to land in its middle.
+FAST = {**FAST_SIM, "itl_ms": 5.0}
 MSG = [{"role": "user", "content": "Hello there, how are you?"}]
 CHAT = {"model": "sim-model", "messages": MSG, "max_tokens": 20}
 

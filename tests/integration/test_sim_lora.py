@@ -1,33 +1,20 @@
 """Runtime LoRA adapters on the simulated engine (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, --enable-lora)."""
 
 import asyncio
+import functools
 
 import aiohttp
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mvllm.sim.config import SimConfig
-from mvllm.sim.inprocess import start_sim
-
-FAST = {"ttft_ms": 2.0, "itl_ms": 1.0, "prefill_ms_per_token": 0.0, "wake_ms": 0.0}
 MSG = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
 @pytest.fixture
-async def start():
-    sims = []
-
-    async def _start(**kw):
-        cfg = {"model": "base-model", "served_model_names": ["base"], "enable_lora": True,
-               "runtime_lora_updating": True, **FAST, **kw}
-        sim = await start_sim(SimConfig(**cfg))
-        sims.append(sim)
-        return sim
-
-    yield _start
-    for sim in sims:
-        await sim.close()
+def start(sim_factory):
+    return functools.partial(sim_factory, model="base-model", served_model_names=["base"], enable_lora=True,
+                             runtime_lora_updating=True)  # fmt: skip
 
 
 async def post(s, url, body):

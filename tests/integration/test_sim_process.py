@@ -11,8 +11,7 @@ import openai
 import pytest
 
 from tests.procs import Proc, free_port, http_get, run_sim, wait_http_ok
-
-FAST = ["--sim-ttft-ms", "2", "--sim-itl-ms", "1"]
+from tests.support import FAST_SIM_ARGS
 
 
 def post(url, body, timeout=10.0):
@@ -30,7 +29,7 @@ def refused(port) -> bool:
 
 def test_real_command_line_with_unknown_vllm_flags(tmp_path):
     extra = ["--served-model-name", "first", "second", "--dtype", "half", "--trust-remote-code", "-pp", "2",
-             "--enable-chunked-prefill", "--max-num-batched-tokens", "8192", *FAST]
+             "--enable-chunked-prefill", "--max-num-batched-tokens", "8192", *FAST_SIM_ARGS]
     with run_sim(tmp_path, "org/some-model", extra) as sim:
         c = openai.OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0, timeout=10)
         assert [m.id for m in c.models.list().data] == ["first", "second"]
@@ -49,7 +48,7 @@ def test_real_command_line_with_unknown_vllm_flags(tmp_path):
 
 def test_port_refuses_connections_until_startup_is_over(tmp_path):
     port = free_port()
-    proc = Proc(["sim", "serve", "m", "--port", str(port), "--sim-startup-s", "1.5", *FAST],
+    proc = Proc(["sim", "serve", "m", "--port", str(port), "--sim-startup-s", "1.5", *FAST_SIM_ARGS],
                 tmp_path / "startup.log").start()
     try:
         t0 = time.monotonic()
@@ -104,7 +103,7 @@ def test_sigterm_with_zero_shutdown_timeout_stops_at_once(tmp_path):
 
 
 def test_crash_fault_ends_the_process_with_code_1(tmp_path):
-    with run_sim(tmp_path, "m", ["--sim-fail-kind", "crash", "--sim-fail-rate", "1", *FAST]) as sim:
+    with run_sim(tmp_path, "m", ["--sim-fail-kind", "crash", "--sim-fail-rate", "1", *FAST_SIM_ARGS]) as sim:
         with pytest.raises(OSError):
             post(sim.url + "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 1})
         assert sim.proc.popen.wait(10) == 1
@@ -123,7 +122,7 @@ def test_kv_cache_that_cannot_hold_max_model_len_fails_like_vllm(tmp_path):
 
 def test_environment_switches_mount_dev_and_lora_routes(tmp_path):
     env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    with run_sim(tmp_path, "m", ["--enable-sleep-mode", "--enable-lora", *FAST], env=env) as sim:
+    with run_sim(tmp_path, "m", ["--enable-sleep-mode", "--enable-lora", *FAST_SIM_ARGS], env=env) as sim:
         assert post(sim.url + "/sleep?level=1&mode=wait", {}) == (200, b"")
         assert http_get(sim.url + "/is_sleeping") == (200, b'{"is_sleeping":true}')
         assert post(sim.url + "/wake_up", {}) == (200, b"")

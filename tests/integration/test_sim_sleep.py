@@ -1,6 +1,7 @@
 """Sleep mode of the simulated engine, as vLLM 0.25 with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode."""
 
 import asyncio
+import functools
 import json
 import time
 import urllib.error
@@ -11,28 +12,17 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mvllm.sim.config import GIB, SLEEP_RESIDUAL_BYTES, SimConfig
-from mvllm.sim.inprocess import start_sim
+from mvllm.sim.config import GIB, SLEEP_RESIDUAL_BYTES
 from tests.procs import http_get, run_sim
+from tests.support import FAST_SIM_ARGS
 
-FAST = {"ttft_ms": 2.0, "itl_ms": 1.0, "prefill_ms_per_token": 0.0, "wake_ms": 0.0}
 MSG = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
 @pytest.fixture
-async def start():
-    sims = []
-
-    async def _start(**kw):
-        cfg = {"model": "sim-model", "dev_mode": True, "enable_sleep_mode": True, "weights_gib": 10.0,
-               "gpu_memory_utilization": 0.5, **FAST, **kw}
-        sim = await start_sim(SimConfig(**cfg))
-        sims.append(sim)
-        return sim
-
-    yield _start
-    for sim in sims:
-        await sim.close()
+def start(sim_factory):
+    return functools.partial(sim_factory, dev_mode=True, enable_sleep_mode=True, weights_gib=10.0,
+                             gpu_memory_utilization=0.5)  # fmt: skip
 
 
 async def call(session, method, url):
@@ -117,7 +107,7 @@ def test_lora_level_2_reload_weights_kills_the_engine_as_vllm_0_25(tmp_path):
             return e.code, e.read()
 
     env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    args = ["--enable-sleep-mode", "--enable-lora", "--sim-ttft-ms", "2", "--sim-itl-ms", "1"]
+    args = ["--enable-sleep-mode", "--enable-lora", *FAST_SIM_ARGS]
     with run_sim(tmp_path, "m", args, env=env) as sim:
         c = openai.OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0, timeout=10)
         before = c.completions.create(model="m", prompt="hi", max_tokens=4).choices[0].text

@@ -23,9 +23,10 @@ import pytest
 from mvllm.router.app import RunningRouter
 from mvllm.tui.app import DashboardApp
 from mvllm.tui.widgets import ConfirmQuit, HelpScreen, SyncedTable
-from tests.integration.router_support import MODEL, client, node, router_for, sims, wait_until, write_config
-from tests.integration.test_agent_lifecycle import TOKEN, model, running_agent
+from tests.integration.agent_support import TOKEN, model, running_agent
+from tests.integration.router_support import MODEL, client, router_for, sims
 from tests.procs import REPO, Proc, free_port, wait_http_ok
+from tests.support import node, wait_until_async, write_servers
 
 SIZE = (160, 48)
 # Slower tokens than the other router tests: a request stays running long enough to be seen.
@@ -43,7 +44,7 @@ async def dashboard(router: RunningRouter | str, **run: object) -> AsyncIterator
     url = router if isinstance(router, str) else router.url
     app = DashboardApp(url, refresh_interval=0.2)
     async with app.run_test(size=SIZE, **run) as pilot:  # type: ignore[arg-type]
-        await wait_until(lambda: app.polls >= 2, 15, what="first polls of the router")
+        await wait_until_async(lambda: app.polls >= 2, 15, what="first polls of the router")
         yield app, pilot
 
 
@@ -88,15 +89,15 @@ async def test_table_lists_nodes_with_live_numbers_help_and_quit_confirmation(tm
         assert cell(app, "models", MODEL, "awake") == "n-a, n-b"
 
         await ask(router, 10)  # answered requests: the header's rate and latency come from /metrics
-        streams = asyncio.ensure_future(ask(router, 6, max_tokens=150))  # ~2 s each at 15 ms a token
+        streams = asyncio.ensure_future(ask(router, 6, max_tokens=300))  # ~4.5 s each at 15 ms a token: still in flight at "q" on a loaded machine
         try:
-            await wait_until(
+            await wait_until_async(
                 lambda: sum(float(cell(app, "nodes", n, "run") or 0) for n in ("n-a", "n-b")) >= 2
                 and sum(int(cell(app, "nodes", n, "in-flight") or 0) for n in ("n-a", "n-b")) >= 2,
                 10,
                 what="running requests on screen",
             )
-            await wait_until(lambda: app.window is not None and app.window.requests >= 10, 10, what="the answered requests' rate")
+            await wait_until_async(lambda: app.window is not None and app.window.requests >= 10, 10, what="the answered requests' rate")
             screen = app.screen_text()
             assert "nodes 2/2 up" in screen
             rate = re.search(r"([0-9.]+) req/s", screen)
@@ -125,13 +126,13 @@ async def test_d_drains_the_selected_node_and_routing_avoids_it(tmp_path: Path, 
         await pilot.press("down")  # the second row
         assert nodes_table(app).selected_key == "n-b"
         await pilot.press("d")
-        await wait_until(lambda: router.state.registry.get("n-b").admin_drain, 5, what="n-b drained")
-        await wait_until(lambda: "draining" in cell(app, "nodes", "n-b", "state"), 5, what="drain on screen")
+        await wait_until_async(lambda: router.state.registry.get("n-b").admin_drain, 5, what="n-b drained")
+        await wait_until_async(lambda: "draining" in cell(app, "nodes", "n-b", "state"), 5, what="drain on screen")
         assert cell(app, "nodes", "n-b", "state") == "up, draining (admin)"
         assert set(await ask(router, 12)) == {"n-a"}  # routing avoids the drained node
 
         await pilot.press("d")  # again: undrain
-        await wait_until(lambda: cell(app, "nodes", "n-b", "state") == "up", 5, what="undrained on screen")
+        await wait_until_async(lambda: cell(app, "nodes", "n-b", "state") == "up", 5, what="undrained on screen")
         assert not router.state.registry.get("n-b").admin_drain
 
 
@@ -139,13 +140,13 @@ async def test_a_killed_node_turns_down_on_screen(tmp_path: Path, two_sims) -> N
     with sims(tmp_path, SLOW) as (victim,):
         nodes = [node(two_sims[0].url, "n-a"), node(victim.url, "n-k")]
         async with router_for(tmp_path, nodes) as router, dashboard(router) as (app, _pilot):
-            await wait_until(lambda: cell(app, "nodes", "n-k", "state") == "up", 5, what="n-k up")
+            await wait_until_async(lambda: cell(app, "nodes", "n-k", "state") == "up", 5, what="n-k up")
             victim.proc.kill()
-            await wait_until(lambda: cell(app, "nodes", "n-k", "state").startswith("down"), 10, what="n-k down on screen")
+            await wait_until_async(lambda: cell(app, "nodes", "n-k", "state").startswith("down"), 10, what="n-k down on screen")
             assert cell(app, "nodes", "n-a", "state") == "up"
             # Its last numbers are kept, marked stale, not shown as fresh zeros.
             assert cell(app, "nodes", "n-k", "run").endswith("?")
-            await wait_until(lambda: "node n-k is down" in app.screen_text(), 5, what="the error in the panes")
+            await wait_until_async(lambda: "node n-k is down" in app.screen_text(), 5, what="the error in the panes")
             assert "nodes 1/2 up" in app.screen_text()
 
 
@@ -153,7 +154,7 @@ async def test_layout_snapshot(tmp_path: Path, two_sims) -> None:
     nodes = [node(s.url, f"n-{x}") for s, x in zip(two_sims, "ab", strict=True)]
     async with router_for(tmp_path, nodes) as router, dashboard(router) as (app, _pilot):
         await ask(router, 4)
-        await wait_until(lambda: app.window is not None and app.window.requests >= 4, 10, what="rates")
+        await wait_until_async(lambda: app.window is not None and app.window.requests >= 4, 10, what="rates")
         path = Path(app.save_screenshot("dashboard.svg", str(tmp_path)))
         svg = await asyncio.to_thread(path.read_text)
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
@@ -174,12 +175,12 @@ async def test_r_reloads_the_config_and_shows_a_rejected_one(tmp_path: Path, two
     a = node(two_sims[0].url, "n-a")
     async with router_for(tmp_path, [a]) as router, dashboard(router) as (app, pilot):
         path = tmp_path / "servers.toml"  # router_for wrote it; not watched: only `r` reloads it
-        write_config(path, [a, node(two_sims[1].url, "n-b")])
+        write_servers(path, [a, node(two_sims[1].url, "n-b")])
         await pilot.press("r")
-        await wait_until(lambda: cell(app, "nodes", "n-b", "state") == "up", 10, what="n-b joined on screen")
+        await wait_until_async(lambda: cell(app, "nodes", "n-b", "state") == "up", 10, what="n-b joined on screen")
         path.write_text("[servers]\nservers = [{ url = 'http://127.0.0.1:1', max_concurrent_requests = 'eight' }]\n")
         await pilot.press("r")
-        await wait_until(lambda: "reload failed" in app.screen_text(), 5, what="the rejection in the log pane")
+        await wait_until_async(lambda: "reload failed" in app.screen_text(), 5, what="the rejection in the log pane")
         assert "max_concurrent_requests" in app.screen_text()
         assert [n.name for n in router.state.registry.nodes()] == ["n-a", "n-b"]  # the old config stays
 
@@ -189,14 +190,14 @@ async def test_agent_gpus_and_model_keys(tmp_path: Path, two_sims) -> None:
     with running_agent(tmp_path, catalog, sim_gpus=(24,)) as agent:
         nodes = [node(two_sims[0].url, "n-a", max_concurrent_requests=8)]
         port = free_port()
-        cfg = write_config(tmp_path / "servers.toml", nodes)
+        cfg = write_servers(tmp_path / "servers.toml", nodes)
         cfg.write_text(cfg.read_text() + f'\n[[agents]]\nname = "gpu-a"\nurl = "{agent.url}"\ntoken = "{TOKEN}"\n')
         router = Proc(["run", "--config", str(cfg), "--port", str(port), "--console"], tmp_path / "router.log").start()
         try:
             url = f"http://127.0.0.1:{port}"
             wait_http_ok(url + "/health", 30, router.popen)
             async with dashboard(url) as (app, pilot):
-                await wait_until(lambda: cell(app, "gpus", "gpu-a/0", "memory"), 10, what="the agent's GPU")
+                await wait_until_async(lambda: cell(app, "gpus", "gpu-a/0", "memory"), 10, what="the agent's GPU")
                 assert "0.0G/24.0G" in cell(app, "gpus", "gpu-a/0", "memory")
                 assert cell(app, "nodes", "gpu-a", "kind") == "agent"
                 assert cell(app, "models", "m1", "loadable") == "gpu-a"
@@ -207,12 +208,12 @@ async def test_agent_gpus_and_model_keys(tmp_path: Path, two_sims) -> None:
                 assert app.query_one("#models", SyncedTable).selected_key == "m1"
 
                 async def shows(column: str, text: str, what: str) -> None:
-                    await wait_until(lambda: cell(app, "models", "m1", column) == text, 20, what=what)
+                    await wait_until_async(lambda: cell(app, "models", "m1", column) == text, 20, what=what)
 
                 await pilot.press("l")
                 await shows("awake", "gpu-a", "m1 loaded")
                 # The engine holds its budget (memory_gib = 10), as vLLM takes its share up front.
-                await wait_until(lambda: "10.0G/24.0G" in cell(app, "gpus", "gpu-a/0", "memory"), 10, what="memory used")
+                await wait_until_async(lambda: "10.0G/24.0G" in cell(app, "gpus", "gpu-a/0", "memory"), 10, what="memory used")
                 if os.environ.get("MVLLM_DOCS_SCREENSHOT"):
                     await docs_screenshot(app, url)
                 await pilot.press("s")
@@ -247,17 +248,17 @@ async def test_without_the_admin_key_the_view_is_read_only_and_with_it_actions_w
     from mvllm.router.config import load_config
 
     admin_key = "sk-dash-admin-0123456789"
-    path = write_config(tmp_path / "servers.toml", [node(f"http://127.0.0.1:{free_port()}", "n-x")])
+    path = write_servers(tmp_path / "servers.toml", [node(f"http://127.0.0.1:{free_port()}", "n-x")])
     path.write_text(path.read_text() + f'\n[[auth.keys]]\nname = "ops"\nrole = "admin"\nkey = "{admin_key}"\n')
     async with running_router(load_config(path), host="127.0.0.1", port=0, config_path=path, watch=False) as router:
         async with dashboard(router) as (app, pilot):
             assert nodes_table(app).row_count == 1  # /load-stats is open: the nodes still show
-            await wait_until(lambda: "read-only view" in app.screen_text(), 5, what="the read-only notice")
+            await wait_until_async(lambda: "read-only view" in app.screen_text(), 5, what="the read-only notice")
             await pilot.press("d")
-            await wait_until(lambda: "drain n-x failed" in app.screen_text(), 5, what="the refused drain")
+            await wait_until_async(lambda: "drain n-x failed" in app.screen_text(), 5, what="the refused drain")
             assert not router.state.registry.get("n-x").admin_drain
         app = DashboardApp(router.url, key=admin_key, refresh_interval=0.2)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(lambda: app.polls >= 1 and nodes_table(app).row_count == 1, 10, what="first poll")
+            await wait_until_async(lambda: app.polls >= 1 and nodes_table(app).row_count == 1, 10, what="first poll")
             await pilot.press("d")
-            await wait_until(lambda: router.state.registry.get("n-x").admin_drain, 5, what="drained with the key")
+            await wait_until_async(lambda: router.state.registry.get("n-x").admin_drain, 5, what="drained with the key")

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,6 +23,7 @@ from urllib.parse import urlparse
 import openai
 
 from tests.procs import REPO, free_port, http_get, wait_http_ok
+from tests.support import wait_until
 
 ROWS, COLS = 48, 160
 _ANSI = re.compile(rb"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>78]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)")
@@ -104,16 +104,6 @@ class Terminal:
         self._reader.join(timeout=5)
 
 
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
 def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -121,7 +111,7 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
     ports: list[int] = []
     try:
         wait_http_ok(base + "/health", 60, term.proc)
-        stats = wait_for(
+        stats = wait_until(
             lambda: (s := json.loads(http_get(base + "/load-stats")[1])) and len(s["nodes"]) == 3
             and all(n["healthy"] and n["models"] for n in s["nodes"]) and s,
             30,
@@ -130,7 +120,7 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
         ports = [urlparse(n["url"]).port for n in stats["nodes"]]
         model = stats["nodes"][0]["models"][0]
         # The dashboard draws the demo's nodes.
-        wait_for(lambda: all(n in term.text() for n in ("sim-fast", "sim-medium", "sim-slow")), 20, "node names on screen")
+        wait_until(lambda: all(n in term.text() for n in ("sim-fast", "sim-medium", "sim-slow")), 20, "node names on screen")
 
         before = term.mark()
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
@@ -143,7 +133,7 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
             answers = list(pool.map(one, range(60)))
         assert all(answers)
         # The header's request rate moved off zero while the load ran (numbers from /metrics).
-        rates = wait_for(
+        rates = wait_until(
             lambda: [float(x) for x in re.findall(r"(\d+\.\d) req/s", term.text(before)) if float(x) > 0],
             10,
             "a request rate above zero on screen",
@@ -155,7 +145,7 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
         # The same screen on the same router from another process: `mvllm top --router URL`.
         top = Terminal(["top", "--router", base])
         try:
-            wait_for(lambda: "sim-medium" in top.text() and "3/3 up" in top.text(), 20, "mvllm top's screen")
+            wait_until(lambda: "sim-medium" in top.text() and "3/3 up" in top.text(), 20, "mvllm top's screen")
             top.send(b"q")
             assert top.proc.wait(timeout=15) == 0
         finally:
@@ -163,7 +153,7 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
 
         term.send(b"q")  # nothing in flight: quits without asking
         assert term.proc.wait(timeout=30) == 0
-        wait_for(lambda: not sim_pids(ports), 10, "every demo engine stopped")
+        wait_until(lambda: not sim_pids(ports), 10, "every demo engine stopped")
     finally:
         term.close()
         for pid in sim_pids(ports):  # only if the test failed: nothing may outlive it

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mvllm.ctl.fleet import build_fleet, fmt_num
+from mvllm.client.fleet import build_fleet, fmt_num
 from mvllm.ctl.progress import find_instance
 from mvllm.ctl.render import ps_text, status_text, table
 from mvllm.tui.cells import gpu_cells, model_cells, node_cells, totals_text
