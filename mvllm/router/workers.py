@@ -23,9 +23,10 @@ import aiohttp
 
 log = logging.getLogger("mvllm.router.workers")
 
-# A worker that exits this soon after its first start failed to start (port taken, bad config):
-# the parent stops rather than restart it in a loop.
-START_GRACE_S = 5.0
+# A worker that exits with an error status (1: cannot listen, 2: bad config) this soon after its
+# first start failed to start: the parent stops rather than restart it in a loop. A worker killed
+# by a signal, or failing later, is restarted.
+START_GRACE_S = 30.0
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 15.0  # beyond the worker's own drain of in-flight requests
 _PR_SET_PDEATHSIG = 1
@@ -118,9 +119,9 @@ class WorkerSet:
             code = await w.proc.wait()
             if stop.is_set():
                 return
-            if w.starts == 1 and time.monotonic() - w.started < START_GRACE_S:
+            if w.starts == 1 and code > 0 and time.monotonic() - w.started < START_GRACE_S:
                 log.error("worker %d exited with %s at start: stopping the router", w.index, code)
-                failed.append(code if code else 1)
+                failed.append(code)
                 stop.set()
                 return
             log.warning("worker %d (pid %s) exited with %s: restarting it", w.index, w.pid, code)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -127,3 +128,18 @@ def _answers(port: int) -> bool:
     except OSError:
         return False
     return status == 200 and json.loads(raw)["status"] == "ok"
+
+
+def test_workers_that_cannot_listen_stop_the_router_with_status_1(tmp_path: Path, redis_server: RedisServer) -> None:
+    port = free_port()
+    path = cluster_config(tmp_path, [node("http://127.0.0.1:9", "a")], redis_server.url)
+    with socket.socket() as taken:  # the port held by a process without SO_REUSEPORT
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        proc = Proc(["run", "--config", str(path), "--console", "--workers", "2", "--port", str(port)], tmp_path / "r.log").start()
+        try:
+            assert proc.popen is not None
+            assert proc.popen.wait(timeout=60) == 1, proc.log()[-3000:]
+            assert "cannot listen" in proc.log() and "stopping the router" in proc.log()
+        finally:
+            proc.stop()
