@@ -270,3 +270,30 @@ async def test_a_quota_and_tokens_per_minute_hold_across_routers_and_events_are_
                 return any("node a drained by admin" in e["message"] and e["router"] != doc["router"] for e in doc["events"])
 
             await wait_until_async(seen_on_r2, timeout=5, interval=0.2, what="r1's event in the shared log")
+
+
+async def test_routers_started_while_redis_is_down_serve_and_share_once_it_is_up(tmp_path: Path, redis_server: RedisServer) -> None:
+    keys = [key_entry("admin", ADMIN_KEY, role="admin"), key_entry("slow", USER_KEY, limits={"requests_per_second": 5})]
+    redis_server.kill()
+    async with in_process_sims(quick_sim()) as (sim,):
+        path = cluster_config(tmp_path, [node(sim.url, "a")], redis_server.url, keys=keys)
+        async with routers(tmp_path, path) as (r1, r2), aiohttp.ClientSession() as s:
+            assert (await post(s, r1.url + CHAT, USER_KEY, body()))[0] == 200  # per-router limits meanwhile
+            assert (await load_stats(s, r2.url))["cluster"]["healthy"] is False
+            redis_server.start()
+
+            async def exact() -> bool:
+                await asyncio.sleep(1.1)
+                res = await asyncio.gather(*(post(s, (r1, r2)[i % 2].url + CHAT, USER_KEY, body()) for i in range(20)))
+                return 5 <= sum(1 for st, _ in res if st == 200) <= 6
+
+            await wait_until_async(exact, timeout=10, interval=0.1, what="shared once Redis is up")
+            doc = await load_stats(s, r1.url)
+            await wait_until_async(
+                lambda: _routers_seen(s, r1.url, 2), timeout=5, what="both routers in the cluster view"
+            )
+            assert doc["router"]["cluster"]["redis"] == "ok"
+
+
+async def _routers_seen(s: aiohttp.ClientSession, url: str, n: int) -> bool:
+    return len((await load_stats(s, url))["cluster"]["routers"]) == n
