@@ -16,7 +16,7 @@ from yarl import URL
 
 from mvllm.common.envvars import ROUTER_ENV, read_env
 from mvllm.common.logfiles import LogConfig, parse_log_keys
-from mvllm.common.tomlconf import Section, load_toml
+from mvllm.common.tomlconf import ConfigError, Section, load_toml
 from mvllm.router.access.config import AuthConfig, load_auth, read_node_api_key
 
 CONFIG_NAME = "servers.toml"
@@ -30,6 +30,9 @@ NODE_ENGINES = ("vllm", "sglang")
 # they are, but that have no effect: watchfiles replaces the reload poll, and the breaker replaces
 # the success-rate window.
 LEGACY_NO_EFFECT = ("config_reload_interval", "health_check_min_success_rate", "health_check_window_size")
+# [cluster] on_redis_down: per-router limits meanwhile, or 503 for the requests a limit applies to.
+ON_REDIS_DOWN = ("local", "reject")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 # How long a request that makes an agent load (or wake) its model may wait for the first byte.
 DEFAULT_LOAD_TIMEOUT = 600.0
 
@@ -100,6 +103,21 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """`[cluster]`: the Redis that routers share limits, keys, drains, load locks and events through
+    (router/cluster.py). No `redis_url`: everything stays in this process's memory."""
+
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    on_redis_down: str = "local"
+    key_prefix: str = "mvllm:"
+    lease_ttl: float = 5.0  # a dead router's concurrency slots are free after this many seconds
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis_url is not None
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     nodes: tuple[NodeConfig, ...] = ()
     host: str = DEFAULT_HOST
@@ -119,6 +137,8 @@ class RouterConfig:
     resume_streams: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)  # [router] log_* keys (mvllm.common.logfiles)
+    workers: int = 1  # [router] workers: router processes on one port (needs [cluster] redis_url)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None
 
 
@@ -153,7 +173,43 @@ def apply_env(config: RouterConfig, environ: Mapping[str, str]) -> RouterConfig:
         backups=env.get("log_backups", log.backups),
         retention_days=env.get("log_retention_days", log.retention_days),
     )
-    return replace(config, host=env.get("host", config.host), port=env.get("port", config.port), log=log)
+    cluster = config.cluster
+    if "redis_url" in env:
+        problem = _redis_url_problem(env["redis_url"])
+        if problem:
+            raise ConfigError(None, None, f"environment variable MVLLM_REDIS_URL: {problem}")
+        cluster = replace(cluster, redis_url=env["redis_url"])
+    return replace(
+        config, host=env.get("host", config.host), port=env.get("port", config.port), log=log, cluster=cluster
+    )
+
+
+def _redis_url_problem(url: str) -> str | None:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in REDIS_SCHEMES:
+        return f"expected a redis:// (or rediss://, unix://) URL, got {_redacted(url)!r}"
+    return None
+
+
+def _redacted(url: str) -> str:
+    head, sep, tail = url.partition("@")
+    return ("***@" + tail) if sep else head
+
+
+def _parse_cluster(root: Section) -> ClusterConfig:
+    sec = root.section("cluster")
+    url = sec.str("redis_url", None) or None
+    problem = _redis_url_problem(url) if url is not None else None
+    if problem:
+        raise sec.error("redis_url", problem)
+    cluster = ClusterConfig(
+        redis_url=url,
+        on_redis_down=sec.choice("on_redis_down", ClusterConfig.on_redis_down, ON_REDIS_DOWN),
+        key_prefix=sec.str("key_prefix", ClusterConfig.key_prefix) or ClusterConfig.key_prefix,
+        lease_ttl=sec.float("lease_ttl", ClusterConfig.lease_ttl, min=1.0, max=60.0) or ClusterConfig.lease_ttl,
+    )
+    sec.check_unknown()
+    return cluster
 
 
 def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterConfig:
@@ -165,7 +221,9 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
     max_body = router.int("max_body_bytes", RouterConfig.max_body_bytes, min=1024)
     client_timeout = router.float("client_timeout", RouterConfig.client_timeout, min=0.1)
     log = parse_log_keys(router, path.parent if path is not None else None)
+    workers = router.int("workers", 1, min=1, max=256)
     router.check_unknown()
+    cluster = _parse_cluster(root)
     auth = load_auth(root.raw("auth"), path if path is not None else Path(CONFIG_NAME))
 
     cfg = root.section("config")
@@ -245,6 +303,8 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         resume_streams=resume_streams,
         auth=auth,
         log=log,
+        workers=workers or 1,
+        cluster=cluster,
         source=path,
     )
 

@@ -80,6 +80,8 @@ class RouterState:
         old = self.config
         if (config.host, config.port) != (old.host, old.port):
             log.warning("router host/port changed in config; this takes effect at the next restart")
+        if (config.cluster, config.workers) != (old.cluster, old.workers):
+            log.warning("[cluster] or [router] workers changed in config; this takes effect at the next restart")
         if config.policy != old.policy:
             self.policy = make_policy(config.policy, self.rng)
             log.info("policy is now %s", config.policy.type)

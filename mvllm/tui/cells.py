@@ -124,6 +124,11 @@ def totals_text(url: str, fleet: FleetView | None, win: Window | None, problem: 
     if fleet is not None:
         r = fleet.router
         t.append(f"  v{r.get('version', '?')}  up {fmt_uptime(r.get('uptime_s'))}  policy {r.get('policy', '?')}")
+        c = r.get("cluster")
+        if isinstance(c, dict):  # several routers on one Redis: the whole of them
+            t.append(f"  │  {c.get('routers', '?')} routers, {c.get('in_flight', 0)} in flight")
+            if c.get("redis") != "ok":
+                t.append("  Redis down: per-router limits", style="bold yellow")
     if problem:
         t.append(f"  {problem}", style="bold red")
     t.append("\n")

@@ -137,6 +137,16 @@ def test_totals_line_and_unreachable_router() -> None:
     assert "router unreachable" in totals_text("http://r:1", f, None, "router unreachable").plain
 
 
+def test_the_header_shows_the_whole_cluster_and_a_redis_outage() -> None:
+    d = doc(static("a"))
+    assert "routers" not in totals_text("http://r:1", build_fleet(d), None, None).plain
+    d["router"]["cluster"] = {"routers": 3, "in_flight": 17, "redis": "ok", "shared_limits": True}
+    text = totals_text("http://r:1", build_fleet(d), None, None).plain
+    assert "3 routers, 17 in flight" in text and "Redis down" not in text
+    d["router"]["cluster"] = {"routers": 1, "in_flight": 2, "redis": "down", "shared_limits": False}
+    assert "Redis down: per-router limits" in totals_text("http://r:1", build_fleet(d), None, None).plain
+
+
 def test_find_instance_prefers_the_one_changing() -> None:
     d = doc(agent("gpu-a"), agent("gpu-b"))
     d["nodes"][1]["agent"]["instances"][3]["state"] = "starting"  # llama loading on gpu-b
