@@ -168,6 +168,11 @@ class PrefixIndex:
             self._drop(h)
         return touched
 
+    def configure(self, params: CacheAwareParams, now: float) -> None:
+        """New parameters (a reload): a lower max_tree_bytes or entry_ttl applies at once."""
+        self.params = params
+        self._sweep(now)
+
     def clear(self) -> None:
         self._keys.clear()
         self._bytes = 0

@@ -145,6 +145,7 @@ async def drain_node(request: web.Request) -> web.Response:
     if not node.admin_drain:
         node.admin_drain = True
         log.info("node %s drained by admin (%d request(s) in flight finish there)", node.name, node.in_flight)
+        state.forget_cache(node.name, "drained")
     return _json(_node_entry(request, node.name))
 
 
