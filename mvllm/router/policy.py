@@ -47,7 +47,7 @@ from typing import Protocol, TypeVar
 
 from mvllm.common.state import FAILED, PLACEMENT_EVICT, PLACEMENT_NO_ROOM, READY, SLEEPING, STARTING
 from mvllm.router.config import PolicyConfig
-from mvllm.router.prefix_index import CacheAwareParams
+from mvllm.router.prefix_index import RSS_PER_BYTE, CacheAwareParams
 
 
 class NodeLoad(Protocol):
@@ -225,12 +225,14 @@ def choose_tiered(policy: Policy, candidates: Sequence[T], key: str) -> T | None
 
 
 def cache_params(cfg: PolicyConfig) -> CacheAwareParams:
+    """The index's parameters from [policy]: max_tree_bytes there bounds the router's RSS growth,
+    so the index's own (object-byte) bound is that over RSS_PER_BYTE."""
     return CacheAwareParams(
         cache_threshold=cfg.cache_threshold,
         balance_abs_threshold=cfg.balance_abs_threshold,
         balance_rel_threshold=cfg.balance_rel_threshold,
         kv_full=cfg.kv_full_threshold,
-        max_tree_bytes=cfg.max_tree_bytes,
+        max_tree_bytes=int(cfg.max_tree_bytes / RSS_PER_BYTE),
         max_prefix_chars=cfg.max_prefix_chars,
         entry_ttl=cfg.entry_ttl,
     )

@@ -32,8 +32,7 @@ override; differences are marked *)
    node (it will hold that prefix once it has prefilled it), as SGLang inserts into the chosen
    worker's tree.
 6. Memory: every key's bytes are counted (its entry in the table, the key object, the node object,
-   its targets' dict and times; target names are the caller's shared strings), with the
-   allocator's overhead on top, so that the bound holds for the process's RSS. When an insert
+   its targets' dict and times; target names are the caller's shared strings). When an insert
    takes the total above max_tree_bytes, least-recently-used keys are evicted until it fits.
    A key is touched after all its descendants on every access, so the LRU end always holds a leaf:
    eviction removes old branches from their tips and never orphans a key. Target entries older
@@ -92,16 +91,16 @@ class _Key:
 # Bytes, measured on this interpreter: a key's node object, its targets dict, its hash key, its
 # slot in the OrderedDict (hash table entry + index + the ordered list's link, with the table's
 # growth headroom), and per target a dict slot and a float.
-# Those objects sum to what tracemalloc sees; the process's RSS grows more (pymalloc pools and
-# arenas, the OrderedDict's link nodes, malloc headers): about 730 bytes a key against 470 traced.
-# Measured growth with 100k-200k distinct prompts: 0.99-1.01 x max_tree_bytes at 8, 16, 32 and 64
-# MiB with this factor (1.31 x without it), so the bound holds for the router's RSS.
-_ALLOCATOR_OVERHEAD = 1.6
 _TABLE_ENTRY_BYTES = 120
-_KEY_BYTES = round(
-    (sys.getsizeof(_Key(0)) + sys.getsizeof({"x": 0.0}) + sys.getsizeof(2**62) + _TABLE_ENTRY_BYTES) * _ALLOCATOR_OVERHEAD
+# Those objects are what tracemalloc counts; the process's RSS grows more for each of them (pymalloc
+# pools and arenas, the OrderedDict's link nodes, malloc headers). Measured with 100k-200k
+# distinct prompts, RSS growth <= 1.6 x size_bytes at bounds of 1 to 64 MiB, so a memory budget
+# for the process is max_tree_bytes = budget / RSS_PER_BYTE (policy.cache_params does that).
+RSS_PER_BYTE = 1.6
+_KEY_BYTES = (
+    sys.getsizeof(_Key(0)) + sys.getsizeof({"x": 0.0}) + sys.getsizeof(2**62) + _TABLE_ENTRY_BYTES
 )
-_TARGET_BYTES = round((sys.getsizeof(0.5) + 48) * _ALLOCATOR_OVERHEAD)
+_TARGET_BYTES = sys.getsizeof(0.5) + 48
 
 
 class PrefixIndex:

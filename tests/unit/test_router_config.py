@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from mvllm.common.tomlconf import ConfigError
 from mvllm.router.config import find_config, load_config
 from mvllm.router.policy import cache_params
-from mvllm.router.prefix_index import CacheAwareParams
+from mvllm.router.prefix_index import RSS_PER_BYTE, CacheAwareParams
 
 # The README of the original mvllm, as users have it.
 SEED_README = """
@@ -194,9 +195,11 @@ entry_ttl = 120
     assert (pol.cache_threshold, pol.balance_abs_threshold, pol.balance_rel_threshold) == (0.7, 0.5, 2.0)
     assert (pol.kv_full_threshold, pol.max_tree_bytes, pol.max_prefix_chars, pol.entry_ttl) == (0.95, 8388608, 8192, 120.0)
     params = cache_params(pol)
-    assert (params.kv_full, params.max_tree_bytes, params.cache_threshold) == (0.95, 8388608, 0.7)
-    # The defaults are the policy module's own.
-    assert cache_params(load_config(write(tmp_path, '[policy]\ntype = "cache-aware"')).policy) == CacheAwareParams()
+    # max_tree_bytes bounds the router's RSS growth: the index's own byte count gets that / RSS_PER_BYTE.
+    assert (params.kv_full, params.max_tree_bytes, params.cache_threshold) == (0.95, int(8388608 / RSS_PER_BYTE), 0.7)
+    # The other defaults are the policy module's own.
+    default = cache_params(load_config(write(tmp_path, '[policy]\ntype = "cache-aware"')).policy)
+    assert default == replace(CacheAwareParams(), max_tree_bytes=int(CacheAwareParams().max_tree_bytes / RSS_PER_BYTE))
 
 
 def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
