@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -76,8 +77,9 @@ async def gauge(s: aiohttp.ClientSession, url: str, name: str) -> float:
 
 
 async def test_conversations_stick_to_their_node_and_every_answer_explains_itself(tmp_path: Path, sim_factory) -> None:
-    sims = [await sim_factory(max_num_seqs=8) for _ in range(3)]
-    nodes = [node(s.url, f"n{i}", max_concurrent_requests=8) for i, s in enumerate(sims)]
+    # Room for all six at once on any node (score 6/32 < balance_abs_threshold): affinity always holds.
+    sims = [await sim_factory(max_num_seqs=32) for _ in range(3)]
+    nodes = [node(s.url, f"n{i}", max_concurrent_requests=32) for i, s in enumerate(sims)]
     async with router_for(tmp_path, nodes, policy={"type": "cache-aware"}) as r, aiohttp.ClientSession() as s:
         homes: dict[int, set[str]] = {c: set() for c in range(6)}
         reasons: Counter[str] = Counter()
@@ -183,3 +185,18 @@ def prompt_of(c: int) -> str:
     text = prompt_text({"messages": turn_messages(c, 0)}, "/v1/chat/completions")
     assert text is not None
     return text
+
+
+async def test_a_retry_chooses_again_and_the_answer_explains_the_attempt_that_answered(tmp_path: Path, sim_factory) -> None:
+    bad, good = await sim_factory(fail_rate=1.0, fail_kind="500"), await sim_factory()
+    nodes = [node(bad.url, "bad"), node(good.url, "good")]
+    async with router_for(tmp_path, nodes, policy={"type": "cache-aware"}, failure_threshold=100) as r, \
+            aiohttp.ClientSession() as s:
+        # Give the failing node the prefix, so affinity sends the first attempt there.
+        r.state.prefix_index.insert(MODEL, "bad", prompt_of(0), time.monotonic())
+        name, route = await chat(s, r.url, turn_messages(0, 0))
+        assert name == "good" and reason(route) in ("prefix_miss", "idle", "only_candidate"), route
+        assert "runner_up=-" in route  # the retry's only candidate left: the failed node is excluded
+        counted = await decisions(s, r.url)
+        assert counted[("cache-aware", "prefix_hit")] == 1  # the first attempt, on "bad"
+        assert sum(counted.values()) == 2
