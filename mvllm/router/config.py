@@ -22,7 +22,8 @@ from mvllm.router.access.config import AuthConfig, load_auth, read_node_api_key
 CONFIG_NAME = "servers.toml"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
-POLICY_TYPES = ("least-score", "round-robin")
+MIN_TREE_BYTES = 1024 * 1024
+POLICY_TYPES = ("least-score", "round-robin", "cache-aware")
 # What a static server runs: decides the metric names its load is read from (mvllm.router.fleet.engines).
 NODE_ENGINES = ("vllm", "sglang")
 
@@ -100,6 +101,14 @@ class PolicyConfig:
     type: str = "least-score"
     idle_threshold: float = 0.5
     waiting_weight: float = 0.5
+    # cache-aware only (mvllm.router.prefix_index documents each; the defaults are its own).
+    cache_threshold: float = 0.5
+    balance_abs_threshold: float = 0.25
+    balance_rel_threshold: float = 1.5
+    kv_full_threshold: float = 0.9
+    max_tree_bytes: int = 32 * 1024 * 1024
+    max_prefix_chars: int = 16384
+    entry_ttl: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +285,14 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         type=pol.choice("type", PolicyConfig.type, POLICY_TYPES),
         idle_threshold=pol.float("idle_threshold", PolicyConfig.idle_threshold, min=0.0),
         waiting_weight=pol.float("waiting_weight", PolicyConfig.waiting_weight, min=0.0),
+        cache_threshold=pol.float("cache_threshold", PolicyConfig.cache_threshold, min=0.0, max=1.0),
+        balance_abs_threshold=pol.float("balance_abs_threshold", PolicyConfig.balance_abs_threshold, min=0.0),
+        balance_rel_threshold=pol.float("balance_rel_threshold", PolicyConfig.balance_rel_threshold, min=1.0),
+        kv_full_threshold=pol.float("kv_full_threshold", PolicyConfig.kv_full_threshold, min=0.01, max=1.0),
+        # At least one prompt's chain (max_prefix_chars / 64 keys of a few hundred bytes) must fit.
+        max_tree_bytes=pol.int("max_tree_bytes", PolicyConfig.max_tree_bytes, min=MIN_TREE_BYTES),
+        max_prefix_chars=pol.int("max_prefix_chars", PolicyConfig.max_prefix_chars, min=64, max=1_048_576),
+        entry_ttl=pol.float("entry_ttl", PolicyConfig.entry_ttl, min=1.0),
     )
     pol.check_unknown()
 

@@ -31,7 +31,8 @@ from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
 from mvllm.router.fleet.targets import Health, Target
-from mvllm.router.policy import choose_tiered
+from mvllm.router.policy import CacheAware
+from mvllm.router.prefix_index import prompt_text
 from mvllm.router.request import ResponseComplete, ResponseHook
 from mvllm.router.resume import EndedEarly, Transcript, plan_resume
 from mvllm.router.resume_relay import RESUME_KEY, NodeBook, ResumeContext, StreamResumer
@@ -43,6 +44,7 @@ from mvllm.router.retry import (
     backoff_delay,
     classify_exception,
 )
+from mvllm.router.routing import ROUTE_HEADER, ROUTE_KEY, choose_route
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.proxy")
@@ -59,7 +61,7 @@ _CLIENT_CREDENTIALS = frozenset({"authorization", "x-api-key"})
 _DROP_REQUEST_AND_CREDENTIALS = _DROP_REQUEST | _CLIENT_CREDENTIALS
 # The body is relayed byte for byte (no decompression), so content-encoding stays valid; the
 # length is recomputed by aiohttp; date/server are the router's own.
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server", NODE_HEADER, REQUEST_ID_HEADER}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server", NODE_HEADER, REQUEST_ID_HEADER, ROUTE_HEADER}
 
 # Paths served by engines that clients may use through the router: the OpenAI API and the
 # un-versioned aliases vLLM accepts. Engine control (/sleep, /wake_up, /collective_rpc, /metrics)
@@ -122,9 +124,11 @@ def upstream_target(request: web.Request) -> str:
     return str(request.rel_url)
 
 
-def response_headers(src: Mapping[str, str], node: str, request_id: str) -> CIMultiDict[str]:
+def response_headers(src: Mapping[str, str], node: str, request_id: str, route: str = "") -> CIMultiDict[str]:
     out = copy_headers(src, _DROP_RESPONSE)
     out[NODE_HEADER] = node
+    if route:
+        out[ROUTE_HEADER] = route  # why this node (mvllm.router.routing)
     out[REQUEST_ID_HEADER] = request_id
     return out
 
@@ -266,6 +270,7 @@ class Proxy:
                 return self._too_large(limit)
             body = read
         model = ""
+        text: str | None = None
         if body:
             try:
                 model, doc = parse_request(body, request.headers.get("Content-Type", ""))
@@ -277,6 +282,8 @@ class Proxy:
             if denied is not None:
                 self._count("", "-", denied.status)  # model unchecked yet: no label of it
                 return denied
+            if doc is not None and isinstance(state.policy, CacheAware):
+                text = prompt_text(doc, request.path)  # from the one parse, for prefix affinity
             nodes = state.registry.nodes_for(model)
             if not nodes:
                 self._count("", "-", 404)
@@ -296,7 +303,7 @@ class Proxy:
                 nodes = tuple(n for n in nodes if not n.via_agent)  # agents route by the body's model only
             if not nodes:
                 return error_response(503, "no node is configured", headers={"Retry-After": "5"})
-        return await self._forward(request, body, model, nodes, request_id, t0)
+        return await self._forward(request, body, model, nodes, request_id, t0, text)
 
     @staticmethod
     async def _read_body(request: web.Request, limit: int) -> bytes | None:
@@ -319,7 +326,14 @@ class Proxy:
     # -- retries -------------------------------------------------------------------------------
 
     async def _forward(
-        self, request: web.Request, body: bytes, model: str, nodes: tuple[Target, ...], request_id: str, t0: float
+        self,
+        request: web.Request,
+        body: bytes,
+        model: str,
+        nodes: tuple[Target, ...],
+        request_id: str,
+        t0: float,
+        text: str | None = None,
     ) -> web.StreamResponse:
         state = self.state
         retry_cfg = state.config.retry
@@ -335,9 +349,12 @@ class Proxy:
             while True:
                 now = time.monotonic()
                 candidates = [n for n in nodes if n.routable(now) and n not in tried]
-                node = choose_tiered(state.policy, candidates, model)
-                if node is None:
+                picked = choose_route(state.policy, state.prefix_index, candidates, model, text, now)
+                if picked is None:
                     break
+                node, route = picked
+                request[ROUTE_KEY] = route.header()
+                state.metrics.count_route(route.policy, route.reason)
                 tried.append(node)
                 sent = time.monotonic()
                 result = await self._attempt(request, node, body, headers, target, model, request_id, t0, sent)
@@ -380,7 +397,9 @@ class Proxy:
             # Every node failed and at least one answered: return its answer as is.
             self._count(model, answer.node.name, answer.status)
             return web.Response(
-                status=answer.status, body=answer.body, headers=response_headers(answer.headers, answer.node.name, request_id)
+                status=answer.status,
+                body=answer.body,
+                headers=response_headers(answer.headers, answer.node.name, request_id, request.get(ROUTE_KEY, "")),
             )
         if last is not None:
             status = 504 if last.failure.kind is FailureKind.TIMEOUT else 502
@@ -484,7 +503,7 @@ class Proxy:
         sent: float,
     ) -> web.StreamResponse | Failed:
         metrics = self.state.metrics
-        headers = response_headers(up.headers, node.name, request_id)
+        headers = response_headers(up.headers, node.name, request_id, request.get(ROUTE_KEY, ""))
         ctype = up.headers.get("Content-Type", "")
         length = up.content_length
         stream = up.content

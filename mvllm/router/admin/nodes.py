@@ -147,6 +147,7 @@ async def drain_node(request: web.Request) -> web.Response:
     if not node.admin_drain:
         node.admin_drain = True
         log.info("node %s drained by admin (%d request(s) in flight finish there)", node.name, node.in_flight)
+        state.forget_cache(node.name, "drained")
     cluster = request.app.get(CLUSTER_KEY)
     if cluster is not None:  # every router sharing the Redis drains it too
         await cluster.set_drained(node.name, True)
