@@ -84,11 +84,12 @@ def write_servers(
     agents: list[dict[str, Any]] | None = None,
     auth: dict[str, Any] | None = None,
     router: dict[str, Any] | None = None,
+    policy: dict[str, Any] | None = None,
     autoscale: dict[str, Any] | None = None,
     **config: Any,
 ) -> Path:
     """servers.toml with these static nodes and/or agents, FAST_ROUTER loops (`config` overrides
-    them) and optional `[router]`, `[auth]` and `[autoscale]` tables."""
+    them) and optional `[router]`, `[auth]`, `[policy]` and `[autoscale]` tables."""
     doc: dict[str, Any] = {"config": {**FAST_ROUTER, **config}}
     if nodes is not None:
         doc["servers"] = {"servers": nodes}
@@ -98,6 +99,8 @@ def write_servers(
         doc["router"] = router
     if auth is not None:
         doc["auth"] = auth
+    if policy is not None:
+        doc["policy"] = policy
     if autoscale is not None:
         doc["autoscale"] = autoscale
     return atomic_write(path, tomli_w.dumps(doc))

@@ -24,7 +24,7 @@ from mvllm.agent.errors import BadRequest
 from mvllm.agent.gpu import GpuBackend, NvmlBackend, SimBackend
 from mvllm.agent.http_helpers import Handler, api, json_body, wants_wait
 from mvllm.agent.metrics import AgentMetrics
-from mvllm.agent.proxy import Gatekeeper
+from mvllm.agent.proxy import ENGINE_KEEPALIVE_S, Gatekeeper, engine_trace
 from mvllm.agent.supervisor import Supervisor
 from mvllm.agent.warm_launcher import WarmLauncher
 from mvllm.common.errors import error_response
@@ -226,7 +226,8 @@ async def _loop(name: str, interval: float, step: Callable[[], Awaitable[None]])
 async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S),
+        trace_configs=[engine_trace()],  # tells the relay a request went out on a pooled connection
         auto_decompress=False,  # relay bytes as the engine sent them
     )
     backend: GpuBackend = SimBackend(cfg.sim_gpus, session) if cfg.engine == "sim" else NvmlBackend()

@@ -131,6 +131,9 @@ class AgentConfig:
     ready_timeout: float = 900.0  # how long an engine may take from spawn to ready
     stop_timeout: float = 30.0  # SIGTERM -> SIGKILL grace for an engine's process group
     drain_timeout: float = 30.0  # in-flight requests may finish before a manual sleep or stop
+    # A load that needs a busy model's memory waits this long for it to go idle, then drains it
+    # (no new requests; those in flight finish) and evicts it once idle.
+    max_switch_wait: float = 30.0
     max_queue: int = 256  # requests that may wait for one model's load or wake
     restart_max: int = 3  # crashes within restart_window before the model is `failed`
     restart_window: float = 600.0
@@ -343,6 +346,7 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
     kw["ready_timeout"] = root.float("ready_timeout", d.ready_timeout, min=1) or d.ready_timeout
     kw["stop_timeout"] = root.float("stop_timeout", d.stop_timeout, min=0.1) or d.stop_timeout
     kw["drain_timeout"] = root.float("drain_timeout", d.drain_timeout, min=0) or 0.0
+    kw["max_switch_wait"] = root.float("max_switch_wait", d.max_switch_wait, min=0) or 0.0
     kw["max_queue"] = root.int("max_queue", d.max_queue, min=1) or d.max_queue
     kw["restart_max"] = root.int("restart_max", d.restart_max, min=0) or 0
     kw["restart_window"] = root.float("restart_window", d.restart_window, min=1) or d.restart_window

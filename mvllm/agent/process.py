@@ -205,9 +205,13 @@ class EngineProcess:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), timeout)
 
+    def stop_taking(self) -> None:
+        """From now on no new request is taken (they get Draining); those in flight finish."""
+        self.draining = True
+
     async def drain(self, timeout: float | None = None) -> None:
         """Take no new request and let those in flight finish (up to drain_timeout); `resume` ends it."""
-        self.draining = True
+        self.stop_taking()
         await self.wait_idle(self.ctx.cfg.drain_timeout if timeout is None else timeout)
 
     def resume(self) -> None:

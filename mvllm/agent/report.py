@@ -35,6 +35,7 @@ def instance_state(sup: Supervisor, inst: EngineProcess) -> InstanceState:
         devices=list(inst.spec.devices),
         last_used=inst.last_used_wall,
         in_flight=inst.in_flight,
+        draining=inst.draining,
         queued=inst.queued,
         running=inst.stats.running,
         waiting=inst.stats.waiting,

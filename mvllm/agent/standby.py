@@ -37,7 +37,10 @@ PRELOAD_EXTRA = {
         "vllm.v1.engine.async_llm", "vllm.v1.engine.core", "vllm.v1.executor.abstract",
         "vllm.distributed.parallel_state", "vllm.v1.worker.gpu_worker", "vllm.v1.worker.gpu_model_runner",
         "vllm.v1.worker.gpu.model_runner", "vllm.v1.attention.backends.flash_attn",
-        "vllm.model_executor.models.llama",
+        "vllm.model_executor.models.llama", "vllm.model_executor.models.registry",
+        "vllm.tokenizers", "vllm.renderers", "vllm.inputs.preprocess", "vllm.v1.engine.input_processor",
+        "transformers", "transformers.models.auto.tokenization_auto", "transformers.models.auto.configuration_auto",
+        "tokenizers",
     ),
     "sim": (),
 }

@@ -27,9 +27,9 @@ import tomli_w
 
 from mvllm.router.app import RunningRouter, running_router
 from mvllm.router.config import load_config
-from tests.integration.router_support import FAST
 from tests.integration.test_agent_adhoc import FAST_ADHOC
 from tests.integration.test_agent_lifecycle import TOKEN, Agent, model
+from tests.support import FAST_ROUTER
 
 ADMIN_KEY = "sk-seed-admin-key-0123456789"
 USER_KEY = "sk-seed-user-key-0123456789"
@@ -56,7 +56,7 @@ def two_agents(tmp_path: Path, loras: Path) -> Iterator[tuple[Agent, Agent]]:
 @contextlib.asynccontextmanager
 async def router_for(tmp_path: Path, agents: list[tuple[str, Agent]]) -> AsyncIterator[RunningRouter]:
     doc = {
-        "config": {**FAST, "scrape_timeout": 2.0},
+        "config": {**FAST_ROUTER, "scrape_timeout": 2.0},
         "agents": [{"name": n, "url": a.url, "token": TOKEN, "load_timeout": 30} for n, a in agents],
         "auth": {"keys": [{"name": "ops", "role": "admin", "key": ADMIN_KEY}, {"name": "user", "key": USER_KEY}]},
     }
