@@ -70,7 +70,13 @@ def register(subparsers: Any) -> None:
         p.add_argument("model", help="model name, as clients send it")
         p.add_argument("--node", help="the agent to act on (default: the router picks)")
         if action == "sleep":
-            p.add_argument("--level", type=int, choices=(1, 2), default=1, help="1: weights to CPU RAM; 2: discarded")
+            p.add_argument(
+                "--level",
+                type=int,
+                choices=(1, 2),
+                default=None,
+                help="1: weights to CPU RAM; 2: discarded (default: the model's sleep_level_on_idle on its agent)",
+            )
         p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
         p.set_defaults(func=lambda a, action=action: run_command(a, _model_action(action)))
 

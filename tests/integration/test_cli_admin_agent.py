@@ -15,6 +15,7 @@ from tests.support import write_servers
 CATALOG = (
     model("m1", sim="sim = { ttft_ms = 5, itl_ms = 2, weights_gib = 2, startup_s = 0.5 }")
     + model("m2")
+    + model("deep", "sleep_level_on_idle = 2")
     # An invalid sim flag: the engine exits at once, every time.
     + model("broken", 'extra_args = ["--sim-fail-kind", "not-a-kind"]')
 )
@@ -57,6 +58,12 @@ def test_load_sleep_wake_unload_and_a_failed_load(tmp_path: Path) -> None:
             doc = json.loads(out.stdout)
             assert doc["ok"] and doc["result"]["state"] in ("stopped", "stopping") and doc["elapsed_s"] > 0
             assert agent.inst("m1")["state"] == "stopped"
+
+            # Without --level, the model's own sleep_level_on_idle (2 here), not a CLI default.
+            assert mvllm("load", "deep", router=url).returncode == 0
+            out = mvllm("sleep", "deep", router=url)
+            assert out.returncode == 0 and out.stdout.startswith("deep on gpu-a: sleeping(2) ("), out.stdout + out.stderr
+            assert mvllm("unload", "deep", router=url).returncode == 0
 
             out = mvllm("load", "broken", router=url)
             assert out.returncode == 1
