@@ -523,6 +523,13 @@ async def test_003_vllm_proxy_keys_quota_rate_limit_logs_and_sglang(tmp_path: Pa
                 assert (tmp_path / "logs" / "router.log").stat().st_size > 0
                 status, _, doc = await _call(s, "POST", base + "/admin/logs/cleanup?days=7", admin_key)
                 assert status == 200, doc
+                # The seed's own names of these two routes.
+                status, _, doc = await _call(s, "GET", base + "/admin/log-stats", admin_key)
+                assert status == 200 and "router.log" in {f["name"] for f in doc["router"]["files"]}, doc
+                status, _, doc = await _call(s, "POST", base + "/admin/clean-logs?days=7", admin_key)
+                assert status == 200 and doc["router"]["days"] == 7, doc
+                status, _, doc = await _call(s, "GET", base + "/admin/log-stats", user_key)
+                assert status == 403 and doc["error"]["code"] == "admin_required"
 
                 # enabled = false in the keys file, then POST /admin/reload-keys: the key is refused.
                 keys["keys"][0]["enabled"] = False
