@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mvllm.agent.config import apply_env, check_listen, load_config
-    from mvllm.common.envvars import AGENT_ENV, read_env
+    from mvllm.common.envvars import AGENT_ENV, load_dotenv, load_dotenvs, read_env
     from mvllm.common.logfiles import file_logging
     from mvllm.common.tomlconf import ConfigError
 
@@ -52,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level or "INFO"), format=log_format, stream=sys.stderr)
     # Precedence: flag > MVLLM_AGENT_* / MVLLM_LOG_LEVEL > agent.toml > default.
     try:
+        # .env of the working directory (it may name the config), then the one beside agent.toml:
+        # before the config is read, so that token_env and the engines' variables see them.
+        load_dotenv(Path.cwd(), os.environ)
         path = args.config or read_env(AGENT_ENV, os.environ).get("config") or "agent.toml"
+        dotenvs = load_dotenvs(Path(path), os.environ)
         cfg = apply_env(load_config(Path(path)), os.environ)
         cfg = replace(cfg, host=args.host or cfg.host, port=cfg.port if args.port is None else args.port)
         check_listen(cfg)
@@ -62,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.log_level and cfg.log.level:
         logging.getLogger().setLevel(cfg.log.level.upper())
     log = logging.getLogger("mvllm.agent")
+    for dotenv in dotenvs:
+        log.info("read %s", dotenv)
     for warning in cfg.warnings:
         log.warning("%s", warning)
     for spec in cfg.models.values():

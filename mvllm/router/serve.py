@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mvllm.common.envvars import ROUTER_ENV, read_env
+from mvllm.common.envvars import ROUTER_ENV, load_dotenv, load_dotenvs, read_env
 from mvllm.common.logfiles import file_logging
 from mvllm.common.tomlconf import ConfigError
 from mvllm.router.app import running_router
@@ -52,16 +52,28 @@ def setup_logging(level: str) -> None:
 def main(opts: ServeOptions, frontend: Frontend | None = None) -> int:
     """Run the router until Ctrl-C / SIGTERM (or until `frontend` returns); the exit status."""
     try:
+        dotenvs = read_dotenvs(opts)
         env = read_env(ROUTER_ENV, os.environ)
     except ConfigError as exc:
         setup_logging(opts.log_level or "info")
         log.error("%s", exc)
         return 2
     setup_logging(opts.log_level or env.get("log_level") or "info")
+    for path in dotenvs:
+        log.info("read %s", path)
     try:
         return run_loop(serve(opts, frontend))  # on uvloop when installed
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
+
+
+def read_dotenvs(opts: ServeOptions) -> list[Path]:
+    """The `.env` files of the working directory and beside servers.toml, into os.environ (so
+    api_key_env, token_env and the MVLLM_* settings see them); the files read."""
+    # The working directory's first: it may name the config itself (MVLLM_CONFIG).
+    load_dotenv(Path.cwd(), os.environ)
+    explicit = opts.config or os.environ.get("MVLLM_CONFIG", "").strip() or None
+    return load_dotenvs(None if opts.demo else find_config(explicit), os.environ)
 
 
 async def serve(opts: ServeOptions, frontend: Frontend | None = None) -> int:
