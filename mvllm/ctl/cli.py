@@ -206,10 +206,11 @@ def _model_action(action: str) -> Callable[[AsyncClient, argparse.Namespace], Aw
         elif outcome.ok:
             print(outcome.message)
         else:
+            # One line: the agent's message names the cause; the log is `mvllm logs`'s to show.
             print_error(outcome.message)
-            if outcome.log_tail:
-                print("--- engine log (last lines) ---", file=sys.stderr)
-                print("\n".join(outcome.log_tail), file=sys.stderr)
+            if outcome.log_tail and "mvllm logs" not in outcome.message:
+                node = f" --node {args.node}" if args.node else ""
+                print(f"the engine log: mvllm logs {args.model}{node}", file=sys.stderr)
         return EXIT_OK if outcome.ok else EXIT_ERROR
 
     return command

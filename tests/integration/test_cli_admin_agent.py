@@ -68,8 +68,18 @@ def test_load_sleep_wake_unload_and_a_failed_load(tmp_path: Path) -> None:
             out = mvllm("load", "broken", router=url)
             assert out.returncode == 1
             assert re.search(r"mvllm: error: load broken failed after \d+\.\ds: .*broken failed", out.stderr), out.stderr
-            tail = out.stderr.split("--- engine log (last lines) ---\n", 1)[1]
-            assert "not-a-kind" in tail  # the engine's own words
+            # One line naming the cause in the engine's own words, and where the whole log is.
+            error = next(line for line in out.stderr.splitlines() if line.startswith("mvllm: error:"))
+            assert "not-a-kind" in error and "mvllm logs broken" in error, out.stderr
+            assert "engine log (last lines)" not in out.stderr and len(out.stderr.splitlines()) < 8, out.stderr
+            ps = mvllm("ps", router=url).stdout
+            assert models_row(ps, "broken")[:4] == ["broken", "-", "-", "gpu-a"], ps  # FAILED, not AWAKE
+            assert next(line for line in ps.splitlines() if line.startswith("MODEL")).split()[3] == "FAILED"
+            logs = mvllm("logs", "broken", router=url)
+            assert logs.returncode == 0 and "not-a-kind" in logs.stdout, logs.stdout + logs.stderr
+            # A failed model is retried by a load without --node (the agent starts it afresh).
+            out = mvllm("load", "broken", router=url)
+            assert out.returncode == 1 and "no agent can load" not in out.stderr and "not-a-kind" in out.stderr, out.stderr
 
             out = mvllm("load", "nope", router=url)
             assert out.returncode == 1 and "no agent's catalog has model `nope`" in out.stderr
