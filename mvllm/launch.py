@@ -40,10 +40,10 @@ def use_dashboard(opts: ServeOptions) -> bool:
     return not opts.console and sys.stdin.isatty() and sys.stdout.isatty()
 
 
-async def dashboard(url: str, stop: asyncio.Event) -> None:
+async def dashboard(url: str, stop: asyncio.Event, notes: str | None) -> None:
     """The dashboard on the router at `url`, embedded: it ends when `stop` is set, or stops the
-    router when the operator quits it."""
+    router when the operator quits it. `notes` (the demo's banner) show on its t key."""
     # Imported when shown: Textual costs CLI start-up time that plain runs should not pay.
     from mvllm.tui.app import run_dashboard
 
-    await run_dashboard(url, key=os.environ.get("MVLLM_ADMIN_KEY") or None, embedded=True, stop=stop)
+    await run_dashboard(url, key=os.environ.get("MVLLM_ADMIN_KEY") or None, embedded=True, stop=stop, notes=notes)

@@ -29,8 +29,9 @@ log = logging.getLogger("mvllm.router")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
-# What runs in front of a listening router until `stop` is set or it returns: (url, stop).
-Frontend = Callable[[str, asyncio.Event], Awaitable[None]]
+# What runs in front of a listening router until `stop` is set or it returns: (url, stop, notes),
+# notes being the demo's banner (None without the demo).
+Frontend = Callable[[str, asyncio.Event, str | None], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -167,13 +168,15 @@ async def _listen(
         async with running_router(config, host=host, port=port, config_path=path) as router:
             log.info("router listening on %s (OpenAI base URL %s/v1)", router.url, router.url)
             tune_gc()  # short, rare collector pauses from here on
+            banner = None
             if fleet is not None:
                 reason = "--demo given" if opts.demo else "no servers.toml found"
-                print(fleet.banner(router.url, reason), flush=True)
+                banner = fleet.banner(router.url, reason)
+                print(banner, flush=True)
             if frontend is not None:
                 # A wildcard listen address is no address to connect to: the front end uses loopback.
                 url = f"http://127.0.0.1:{router.port}" if host in ("", "0.0.0.0", "::") else router.url
-                await frontend(url, stop)
+                await frontend(url, stop, banner)
             else:
                 await stop.wait()
             log.info("stopping: in-flight requests get up to a few seconds to finish")

@@ -112,15 +112,20 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
     try:
         wait_http_ok(base + "/health", 60, term.proc)
         stats = wait_until(
-            lambda: (s := json.loads(http_get(base + "/load-stats")[1])) and len(s["nodes"]) == 3
+            lambda: (s := json.loads(http_get(base + "/load-stats")[1])) and len(s["nodes"]) == 4
             and all(n["healthy"] and n["models"] for n in s["nodes"]) and s,
             30,
-            "the demo's three engines",
+            "the demo's three engines and its agent",
         )  # fmt: skip
-        ports = [urlparse(n["url"]).port for n in stats["nodes"]]
+        ports = [urlparse(n["url"]).port for n in stats["nodes"] if n["name"] != "sim-agent"]
         model = stats["nodes"][0]["models"][0]
         # The dashboard draws the demo's nodes.
-        wait_until(lambda: all(n in term.text() for n in ("sim-fast", "sim-medium", "sim-slow")), 20, "node names on screen")
+        wait_until(lambda: all(n in term.text() for n in ("sim-fast", "sim-medium", "sim-slow", "sim-agent")), 20, "node names on screen")
+        # The demo's "try it" lines while the dashboard has the screen: behind the t key.
+        shown = term.mark()
+        term.send(b"t")
+        wait_until(lambda: "mvllm load qwen-7b" in term.text(shown) and "mvllm sleep llama-8b" in term.text(shown), 10, "try-it lines")
+        term.send(b"\x1b")  # escape closes them
 
         before = term.mark()
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
@@ -145,7 +150,7 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
         # The same screen on the same router from another process: `mvllm top --router URL`.
         top = Terminal(["top", "--router", base])
         try:
-            wait_until(lambda: "sim-medium" in top.text() and "3/3 up" in top.text(), 20, "mvllm top's screen")
+            wait_until(lambda: "sim-medium" in top.text() and "4/4 up" in top.text(), 20, "mvllm top's screen")
             top.send(b"q")
             assert top.proc.wait(timeout=15) == 0
         finally:
