@@ -15,7 +15,7 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Start the router: one OpenAI-compatible endpoint over the vLLM servers of servers.toml. "
             "The config is --config FILE, else ./servers.toml, else ~/.config/mvllm/servers.toml; "
-            "without any, or with --demo, it starts a demo of three simulated engines."
+            "without any, or with --demo, it starts a demo of three simulated engines and a node agent with simulated GPUs."
         ),
     )
     p.add_argument(
