@@ -170,9 +170,12 @@ async def _drain(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def _undrain(client: AsyncClient, args: argparse.Namespace) -> int:
+    before = next((n for n in await client.nodes() if n.name == args.node), None)
     node = await client.undrain(args.node)
     if args.json:
         print_json(node.raw)
+    elif before is not None and not before.draining:
+        print(f"node {args.node} was not drained: it takes requests already")
     else:
         print(f"node {args.node} undrained: it takes requests again")
     return EXIT_OK

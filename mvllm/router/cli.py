@@ -26,7 +26,8 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--console",
         action="store_true",
-        help="plain log lines on the console instead of the full-screen dashboard (the default without a TTY)",
+        help="plain log lines on the console instead of the full-screen dashboard (the default unless "
+        "stdin, stdout and stderr are all a terminal: `2>file` or `>file` gets plain lines)",
     )
     p.add_argument("--demo", action="store_true", help="start the demo even if a servers.toml exists")
     p.add_argument(

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from mvllm.common.envvars import ROUTER_ENV, load_dotenv, load_dotenvs, read_env
 from mvllm.common.logfiles import file_logging
+from mvllm.common.logsetup import console_logging, listen_error, set_level
 from mvllm.common.tomlconf import ConfigError
 from mvllm.router.app import running_router
 from mvllm.router.config import RouterConfig, apply_env, find_config, load_config
@@ -26,8 +26,6 @@ from mvllm.router.eventloop import run as run_loop
 from mvllm.router.eventloop import tune_gc
 
 log = logging.getLogger("mvllm.router")
-
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 # What runs in front of a listening router until `stop` is set or it returns: (url, stop, notes),
 # notes being the demo's banner (None without the demo).
@@ -44,22 +42,16 @@ class ServeOptions:
     log_level: str | None = None  # None: MVLLM_LOG_LEVEL, else [router] log_level, else info
 
 
-def setup_logging(level: str) -> None:
-    """Plain console lines, one per event (the dashboard, when it lands, replaces them)."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("mvllm").setLevel(level.upper())
-
-
 def main(opts: ServeOptions, frontend: Frontend | None = None) -> int:
     """Run the router until Ctrl-C / SIGTERM (or until `frontend` returns); the exit status."""
     try:
         dotenvs = read_dotenvs(opts)
         env = read_env(ROUTER_ENV, os.environ)
     except ConfigError as exc:
-        setup_logging(opts.log_level or "info")
+        console_logging(opts.log_level or "info")
         log.error("%s", exc)
         return 2
-    setup_logging(opts.log_level or env.get("log_level") or "info")
+    console_logging(opts.log_level or env.get("log_level") or "info")
     for path in dotenvs:
         log.info("read %s", path)
     try:
@@ -142,7 +134,7 @@ async def _serve_until_stopped(
     frontend: Frontend | None,
 ) -> int:
     if not opts.log_level and config.log.level:
-        logging.getLogger("mvllm").setLevel(config.log.level.upper())
+        set_level(config.log.level)
     with contextlib.ExitStack() as stack:
         try:
             log_file = stack.enter_context(file_logging(config.log))
@@ -181,7 +173,7 @@ async def _listen(
                 await stop.wait()
             log.info("stopping: in-flight requests get up to a few seconds to finish")
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
+        log.error("%s", listen_error(host, port, exc))
         return 1
     log.info("stopped")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 from pathlib import Path
 
@@ -70,6 +71,10 @@ def test_dotenv_beside_each_config_sets_the_secrets_it_names(tmp_path: Path) -> 
             pass
         assert f"read {router_dir.resolve() / '.env'}" in router.log()
         assert f"read {agent_dir.resolve() / '.env'}" in agent_proc.log()
+        # The router's and the agent's console lines share one format (mvllm.common.logsetup).
+        line = r"^\d\d:\d\d:\d\d INFO    mvllm\.{}[\w.]*: read .*\.env$"
+        assert re.search(line.format("router"), router.log(), re.MULTILINE), router.log()
+        assert re.search(line.format("agent"), agent_proc.log(), re.MULTILINE), agent_proc.log()
     finally:
         router.signal(signal.SIGTERM)
         router.stop()

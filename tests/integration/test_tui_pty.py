@@ -164,3 +164,37 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
         for pid in sim_pids(ports):  # only if the test failed: nothing may outlive it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_stderr_to_a_file_on_a_terminal_runs_headless(tmp_path: Path) -> None:
+    """`mvllm run 2>file` on a terminal: plain log lines in the file, no dashboard drawn into it."""
+    port = free_port()
+    cfg = tmp_path / "servers.toml"
+    cfg.write_text("[servers]\nservers = []\n")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
+    log = tmp_path / "router.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mvllm", "run", "--config", str(cfg), "--port", str(port)],
+            cwd=REPO,
+            env={**os.environ, "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1"},
+            stdin=slave,
+            stdout=slave,
+            stderr=err,
+            start_new_session=True,
+        )
+    os.close(slave)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", 30, proc)
+        wait_until(lambda: b"router listening on" in log.read_bytes(), 10, "the log line in the file")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        text = log.read_bytes()
+        assert b"\x1b[" not in text, text[:500]  # no screen drawing
+        assert re.search(rb"^\d\d:\d\d:\d\d INFO    mvllm\.router: router listening on", text, re.MULTILINE), text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        os.close(master)
