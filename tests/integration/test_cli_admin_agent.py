@@ -87,3 +87,26 @@ def test_load_sleep_wake_unload_and_a_failed_load(tmp_path: Path) -> None:
             assert out.returncode == 1 and "no node named 'nowhere'" in out.stderr
         finally:
             router.stop()
+
+
+def test_load_of_a_model_failed_on_one_agent_goes_to_another(tmp_path: Path) -> None:
+    bad = model("flaky", 'extra_args = ["--sim-fail-kind", "not-a-kind"]')  # cannot start on gpu-a
+    good = model("flaky")
+    top = {"restart_max": 0, "restart_backoff": 0.1}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with running_agent(tmp_path / "a", bad, sim_gpus=(24,), top=top) as a, running_agent(tmp_path / "b", good, sim_gpus=(24,), top=top) as b:
+        config = write_servers(tmp_path / "servers.toml", [])
+        entries = "".join(f'\n[[agents]]\nname = "{n}"\nurl = "{x.url}"\ntoken = "{TOKEN}"\n' for n, x in (("gpu-a", a), ("gpu-b", b)))
+        config.write_text(config.read_text() + entries)
+        router = start_router(tmp_path, config)
+        url = router.url  # type: ignore[attr-defined]
+        try:
+            out = mvllm("load", "flaky", "--node", "gpu-a", router=url)
+            assert out.returncode == 1 and "not-a-kind" in out.stderr, out.stderr
+            assert a.inst("flaky")["state"] == "failed"
+            out = mvllm("load", "flaky", router=url)  # no --node: the router picks where it can load
+            assert out.returncode == 0 and out.stdout.startswith("flaky on gpu-b: ready"), out.stdout + out.stderr
+            assert b.inst("flaky")["state"] == "ready"
+        finally:
+            router.stop()
