@@ -1,14 +1,13 @@
 """Operating a fleet from Python with the mvllm client: drain a node and see requests avoid it,
 read the router's log records, then load, sleep, wake and unload a model on an agent.
 
-Try it against the demo (three simulated engines, no GPU needed):
+Try it against the demo (three simulated engines and an agent with simulated GPUs, no GPU needed):
 
     mvllm run --demo                      # one terminal: the router on http://127.0.0.1:8888
     python examples/admin.py              # another terminal
 
-The demo has no agent, so only the drain part runs there. For the model part, run an agent with
-simulated engines and list it in servers.toml (see docs/agent.md), e.g. an agent.toml with
-`engine = "sim"` and a `[models.m1]` entry, and `[[agents]] url = "http://127.0.0.1:7070"`.
+Elsewhere, the model part needs an agent listed in servers.toml (docs/agent.md;
+agent.sim.example.toml is one without a GPU).
 
 Environment: MVLLM_ROUTER (default http://127.0.0.1:8888), MVLLM_MODEL (the model to chat with,
 default mvllm-demo), MVLLM_AGENT_MODEL (the model to load on an agent; default: the first one an
@@ -64,7 +63,7 @@ def agent_model(client: Client) -> tuple[NodeInfo, str] | None:
 def lifecycle_demo(client: Client) -> None:
     found = agent_model(client)
     if found is None:
-        print("models: no agent in this fleet (the demo has none); see docs/agent.md to add one")
+        print("models: no agent in this fleet; see docs/agent.md to add one")
         return
     agent, model = found
     before = next((i.state for i in agent.instances if i.name == model), "stopped")

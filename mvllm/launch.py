@@ -38,14 +38,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def use_dashboard(opts: ServeOptions) -> bool:
-    """The dashboard on a terminal; plain log lines with --console or without a TTY (systemd, Docker)."""
-    return not opts.console and sys.stdin.isatty() and sys.stdout.isatty()
+    """The dashboard on a terminal; plain log lines with --console or without a TTY (systemd, Docker).
+    All three streams must be the terminal: the dashboard draws on stderr (Textual's output), so
+    `2>file` would fill the file with screen updates, and `>file` or `<input` is a script's run."""
+    return not opts.console and all(stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr))
 
 
-async def dashboard(url: str, stop: asyncio.Event) -> None:
+async def dashboard(url: str, stop: asyncio.Event, notes: str | None) -> None:
     """The dashboard on the router at `url`, embedded: it ends when `stop` is set, or stops the
-    router when the operator quits it."""
+    router when the operator quits it. `notes` (the demo's banner) show on its t key."""
     # Imported when shown: Textual costs CLI start-up time that plain runs should not pay.
     from mvllm.tui.app import run_dashboard
 
-    await run_dashboard(url, key=os.environ.get("MVLLM_ADMIN_KEY") or None, embedded=True, stop=stop)
+    await run_dashboard(url, key=os.environ.get("MVLLM_ADMIN_KEY") or None, embedded=True, stop=stop, notes=notes)

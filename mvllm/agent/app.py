@@ -138,7 +138,7 @@ async def model_sleep(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     inst = sup.get(name)
     body = await json_body(request)
-    raw = request.query.get("level", body.get("level", inst.spec.sleep_level_on_idle or 1))
+    raw = request.query.get("level", body.get("level", inst.spec.effective_sleep_level_on_idle or 1))
     try:
         level = int(raw)
     except (TypeError, ValueError):

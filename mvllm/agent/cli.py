@@ -44,15 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mvllm.agent.config import apply_env, check_listen, load_config
-    from mvllm.common.envvars import AGENT_ENV, read_env
+    from mvllm.common.envvars import AGENT_ENV, load_dotenv, load_dotenvs, read_env
     from mvllm.common.logfiles import file_logging
+    from mvllm.common.logsetup import console_logging, set_level
     from mvllm.common.tomlconf import ConfigError
 
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, args.log_level or "INFO"), format=log_format, stream=sys.stderr)
+    console_logging(args.log_level or "info")  # the router's format (mvllm.common.logsetup)
     # Precedence: flag > MVLLM_AGENT_* / MVLLM_LOG_LEVEL > agent.toml > default.
     try:
+        # .env of the working directory (it may name the config), then the one beside agent.toml:
+        # before the config is read, so that token_env and the engines' variables see them.
+        load_dotenv(Path.cwd(), os.environ)
         path = args.config or read_env(AGENT_ENV, os.environ).get("config") or "agent.toml"
+        dotenvs = load_dotenvs(Path(path), os.environ)
         cfg = apply_env(load_config(Path(path)), os.environ)
         cfg = replace(cfg, host=args.host or cfg.host, port=cfg.port if args.port is None else args.port)
         check_listen(cfg)
@@ -60,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"mvllm agent: {exc}", file=sys.stderr)
         return 2
     if not args.log_level and cfg.log.level:
-        logging.getLogger().setLevel(cfg.log.level.upper())
+        set_level(cfg.log.level)
     log = logging.getLogger("mvllm.agent")
+    for dotenv in dotenvs:
+        log.info("read %s", dotenv)
     for warning in cfg.warnings:
         log.warning("%s", warning)
     for spec in cfg.models.values():
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             log.warning("%s: no memory budget given and %s; planning with 0.9 of each GPU", spec.name, est.basis)
     with contextlib.ExitStack() as stack:
         try:
-            log_file = stack.enter_context(file_logging(cfg.log, log_format))
+            log_file = stack.enter_context(file_logging(cfg.log))
         except OSError as exc:
             print(f"mvllm agent: cannot open the log file {cfg.log.file}: {exc.strerror or exc}", file=sys.stderr)
             return 1
@@ -86,6 +92,7 @@ def _serve(cfg: AgentConfig, reap_stale: bool) -> int:
 
     from mvllm.agent.app import create_app
     from mvllm.common.eventloop import loop_name, new_event_loop, tune_gc
+    from mvllm.common.logsetup import listen_error
 
     app = create_app(cfg, reap_stale=reap_stale)
 
@@ -96,14 +103,18 @@ def _serve(cfg: AgentConfig, reap_stale: bool) -> int:
     logging.getLogger("mvllm.agent").info("event loop: %s", loop_name())
     # handler_cancellation: a client that disconnects cancels its relay, which closes the engine
     # request too. shutdown_timeout bounds how long open client connections may delay the stop.
-    web.run_app(
-        app,
-        host=cfg.host,
-        port=cfg.port,
-        handler_cancellation=True,
-        shutdown_timeout=5.0,
-        loop=new_event_loop(),  # uvloop when installed, as the router's
-        access_log=None,
-        print=lambda msg: print(f"mvllm agent listening on http://{cfg.host}:{cfg.port}", file=sys.stderr, flush=True),
-    )
+    try:
+        web.run_app(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            handler_cancellation=True,
+            shutdown_timeout=5.0,
+            loop=new_event_loop(),  # uvloop when installed, as the router's
+            access_log=None,
+            print=lambda msg: print(f"mvllm agent listening on http://{cfg.host}:{cfg.port}", file=sys.stderr, flush=True),
+        )
+    except OSError as exc:
+        print(f"mvllm agent: {listen_error(cfg.host, cfg.port, exc)}", file=sys.stderr)
+        return 1
     return 0

@@ -67,6 +67,6 @@ class EngineError(AgentError):
 class EngineExited(Exception):
     """The engine process ended while we waited for it (a crash during start)."""
 
-    def __init__(self, code: int | None) -> None:
-        super().__init__(f"engine exited with code {code}")
+    def __init__(self, code: int | None, message: str | None = None) -> None:
+        super().__init__(message or f"engine exited with code {code}")
         self.code = code

@@ -22,6 +22,11 @@ PASS_THROUGH = (
 )  # fmt: skip
 
 
+# The share of a sim engine's memory budget its simulated weights take when the entry names no
+# weights_gib: the rest is KV cache, as a real budget would be split.
+SIM_WEIGHTS_SHARE = 0.5
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     argv: list[str]
@@ -56,10 +61,25 @@ def engine_argv(
     if cfg.engine == "sim":
         if gpu_total_bytes:
             argv += ["--sim-gpu-memory-gib", f"{gpu_total_bytes / GIB:g}"]
+        weights = None if "weights_gib" in spec.sim else sim_weights_gib(spec, utilization, gpu_total_bytes)
+        if weights is not None:
+            argv += ["--sim-weights-gib", f"{weights:.3f}"]
         for key, value in spec.sim.items():
             argv += [f"--sim-{key.replace('_', '-')}", _fmt(value)]
     argv += spec.extra_args
     return argv
+
+
+def sim_weights_gib(spec: ModelSpec, utilization: float | None, gpu_total_bytes: int | None) -> float | None:
+    """Simulated weights (all GPUs together) that follow the entry: the estimate's weights, else a
+    share of its budget, so that a budget that would fit a real model fits the simulated one."""
+    est = spec.memory_estimate
+    tp = max(1, spec.tensor_parallel_size)
+    if est is not None and est.weights_bytes:
+        return est.weights_bytes * tp / GIB
+    if utilization is not None and gpu_total_bytes:
+        return utilization * gpu_total_bytes * SIM_WEIGHTS_SHARE * tp / GIB
+    return None
 
 
 def engine_env(

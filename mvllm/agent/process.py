@@ -23,6 +23,7 @@ from mvllm.agent import lora_dir, placement
 from mvllm.agent.config import AgentConfig, ModelSpec
 from mvllm.agent.engine import EngineClient, read_log_tail
 from mvllm.agent.errors import BadRequest, Conflict, EngineError, EngineExited, LoadFailed
+from mvllm.agent.failcause import START_HEADER, failure_text, since_start
 from mvllm.agent.launch import launch_plan
 from mvllm.agent.launcher import Launcher, ProcessHandle
 from mvllm.agent.metrics import AgentMetrics
@@ -257,7 +258,7 @@ class EngineProcess:
         for attempt in range(_PORT_RACE_RETRIES + 1):
             self.port = free_port()
             plan = launch_plan(ctx.cfg, spec, self.port, utilization, gpu_total, ctx.agent_id, os.environ)
-            header = f"\n=== mvllm agent {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: {' '.join(plan.argv)}\n"
+            header = f"\n{START_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: {' '.join(plan.argv)}\n"
             self.handle = await ctx.launcher.launch(plan, self.log_path, header, ctx.cfg.log_dir)
             self.expect_exit = False
             self.utilization = utilization
@@ -268,7 +269,7 @@ class EngineProcess:
             log.info("%s: started pid %d on port %d (utilization %s)", spec.name, self.handle.pid, self.port, utilization)
             try:
                 await self._wait_ready()
-            except EngineExited:
+            except EngineExited as exited:
                 await self.handle.kill_leftovers()
                 port = self.port
                 if attempt < _PORT_RACE_RETRIES and await self._lost_port_race():
@@ -279,7 +280,8 @@ class EngineProcess:
                     continue
                 ctx.metrics.loads.labels(spec.name, "crashed").inc()
                 self.forget_process()
-                raise
+                tail = await asyncio.to_thread(read_log_tail, self.log_path, FAILED_TAIL_LINES)
+                raise EngineExited(exited.code, failure_text(exited.code, tail, spec.name)) from None
             except BaseException:
                 ctx.metrics.loads.labels(spec.name, "failed").inc()
                 await self.stop(reason="start_failed")
@@ -323,8 +325,7 @@ class EngineProcess:
             except OSError:
                 return True
         tail = await asyncio.to_thread(read_log_tail, self.log_path, FAILED_TAIL_LINES)
-        since_start = "\n".join(tail).rsplit("=== mvllm agent ", 1)[-1]
-        return "address already in use" in since_start.lower()
+        return "address already in use" in "\n".join(since_start(tail)).lower()
 
     def forget_process(self) -> None:
         self.handle = None

@@ -439,9 +439,10 @@ class AsyncClient:
         return instance_from(data, where)
 
     async def sleep(
-        self, model: str, level: int = 1, node: str | None = None, timeout: float = DEFAULT_MODEL_ACTION_TIMEOUT
+        self, model: str, level: int | None = None, node: str | None = None, timeout: float = DEFAULT_MODEL_ACTION_TIMEOUT
     ) -> InstanceInfo:
-        """vLLM sleep mode: level 1 keeps the weights in CPU RAM (fast wake), level 2 discards them."""
+        """vLLM sleep mode: level 1 keeps the weights in CPU RAM (fast wake), level 2 discards them;
+        without a level, the agent uses the model's `sleep_level_on_idle`."""
         data, where = await self._model_call("sleep", model, node=node, level=level, wait=True, timeout=timeout)
         return instance_from(data, where)
 

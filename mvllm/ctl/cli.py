@@ -70,7 +70,13 @@ def register(subparsers: Any) -> None:
         p.add_argument("model", help="model name, as clients send it")
         p.add_argument("--node", help="the agent to act on (default: the router picks)")
         if action == "sleep":
-            p.add_argument("--level", type=int, choices=(1, 2), default=1, help="1: weights to CPU RAM; 2: discarded")
+            p.add_argument(
+                "--level",
+                type=int,
+                choices=(1, 2),
+                default=None,
+                help="1: weights to CPU RAM; 2: discarded (default: the model's sleep_level_on_idle on its agent)",
+            )
         p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
         p.set_defaults(func=lambda a, action=action: run_command(a, _model_action(action)))
 
@@ -164,9 +170,12 @@ async def _drain(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def _undrain(client: AsyncClient, args: argparse.Namespace) -> int:
+    before = next((n for n in await client.nodes() if n.name == args.node), None)
     node = await client.undrain(args.node)
     if args.json:
         print_json(node.raw)
+    elif before is not None and not before.draining:
+        print(f"node {args.node} was not drained: it takes requests already")
     else:
         print(f"node {args.node} undrained: it takes requests again")
     return EXIT_OK
@@ -200,10 +209,11 @@ def _model_action(action: str) -> Callable[[AsyncClient, argparse.Namespace], Aw
         elif outcome.ok:
             print(outcome.message)
         else:
+            # One line: the agent's message names the cause; the log is `mvllm logs`'s to show.
             print_error(outcome.message)
-            if outcome.log_tail:
-                print("--- engine log (last lines) ---", file=sys.stderr)
-                print("\n".join(outcome.log_tail), file=sys.stderr)
+            if outcome.log_tail and "mvllm logs" not in outcome.message:
+                node = f" --node {args.node}" if args.node else ""
+                print(f"the engine log: mvllm logs {args.model}{node}", file=sys.stderr)
         return EXIT_OK if outcome.ok else EXIT_ERROR
 
     return command

@@ -38,18 +38,21 @@ def nodes_table(fleet: FleetView) -> str:
 
 
 def models_table(fleet: FleetView) -> str:
+    # A FAILED column only while some model failed: a failed engine serves nothing, so it is not awake.
+    any_failed = any(m.failed for m in fleet.models)
     rows = []
     for m in fleet.models:
         awake = [
             *(f"{s} (released)" if s in m.released else s for s in m.awake),
             *(f"{s} (loading)" for s in m.starting),
             *(f"{s} (unloading)" for s in m.stopping),
-            *(f"{s} (failed)" for s in m.failed),
         ]
+        failed = [_join(m.failed)] if any_failed else []
         rows.append(
-            [m.name, _join(awake), _join(m.asleep), _join(m.loadable), m.replicas_text, fmt_num(m.running), fmt_num(m.queue)]
+            [m.name, _join(awake), _join(m.asleep), *failed, _join(m.loadable), m.replicas_text, fmt_num(m.running), fmt_num(m.queue)]
         )
-    return table(["MODEL", "AWAKE", "ASLEEP", "LOADABLE", "REPLICAS", "RUNNING", "QUEUE"], rows)
+    headers = ["MODEL", "AWAKE", "ASLEEP", *(["FAILED"] if any_failed else []), "LOADABLE", "REPLICAS", "RUNNING", "QUEUE"]
+    return table(headers, rows)
 
 
 def gpus_table(fleet: FleetView) -> str:

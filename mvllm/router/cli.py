@@ -15,7 +15,7 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Start the router: one OpenAI-compatible endpoint over the vLLM servers of servers.toml. "
             "The config is --config FILE, else ./servers.toml, else ~/.config/mvllm/servers.toml; "
-            "without any, or with --demo, it starts a demo of three simulated engines."
+            "without any, or with --demo, it starts a demo of three simulated engines and a node agent with simulated GPUs."
         ),
     )
     p.add_argument(
@@ -26,7 +26,8 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--console",
         action="store_true",
-        help="plain log lines on the console instead of the full-screen dashboard (the default without a TTY)",
+        help="plain log lines on the console instead of the full-screen dashboard (the default unless "
+        "stdin, stdout and stderr are all a terminal: `2>file` or `>file` gets plain lines)",
     )
     p.add_argument("--demo", action="store_true", help="start the demo even if a servers.toml exists")
     p.add_argument(

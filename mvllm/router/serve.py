@@ -10,14 +10,14 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mvllm.common.envvars import ROUTER_ENV, read_env
+from mvllm.common.envvars import ROUTER_ENV, load_dotenv, load_dotenvs, read_env
 from mvllm.common.logfiles import file_logging
+from mvllm.common.logsetup import console_logging, listen_error, set_level
 from mvllm.common.tomlconf import ConfigError
 from mvllm.router.app import running_router
 from mvllm.router.config import RouterConfig, apply_env, find_config, load_config
@@ -28,10 +28,9 @@ from mvllm.router.workers import NEEDS_REDIS, WorkerSet, watch_parent
 
 log = logging.getLogger("mvllm.router")
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-
-# What runs in front of a listening router until `stop` is set or it returns: (url, stop).
-Frontend = Callable[[str, asyncio.Event], Awaitable[None]]
+# What runs in front of a listening router until `stop` is set or it returns: (url, stop, notes),
+# notes being the demo's banner (None without the demo).
+Frontend = Callable[[str, asyncio.Event, str | None], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -46,25 +45,31 @@ class ServeOptions:
     worker_of: int | None = None  # set in a worker: the parent's pid (SO_REUSEPORT, dies with it)
 
 
-def setup_logging(level: str) -> None:
-    """Plain console lines, one per event (the dashboard, when it lands, replaces them)."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("mvllm").setLevel(level.upper())
-
-
 def main(opts: ServeOptions, frontend: Frontend | None = None) -> int:
     """Run the router until Ctrl-C / SIGTERM (or until `frontend` returns); the exit status."""
     try:
+        dotenvs = read_dotenvs(opts)
         env = read_env(ROUTER_ENV, os.environ)
     except ConfigError as exc:
-        setup_logging(opts.log_level or "info")
+        console_logging(opts.log_level or "info")
         log.error("%s", exc)
         return 2
-    setup_logging(opts.log_level or env.get("log_level") or "info")
+    console_logging(opts.log_level or env.get("log_level") or "info")
+    for path in dotenvs:
+        log.info("read %s", path)
     try:
         return run_loop(serve(opts, frontend))  # on uvloop when installed
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
+
+
+def read_dotenvs(opts: ServeOptions) -> list[Path]:
+    """The `.env` files of the working directory and beside servers.toml, into os.environ (so
+    api_key_env, token_env and the MVLLM_* settings see them); the files read."""
+    # The working directory's first: it may name the config itself (MVLLM_CONFIG).
+    load_dotenv(Path.cwd(), os.environ)
+    explicit = opts.config or os.environ.get("MVLLM_CONFIG", "").strip() or None
+    return load_dotenvs(None if opts.demo else find_config(explicit), os.environ)
 
 
 async def serve(opts: ServeOptions, frontend: Frontend | None = None) -> int:
@@ -145,7 +150,7 @@ async def _serve_until_stopped(
     frontend: Frontend | None,
 ) -> int:
     if not opts.log_level and config.log.level:
-        logging.getLogger("mvllm").setLevel(config.log.level.upper())
+        set_level(config.log.level)
     with contextlib.ExitStack() as stack:
         try:
             log_file = stack.enter_context(file_logging(config.log))
@@ -178,18 +183,20 @@ async def _listen(
                 stack.callback(watcher.cancel)
             log.info("router listening on %s (OpenAI base URL %s/v1)", router.url, router.url)
             tune_gc()  # short, rare collector pauses from here on
+            banner = None
             if fleet is not None:
                 reason = "--demo given" if opts.demo else "no servers.toml found"
-                print(fleet.banner(router.url, reason), flush=True)
+                banner = fleet.banner(router.url, reason)
+                print(banner, flush=True)
             if frontend is not None:
                 # A wildcard listen address is no address to connect to: the front end uses loopback.
                 url = f"http://127.0.0.1:{router.port}" if host in ("", "0.0.0.0", "::") else router.url
-                await frontend(url, stop)
+                await frontend(url, stop, banner)
             else:
                 await stop.wait()
             log.info("stopping: in-flight requests get up to a few seconds to finish")
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
+        log.error("%s", listen_error(host, port, exc))
         return 1
     log.info("stopped")
     return 0

@@ -39,7 +39,7 @@ from mvllm.tui.cells import (
     totals_text,
 )
 from mvllm.tui.rates import RateHistory, Window, parse_metrics
-from mvllm.tui.widgets import ConfirmQuit, HelpScreen, SyncedTable
+from mvllm.tui.widgets import ConfirmQuit, HelpScreen, SyncedTable, TryItScreen
 
 REFRESH_S = 1.0
 # A model load may take minutes on a real GPU: the action waits that long for the router's answer.
@@ -57,10 +57,11 @@ class DashboardApp(App[None]):
         Binding("d", "drain", "drain/undrain"),
         Binding("l", "model('load')", "load"),
         Binding("u", "model('unload')", "unload"),
-        Binding("s", "model('sleep', 1)", "sleep"),
+        Binding("s", "model('sleep')", "sleep"),
         Binding("S", "model('sleep', 2)", "sleep 2", show=False),
         Binding("w", "model('wake')", "wake"),
         Binding("r", "reload", "reload config"),
+        Binding("t", "try_it", "try it"),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
         Binding("ctrl+c", "quit", "quit", show=False, priority=True),
@@ -73,8 +74,10 @@ class DashboardApp(App[None]):
         key: str | None = None,
         embedded: bool = False,
         refresh_interval: float = REFRESH_S,
+        notes: str | None = None,
     ) -> None:
         super().__init__()
+        self.notes = notes  # the demo's "try it" lines, behind the t key
         self.client = AsyncClient(router_url, admin_key=key, timeout=max(2.0, 3 * refresh_interval))
         self.router_url = self.client.base_url
         self.embedded = embedded
@@ -136,6 +139,8 @@ class DashboardApp(App[None]):
         self._render_all()
         self.set_interval(self.refresh_interval, self.poll)
         self.poll()
+        if self.notes:
+            self.notify("press t for the demo's commands to try", timeout=20)
 
     async def on_unmount(self) -> None:
         await self.client.close()
@@ -326,6 +331,14 @@ class DashboardApp(App[None]):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
+    def action_try_it(self) -> None:
+        if self.notes:
+            self.push_screen(TryItScreen(self.notes))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # The t key (and its footer entry) exists only where there is something to try.
+        return bool(self.notes) if action == "try_it" else True
+
     async def action_quit(self) -> None:
         in_flight = await self._in_flight_now()
         if in_flight > 0:
@@ -388,10 +401,15 @@ def console_logging_paused() -> Iterator[None]:
 
 
 async def run_dashboard(
-    router_url: str, *, key: str | None = None, embedded: bool = False, stop: asyncio.Event | None = None
+    router_url: str,
+    *,
+    key: str | None = None,
+    embedded: bool = False,
+    stop: asyncio.Event | None = None,
+    notes: str | None = None,
 ) -> None:
     """Run the dashboard in the current event loop until q (or `stop` is set)."""
-    app = DashboardApp(router_url, key=key, embedded=embedded)
+    app = DashboardApp(router_url, key=key, embedded=embedded, notes=notes)
     with console_logging_paused():
         task = asyncio.ensure_future(app.run_async())
         if stop is None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.coordinate import Coordinate
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Static
@@ -77,11 +77,12 @@ HELP = """\
   [b]d[/b]        drain / undrain the selected node
   [b]l[/b]        load the selected model (on the selected agent)
   [b]u[/b]        unload the selected model (on the selected agent)
-  [b]s[/b]        sleep the selected model (level 1; [b]S[/b] for level 2)
+  [b]s[/b]        sleep the selected model (its own level; [b]S[/b]: level 2)
   [b]w[/b]        wake the selected model
   [b]r[/b]        reload servers.toml now
   [b]tab[/b]      next pane (nodes, models, GPUs, logs)
   [b]↑ ↓[/b]      select a row
+  [b]t[/b]        the demo's commands to try (in the demo only)
   [b]?[/b]        this help
   [b]q[/b]        quit (asks when requests are in flight)
 
@@ -101,6 +102,25 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         yield Static(HELP, id="help-box")
+
+
+class TryItScreen(ModalScreen[None]):
+    """The demo's "try it" lines (the banner printed before the dashboard took the screen)."""
+
+    BINDINGS = [  # noqa: RUF012 - Textual's declaration style
+        Binding("escape", "dismiss", "close"),
+        Binding("t", "dismiss", "close"),
+        Binding("q", "dismiss", "close"),
+    ]
+
+    def __init__(self, notes: str) -> None:
+        super().__init__()
+        self.notes = notes
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="try-box"):
+            yield Static(Text(self.notes.strip("\n") + "\n"))
+            yield Static(Text("escape or t to close", style="dim"))
 
 
 class ConfirmQuit(ModalScreen[bool]):

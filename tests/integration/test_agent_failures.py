@@ -36,6 +36,21 @@ def test_engine_that_cannot_start_becomes_failed_with_its_log(tmp_path):
         assert code == 503 and agent.inst("broken")["loads"] == 4
 
 
+def test_a_model_too_big_for_its_budget_says_why_in_one_line(tmp_path):
+    # 16 GiB of simulated weights in a 14 GiB budget: the engine refuses to start, as vLLM would.
+    catalog = '[models.tight]\nmodel = "org/tight"\nmemory_gib = 14\nsim = { weights_gib = 16 }\n'
+    with running_agent(tmp_path, catalog, sim_gpus=(24,), top={"restart_max": 0}) as agent:
+        try:
+            agent.chat("tight")
+            raise AssertionError("expected 503")
+        except openai.APIStatusError as exc:
+            message = exc.body["message"] if isinstance(exc.body, dict) else exc.message
+        assert "\n" not in message, message
+        assert "No available memory for the cache blocks" in message, message  # the engine's words
+        assert "memory_gib" in message and "`mvllm logs tight`" in message, message  # the hint
+        assert agent.inst("tight")["error"].startswith("engine exited with code 1: ValueError: No available memory")
+
+
 async def test_waits_are_bounded_by_queue_and_load_timeout(tmp_path):
     catalog = model("slow", sim="sim = { ttft_ms = 5, itl_ms = 2, weights_gib = 2, startup_s = 4 }")
     with running_agent(tmp_path, catalog, top={"load_timeout": 1.5, "max_queue": 2}) as agent:

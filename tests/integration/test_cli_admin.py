@@ -136,6 +136,8 @@ def test_drain_undrain_and_routing(router: Router) -> None:
     out = mvllm("drain", "nope", router=router.url)
     assert out.returncode == 1
     assert out.stderr.strip() == "mvllm: error: no node named 'nope' (nodes: n-a, n-b, n-off)"
+    out = mvllm("undrain", "n-b", router=router.url)  # not drained: it says so
+    assert out.returncode == 0 and out.stdout.strip() == "node n-b was not drained: it takes requests already", out.stdout
     out = mvllm("undrain", "n-off", router=router.url)  # drain = true in the file wins
     assert out.returncode == 1 and "drained by servers.toml (drain = true)" in out.stderr
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -379,14 +380,16 @@ def test_examples_against_the_demo(tmp_path: Path) -> None:
         env = {"MVLLM_ROUTER": f"http://127.0.0.1:{port}"}
         out = run_example("plain_client.py", env)
         assert "chat, answered by sim-" in out and "stream done: finish_reason=length" in out
-        assert "embeddings: 2 vectors of 256 dimensions" in out and out.count("node sim-") == 3
+        assert "embeddings: 2 vectors of 256 dimensions" in out and out.count("node sim-") == 4  # three engines and the agent
         out = run_example("async_client.py", env)
         assert "12 chats at once" in out and out.count("stream from sim-") == 4 and "unknown model: NotFoundError (HTTP 404)" in out
         out = run_example("openai_sdk.py", env)
         assert "chat, answered by sim-" in out and "stream usage: " in out and "unknown model: HTTP 404" in out
         out = run_example("admin.py", env)
         assert "drained sim-" in out and "undrained sim-" in out and "router log: INFO node sim-" in out
-        assert "no agent in this fleet" in out
+        # The demo's agent: the lifecycle part runs against it.
+        assert re.search(r"load \S+ on sim-agent: ready in \d+\.\ds", out) and "sleep: sleeping(1)" in out, out
+        assert "wake: ready" in out and "unload: stopped" in out, out
     finally:
         demo.stop()
         print(demo.log()[-2000:])

@@ -305,8 +305,10 @@ def test_000_dynamic_proxy_on_demand_estimate_lru_idle_unload_and_client(tmp_pat
 def test_001_vllm_server_adhoc_instance_custom_params_by_name_expiry_and_delete(tmp_path: Path) -> None:
     agent_doc = example_doc("001/agent.toml")
     assert agent_doc["adhoc"]["default_ttl"] == 600 and agent_doc["adhoc"]["max_instances"] == 20
-    dotenv = {"HF_ENDPOINT": "https://hf-mirror.example", "HTTPS_PROXY": "http://proxy.example:3128"}  # from .env
-    with agent_process(tmp_path, agent_doc, sim_gpus=(80, 80), env=dotenv) as agent:
+    dotenv = {"HF_ENDPOINT": "https://hf-mirror.example", "HTTPS_PROXY": "http://proxy.example:3128"}
+    # vllm-server's .env, beside agent.toml: the agent reads it at start.
+    (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in dotenv.items()))
+    with agent_process(tmp_path, agent_doc, sim_gpus=(80, 80)) as agent:
         servers = write(tmp_path / "servers.toml", with_agent(example_doc("001/servers.toml"), agent))
         with router_process(tmp_path, ["--config", str(servers), "--console"]) as router:
             base = router.url
@@ -523,6 +525,13 @@ async def test_003_vllm_proxy_keys_quota_rate_limit_logs_and_sglang(tmp_path: Pa
                 assert (tmp_path / "logs" / "router.log").stat().st_size > 0
                 status, _, doc = await _call(s, "POST", base + "/admin/logs/cleanup?days=7", admin_key)
                 assert status == 200, doc
+                # The seed's own names of these two routes.
+                status, _, doc = await _call(s, "GET", base + "/admin/log-stats", admin_key)
+                assert status == 200 and "router.log" in {f["name"] for f in doc["router"]["files"]}, doc
+                status, _, doc = await _call(s, "POST", base + "/admin/clean-logs?days=7", admin_key)
+                assert status == 200 and doc["router"]["days"] == 7, doc
+                status, _, doc = await _call(s, "GET", base + "/admin/log-stats", user_key)
+                assert status == 403 and doc["error"]["code"] == "admin_required"
 
                 # enabled = false in the keys file, then POST /admin/reload-keys: the key is refused.
                 keys["keys"][0]["enabled"] = False

@@ -22,7 +22,7 @@ import pytest
 
 from mvllm.router.app import RunningRouter
 from mvllm.tui.app import DashboardApp
-from mvllm.tui.widgets import ConfirmQuit, HelpScreen, SyncedTable
+from mvllm.tui.widgets import ConfirmQuit, HelpScreen, SyncedTable, TryItScreen
 from tests.integration.agent_support import TOKEN, model, running_agent
 from tests.integration.router_support import MODEL, client, router_for, sims
 from tests.procs import REPO, Proc, free_port, wait_http_ok
@@ -156,6 +156,22 @@ async def test_a_killed_node_turns_down_on_screen(tmp_path: Path, two_sims) -> N
             assert "nodes 1/2 up" in app.screen_text()
 
 
+async def test_the_demos_try_it_lines_on_the_t_key(tmp_path: Path, two_sims) -> None:
+    notes = "mvllm demo (no servers.toml found): ...\nTry the models' life cycle:\n  mvllm load qwen-7b  # starts its engine"
+    nodes = [node(two_sims[0].url, "n-a")]
+    async with router_for(tmp_path, nodes) as router:
+        app = DashboardApp(router.url, refresh_interval=0.2, notes=notes)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until_async(lambda: app.polls >= 1, 15, what="a first poll")
+            await wait_until_async(lambda: "t try it" in app.screen_text(), 10, what="the t key in the footer")
+            await pilot.press("t")
+            assert isinstance(app.screen, TryItScreen)
+            await wait_until_async(lambda: "mvllm load qwen-7b  # starts its engine" in app.screen_text(), 10, what="the notes")
+            await pilot.press("escape")
+            assert not isinstance(app.screen, TryItScreen)
+            assert "n-a" in app.screen_text()  # the dashboard again
+
+
 async def test_layout_snapshot(tmp_path: Path, two_sims) -> None:
     nodes = [node(s.url, f"n-{x}") for s, x in zip(two_sims, "ab", strict=True)]
     async with router_for(tmp_path, nodes) as router, dashboard(router) as (app, _pilot):
@@ -171,6 +187,7 @@ async def test_layout_snapshot(tmp_path: Path, two_sims) -> None:
         assert text in words, text
     for key in ("drain/undrain", "load", "unload", "sleep", "reload config", "help", "quit"):
         assert key in words, key
+    assert "try it" not in words  # the t key is the demo's only
     # Regions top to bottom: header, nodes, models and GPUs side by side, charts, errors and log.
     order = [words.index(t) for t in ("nodes 2/2 up", "Nodes", "Models", "GPUs (agents)", "Requests / s", "Recent errors")]
     assert order == sorted(order)

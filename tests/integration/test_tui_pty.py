@@ -112,15 +112,20 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
     try:
         wait_http_ok(base + "/health", 60, term.proc)
         stats = wait_until(
-            lambda: (s := json.loads(http_get(base + "/load-stats")[1])) and len(s["nodes"]) == 3
+            lambda: (s := json.loads(http_get(base + "/load-stats")[1])) and len(s["nodes"]) == 4
             and all(n["healthy"] and n["models"] for n in s["nodes"]) and s,
             30,
-            "the demo's three engines",
+            "the demo's three engines and its agent",
         )  # fmt: skip
-        ports = [urlparse(n["url"]).port for n in stats["nodes"]]
+        ports = [urlparse(n["url"]).port for n in stats["nodes"] if n["name"] != "sim-agent"]
         model = stats["nodes"][0]["models"][0]
         # The dashboard draws the demo's nodes.
-        wait_until(lambda: all(n in term.text() for n in ("sim-fast", "sim-medium", "sim-slow")), 20, "node names on screen")
+        wait_until(lambda: all(n in term.text() for n in ("sim-fast", "sim-medium", "sim-slow", "sim-agent")), 20, "node names on screen")
+        # The demo's "try it" lines while the dashboard has the screen: behind the t key.
+        shown = term.mark()
+        term.send(b"t")
+        wait_until(lambda: "mvllm load qwen-7b" in term.text(shown) and "mvllm sleep llama-8b" in term.text(shown), 10, "try-it lines")
+        term.send(b"\x1b")  # escape closes them
 
         before = term.mark()
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
@@ -145,7 +150,7 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
         # The same screen on the same router from another process: `mvllm top --router URL`.
         top = Terminal(["top", "--router", base])
         try:
-            wait_until(lambda: "sim-medium" in top.text() and "3/3 up" in top.text(), 20, "mvllm top's screen")
+            wait_until(lambda: "sim-medium" in top.text() and "4/4 up" in top.text(), 20, "mvllm top's screen")
             top.send(b"q")
             assert top.proc.wait(timeout=15) == 0
         finally:
@@ -159,3 +164,37 @@ def test_demo_dashboard_on_a_tty_shows_live_numbers_and_q_leaves_nothing_behind(
         for pid in sim_pids(ports):  # only if the test failed: nothing may outlive it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_stderr_to_a_file_on_a_terminal_runs_headless(tmp_path: Path) -> None:
+    """`mvllm run 2>file` on a terminal: plain log lines in the file, no dashboard drawn into it."""
+    port = free_port()
+    cfg = tmp_path / "servers.toml"
+    cfg.write_text("[servers]\nservers = []\n")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
+    log = tmp_path / "router.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mvllm", "run", "--config", str(cfg), "--port", str(port)],
+            cwd=REPO,
+            env={**os.environ, "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1"},
+            stdin=slave,
+            stdout=slave,
+            stderr=err,
+            start_new_session=True,
+        )
+    os.close(slave)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", 30, proc)
+        wait_until(lambda: b"router listening on" in log.read_bytes(), 10, "the log line in the file")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        text = log.read_bytes()
+        assert b"\x1b[" not in text, text[:500]  # no screen drawing
+        assert re.search(rb"^\d\d:\d\d:\d\d INFO    mvllm\.router: router listening on", text, re.MULTILINE), text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        os.close(master)

@@ -50,6 +50,27 @@ def test_sim_command_carries_sim_flags():
     assert a[a.index("--sim-startup-s") + 1] == "0.5"
 
 
+def test_sim_weights_follow_the_entrys_budget_when_it_names_none():
+    # memory_gib = 14 on a 24 GiB GPU: utilization 14/24; the weights take half of the 14 GiB.
+    c = cfg("sim", memory_gib=14)
+    a = launch_plan(c, c.models["m"], 9001, 14 / 24, 24 * GIB, "1:1", {}).argv
+    assert float(a[a.index("--sim-weights-gib") + 1]) == 7.0
+    # With tensor parallelism, the flag counts every GPU's share.
+    c = parse_config({"engine": "sim", "sim_gpus": [{"memory_gib": 24}] * 2,
+                      "models": {"m": {"model": "org/m", "memory_gib": 14, "devices": [0, 1]}}})  # fmt: skip
+    a = launch_plan(c, c.models["m"], 9001, 14 / 24, 24 * GIB, "1:1", {}).argv
+    assert float(a[a.index("--sim-weights-gib") + 1]) == 14.0
+    # An estimate (param_count, no budget): its weights per GPU.
+    c = cfg("sim", param_count=7)
+    est = c.models["m"].memory_estimate
+    assert est is not None and est.weights_bytes
+    a = launch_plan(c, c.models["m"], 9001, 0.8, 80 * GIB, "1:1", {}).argv
+    assert float(a[a.index("--sim-weights-gib") + 1]) == round(est.weights_bytes / GIB, 3)
+    # Nothing to go by: the sim's own default.
+    c = cfg("sim")
+    assert "--sim-weights-gib" not in launch_plan(c, c.models["m"], 9001, None, None, "1:1", {}).argv
+
+
 def test_token_env_is_not_passed_to_engines(monkeypatch):
     monkeypatch.setenv("TOK", "secret")
     c = parse_config({"token_env": "TOK", "models": {"m": {"model": "x"}}})

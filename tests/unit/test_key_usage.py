@@ -219,6 +219,17 @@ def test_usage_file_setting(tmp_path: Path) -> None:
         load_auth({"keys": keys, "usage_file": ""}, servers)
 
 
+def test_the_default_usage_file_goes_to_systemds_state_directory(tmp_path: Path) -> None:
+    servers = tmp_path / "etc" / "servers.toml"
+    keys = [{"name": "a", "key": SECRET}]
+    state = tmp_path / "var-lib-mvllm"
+    env = {"STATE_DIRECTORY": f"{state}:{tmp_path / 'other'}"}
+    assert load_auth({"keys": keys}, servers, env=env).usage_file == (state / "usage.json").resolve()
+    # An explicit name stays relative to servers.toml; an empty variable counts as unset.
+    assert load_auth({"keys": keys, "usage_file": "u.json"}, servers, env=env).usage_file == (servers.parent / "u.json").resolve()
+    assert load_auth({"keys": keys}, servers, env={"STATE_DIRECTORY": ""}).usage_file == (servers.parent / "usage.json").resolve()
+
+
 def set_aside(directory: Path) -> list[Path]:
     return list(directory.glob("usage.json.bad-*"))
 

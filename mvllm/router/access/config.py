@@ -72,7 +72,7 @@ def load_auth(
     agent_token = _read_secret(s, "agent_token", "agent_token_env", env, required=False)
     limits, queue = _read_limits(s, "limits", allow_queue=True) if s.has("limits") else (None, QueueSpec())
     keys_file_name = s.str("keys_file")
-    usage_file = _read_usage_file(s, path)
+    usage_file = _read_usage_file(s, path, env)
     inline_declared = s.has("keys")
     inline = s.raw("keys", [])
     s.check_unknown()
@@ -105,8 +105,14 @@ def load_auth(
     )
 
 
-def _read_usage_file(s: Section, path: Path) -> Path | None:
-    """`usage_file`: a path relative to servers.toml (default usage.json), or false for memory only."""
+def _read_usage_file(s: Section, path: Path, env: Mapping[str, str]) -> Path | None:
+    """`usage_file`: a path relative to servers.toml, or false for memory only. The default,
+    usage.json, goes to systemd's $STATE_DIRECTORY when it is set (the unit's /etc is read-only),
+    else beside servers.toml."""
+    if not s.has("usage_file"):
+        # systemd may list several directories, colon-separated: the first is ours.
+        state_dir = env.get("STATE_DIRECTORY", "").split(":")[0].strip()
+        return (Path(state_dir or path.parent) / DEFAULT_USAGE_FILE).resolve()
     value = s.raw("usage_file", DEFAULT_USAGE_FILE)
     if value is False:
         return None

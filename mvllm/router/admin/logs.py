@@ -2,6 +2,7 @@
 agent's), `POST /admin/logs/cleanup[?days=N]` (files older than N days, or each part's own
 `log_retention_days`), `GET /admin/models/{model}/logs` (an engine's log from its agent, by tail or
 by cursor, what `mvllm logs` reads), and the hourly cleanup of the router's own rotated logs.
+`/admin/log-stats` and `/admin/clean-logs` are aliases of the first two.
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ async def _cleanup_ctx(app: web.Application) -> AsyncIterator[None]:
 ROUTES = [
     web.get("/admin/logs/stats", logs_stats),
     web.post("/admin/logs/cleanup", logs_cleanup),
+    # The names vllm-server used, so its scripts keep working.
+    web.get("/admin/log-stats", logs_stats),
+    web.post("/admin/clean-logs", logs_cleanup),
     web.get("/admin/models/{model:.+}/logs", model_logs),
 ]
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from mvllm.common.state import READY, SLEEPING, STOPPED, InstanceState
+from mvllm.common.state import FAILED, READY, SLEEPING, STOPPED, InstanceState
 from mvllm.router.admin.agent_calls import call, model_routes, relay
 from mvllm.router.admin.errors import AdminError
 from mvllm.router.appkeys import SCRAPER_KEY, STATE_KEY
@@ -41,6 +41,11 @@ def _choose(state: RouterState, action: str, model: str, routes: list[AgentRoute
     now = time.monotonic()
     if action == "load":
         chosen = choose_tiered(state.policy, [r for r in routes if r.routable(now)], model)
+        if chosen is None:
+            # Failed wherever it could go: an operator's load is the retry a failed model waits for
+            # (the agent starts it afresh), on any agent that is up, without --node.
+            failed = [r for r in routes if r.state == FAILED and r.agent.routable(now)]
+            chosen = state.policy.choose(failed, model)
         if chosen is None:
             wait = max(1, math.ceil(state.config.health.interval))
             raise AdminError(
