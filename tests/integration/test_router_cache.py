@@ -101,7 +101,8 @@ async def test_conversations_stick_to_their_node_and_every_answer_explains_itsel
         assert await gauge(s, r.url, "mvllm_prefix_index_bytes") == r.state.prefix_index.size_bytes > 0
         # The sims' own prefix-cache counters, scraped: most prompt tokens were hits (turns 1-3).
         await wait_until_async(
-            lambda: all((n.prefix_hit_ratio or 0) > 0.5 for n in r.state.registry.nodes() if n.prefix_queries),
+            lambda: any(n.prefix_queries for n in r.state.registry.nodes())
+            and all((n.prefix_hit_ratio or 0) > 0.5 for n in r.state.registry.nodes() if n.prefix_queries),
             5, what="prefix hits scraped",
         )
         async with s.get(r.url + "/load-stats") as resp:
