@@ -39,6 +39,7 @@ from mvllm.router.proxy import (
 from mvllm.router.reload import ConfigWatcher
 from mvllm.router.state import RouterState
 from mvllm.router.stats import load_stats_snapshot
+from mvllm.router.wire import JsonErrorRunner
 
 log = logging.getLogger("mvllm.router.app")
 
@@ -296,7 +297,8 @@ async def running_router(
     # upstream connection, which makes the engine abort the request.
     # keepalive_timeout also closes a connection that never completes its first request's headers
     # (aiohttp arms it when the connection opens): idle and slow-header connections are bounded.
-    runner = web.AppRunner(
+    # JsonErrorRunner: what aiohttp's HTTP parser refuses is answered in OpenAI form too.
+    runner = JsonErrorRunner(
         app,
         handler_cancellation=True,
         access_log=None,

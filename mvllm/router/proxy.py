@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response, sse_error_event
 from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
+from mvllm.router.bounds import check_choices
 from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
@@ -260,16 +261,26 @@ class Proxy:
             except BadRequest as exc:
                 self._count("", "-", 400)
                 return error_response(400, exc.message, code=exc.code)
-            # The key's model allow-list (403, before saying whether the model exists) and limits (429).
+            over = check_choices(doc, state.config.max_n) if doc is not None else None
+            if over is not None:
+                self._count("", "-", 400)
+                return error_response(400, over.message, code="integer_above_max_value", param=over.param)
+            nodes = state.registry.nodes_for(model)
+            if not nodes:
+                # The key's model allow-list first (403, before saying whether the model exists);
+                # no limit is charged for a model nothing serves.
+                denied = state.gate.model_denied(request, model)
+                if denied is not None:
+                    self._count("", "-", denied.status)
+                    return denied
+                self._count("", "-", 404)
+                hint = unread_catalogs(state.registry.agents())  # an agent we could not read may have it
+                return error_response(404, f"The model `{model}` does not exist.{hint}", code="model_not_found")
+            # The key's model allow-list (403) and limits (429).
             denied = await state.gate.admit(request, model, doc)
             if denied is not None:
                 self._count("", "-", denied.status)  # model unchecked yet: no label of it
                 return denied
-            nodes = state.registry.nodes_for(model)
-            if not nodes:
-                self._count("", "-", 404)
-                hint = unread_catalogs(state.registry.agents())  # an agent we could not read may have it
-                return error_response(404, f"The model `{model}` does not exist.{hint}", code="model_not_found")
         else:
             denied = await state.gate.admit(request, None, None)
             if denied is not None:
@@ -344,7 +355,7 @@ class Proxy:
                     self._node_failed(node, reason, sent)
                 else:
                     node.breaker.on_abandon()  # no fault (429): free a probe slot
-                if len(tried) > retry_cfg.max_retries:
+                if len(tried) > retry_cfg.max_retries or not ledger.may_retry():
                     break
                 log.info("request %s: node %s failed (%s); retrying on another node", request_id, node.name, result.detail)
                 state.metrics.retries.labels(model, reason).inc()
