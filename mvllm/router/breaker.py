@@ -15,6 +15,14 @@ sent earlier were in flight when the node started failing and prove nothing abou
 many requests in flight the breaker still opens on the second failure, and at most one request
 sent after the first failure reaches the node (`sent_after_failure` counts them). A failure can be
 taken back (`forgive`) when the request turns out to be at fault (it failed alike on every node).
+
+A node that accepts requests and never answers is found only when they time out, and every request
+sent to it meanwhile waits out the timeout too. So the breaker also counts the requests in flight
+sent since the node last answered (`unanswered`); with more than `failure_threshold` of them (and
+of its failures since) the node is `stalled`, and the proxy sends it nothing more while another candidate is not (a soft
+rule: a stalled node still serves when it is the only one). A hanging node therefore holds at most
+failure_threshold + 1 requests (3 by default): failure_threshold of them time out and open the
+breaker. Any answer (`on_success`) clears the count.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ class Transition:
 
 class Breaker:
     __slots__ = (
-        "_last_failure_at",
+                "_last_failure_at",
         "_opened_at",
         "_opened_from_closed",
         "_probe_in_flight",
@@ -49,9 +57,11 @@ class Breaker:
         "cooldown",
         "failure_threshold",
         "failures",
+        "last_answer_at",
         "sent_after_failure",
         "state",
         "success_threshold",
+        "unanswered",
     )
 
     def __init__(self, failure_threshold: int = 2, cooldown: float = 10.0, success_threshold: int = 1) -> None:
@@ -67,6 +77,8 @@ class Breaker:
         self._last_failure_at = float("-inf")
         # Requests let through while closed with a failure already counted: what the threshold costs.
         self.sent_after_failure = 0
+        self.unanswered = 0  # requests in flight sent since the node last answered
+        self.last_answer_at = float("-inf")  # when the node last answered (monotonic)
 
     def configure(self, failure_threshold: int, cooldown: float, success_threshold: int) -> None:
         """New thresholds from a config reload; the current state is kept."""
@@ -89,7 +101,9 @@ class Breaker:
         return 0.0
 
     def on_dispatch(self, now: float) -> Transition | None:
-        """A request is being sent to the node. Returns a transition when it becomes the probe."""
+        """A request is being sent to the node. Returns a transition when it becomes the probe.
+        Each dispatch is matched by one `on_settled` with the same `now` once the attempt ends."""
+        self.unanswered += 1
         if self.state is BreakerState.CLOSED:
             if self.failures:
                 self.sent_after_failure += 1
@@ -105,6 +119,8 @@ class Breaker:
 
     def on_success(self, now: float, sent_at: float | None = None) -> Transition | None:
         """The node answered properly a request sent at `sent_at` (None: count it whenever it was sent)."""
+        self.last_answer_at = now
+        self.unanswered = 0  # it answers: what it holds now is work, not a hang
         if self.state is BreakerState.CLOSED:
             if sent_at is None or sent_at >= self._last_failure_at:
                 self.failures = 0
@@ -149,6 +165,19 @@ class Breaker:
             self.state = BreakerState.CLOSED
             return Transition(BreakerState.OPEN, BreakerState.CLOSED)
         return None
+
+    def on_settled(self, sent_at: float) -> None:
+        """The attempt dispatched at `sent_at` is over, whatever its outcome."""
+        if sent_at > self.last_answer_at and self.unanswered > 0:
+            self.unanswered -= 1  # it was still counted: no answer came since it was sent
+
+    def stalled(self) -> bool:
+        """More requests wait on the node unanswered (or already failed, while closed) than the
+        failures that open the breaker: send it no more while another node is not stalled. The
+        failures count too so that the first of several timeouts does not reopen the node for
+        the moment until the next one opens its breaker."""
+        failed = self.failures if self.state is BreakerState.CLOSED else 0
+        return self.unanswered + failed > self.failure_threshold
 
     def on_abandon(self) -> None:
         """The request ended without a verdict (client went away): free the probe slot."""

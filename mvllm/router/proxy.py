@@ -212,6 +212,17 @@ class Failed:
     answer: UpstreamAnswer | None = None
 
 
+def answering(candidates: list[Target]) -> list[Target]:
+    """The candidates that are not `stalled` (breaker.py: an awake node holding requests it has
+    not answered is likely hanging; a loading one is silent by design). When all are, those that
+    answered last: a node that answers slowly beats one that does not answer at all."""
+    fresh = [n for n in candidates if not (n.tier == 0 and n.breaker.stalled())]
+    if fresh or not candidates:
+        return fresh
+    latest = max(n.breaker.last_answer_at for n in candidates)
+    return [n for n in candidates if n.breaker.last_answer_at == latest]
+
+
 def _ignore(done: ResponseComplete) -> None:
     pass
 
@@ -333,7 +344,7 @@ class Proxy:
             while True:
                 now = time.monotonic()
                 candidates = [n for n in nodes if n.routable(now) and n not in tried]
-                node = choose_tiered(state.policy, candidates, model)
+                node = choose_tiered(state.policy, answering(candidates), model)
                 if node is None:
                     break
                 tried.append(node)
@@ -467,6 +478,7 @@ class Proxy:
                 up.release()
             if not verdict:
                 node.breaker.on_abandon()  # cancelled (client went away): free a half-open probe
+            node.breaker.on_settled(sent)
             node.in_flight -= 1
             if node.retired:
                 state.registry.release(node)
