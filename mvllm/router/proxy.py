@@ -76,6 +76,9 @@ _BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 # Non-streamed answers up to this size are read whole before the client sees a byte, which makes a
 # node that dies while sending one retryable. Bigger or unsized answers are streamed.
 _BUFFER_LIMIT = 8 * 1024 * 1024
+# A buffered answer up to this size fits the socket buffers and is handed to aiohttp to write; a
+# bigger one is written under client_timeout (Proxy._send_body), since a client may never read it.
+_UNWATCHED_WRITE = 256 * 1024
 _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -514,7 +517,10 @@ class Proxy:
             metrics.observe_latency(model, elapsed)
             self._count(model, node.name, up.status)
             self.on_complete(ResponseComplete(request, up.status, data))  # the engine's usage is at its end
-            return web.Response(status=up.status, body=data, headers=headers)
+            if len(data) <= _UNWATCHED_WRITE:
+                return web.Response(status=up.status, body=data, headers=headers)
+            up.release()  # all read: the node's connection goes back to the pool before the client's write
+            return await self._send_body(request, up.status, headers, data, request_id)
 
         # A stream (or an unsized body): wait for its first chunk (up to the first-byte timeout,
         # an agent's load_timeout) before committing to the client.
@@ -576,6 +582,26 @@ class Proxy:
         self.on_complete(ResponseComplete(request, resp.status, tail0 + tail1 + tail2))
         metrics.observe_latency(model, time.perf_counter() - t0)
         self._count(model, node.name, status)
+        return resp
+
+    async def _send_body(
+        self, request: web.Request, status: int, headers: CIMultiDict[str], data: bytes, request_id: str
+    ) -> web.StreamResponse:
+        """Write a whole answer too big for the socket buffers, within client_timeout: a client
+        that does not read it is dropped then, not held (with the answer in memory) forever."""
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = len(data)
+        timeout = self.state.config.client_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await resp.prepare(request)
+                await resp.write_eof(data)
+        except TimeoutError:
+            log.warning("request %s: client read too little of its answer in %g s; dropping it", request_id, timeout)
+            if request.transport is not None:
+                request.transport.abort()  # abort, not close: close would wait to flush to it
+        except ConnectionError:
+            pass  # the client went away
         return resp
 
     async def _broken_stream(
