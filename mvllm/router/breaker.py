@@ -18,16 +18,18 @@ taken back (`forgive`) when the request turns out to be at fault (it failed alik
 
 A node that accepts requests and never answers is found only when they time out, and every request
 sent to it meanwhile waits out the timeout too. So the breaker also counts the requests in flight
-sent since the node last answered (`unanswered`); with more than `failure_threshold` of them (and
-of its failures since) the node is `stalled`, and the proxy sends it nothing more while another candidate is not (a soft
-rule: a stalled node still serves when it is the only one). A hanging node therefore holds at most
-failure_threshold + 1 requests (3 by default): failure_threshold of them time out and open the
-breaker. Any answer (`on_success`) clears the count.
+that no answer has vouched for (`unanswered`: sent after the latest request the node answered);
+with more than `failure_threshold` of them (and of its failures since) the node is `stalled`, and
+the proxy sends it nothing more while another candidate is not (a soft rule: when all are
+stalled, proxy.answering picks among them). So while another node keeps up, a hanging node holds
+at most failure_threshold + 1 requests (3 by default): failure_threshold of them time out and open
+the breaker.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -49,11 +51,12 @@ class Transition:
 
 class Breaker:
     __slots__ = (
-                "_last_failure_at",
+        "_last_failure_at",
         "_opened_at",
         "_opened_from_closed",
         "_probe_in_flight",
         "_successes",
+        "_unproven",
         "cooldown",
         "failure_threshold",
         "failures",
@@ -61,7 +64,6 @@ class Breaker:
         "sent_after_failure",
         "state",
         "success_threshold",
-        "unanswered",
     )
 
     def __init__(self, failure_threshold: int = 2, cooldown: float = 10.0, success_threshold: int = 1) -> None:
@@ -77,7 +79,9 @@ class Breaker:
         self._last_failure_at = float("-inf")
         # Requests let through while closed with a failure already counted: what the threshold costs.
         self.sent_after_failure = 0
-        self.unanswered = 0  # requests in flight sent since the node last answered
+        # Send times of the requests in flight sent after the latest one the node answered, oldest
+        # first (dispatches come in time order).
+        self._unproven: deque[float] = deque()
         self.last_answer_at = float("-inf")  # when the node last answered (monotonic)
 
     def configure(self, failure_threshold: int, cooldown: float, success_threshold: int) -> None:
@@ -103,7 +107,7 @@ class Breaker:
     def on_dispatch(self, now: float) -> Transition | None:
         """A request is being sent to the node. Returns a transition when it becomes the probe.
         Each dispatch is matched by one `on_settled` with the same `now` once the attempt ends."""
-        self.unanswered += 1
+        self._unproven.append(now)
         if self.state is BreakerState.CLOSED:
             if self.failures:
                 self.sent_after_failure += 1
@@ -120,7 +124,13 @@ class Breaker:
     def on_success(self, now: float, sent_at: float | None = None) -> Transition | None:
         """The node answered properly a request sent at `sent_at` (None: count it whenever it was sent)."""
         self.last_answer_at = now
-        self.unanswered = 0  # it answers: what it holds now is work, not a hang
+        # It answers: what it was sent up to this request is work, not a hang.
+        unproven = self._unproven
+        if sent_at is None:
+            unproven.clear()
+        else:
+            while unproven and unproven[0] <= sent_at:
+                unproven.popleft()
         if self.state is BreakerState.CLOSED:
             if sent_at is None or sent_at >= self._last_failure_at:
                 self.failures = 0
@@ -168,8 +178,19 @@ class Breaker:
 
     def on_settled(self, sent_at: float) -> None:
         """The attempt dispatched at `sent_at` is over, whatever its outcome."""
-        if sent_at > self.last_answer_at and self.unanswered > 0:
-            self.unanswered -= 1  # it was still counted: no answer came since it was sent
+        unproven = self._unproven
+        if unproven and unproven[0] == sent_at:
+            unproven.popleft()  # the usual case: the oldest ends first
+        elif unproven and sent_at > unproven[0]:
+            try:
+                unproven.remove(sent_at)
+            except ValueError:
+                pass  # an answer vouched for it already
+
+    @property
+    def unanswered(self) -> int:
+        """Requests in flight that no answer of the node has vouched for."""
+        return len(self._unproven)
 
     def stalled(self) -> bool:
         """More requests wait on the node unanswered (or already failed, while closed) than the

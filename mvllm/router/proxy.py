@@ -215,15 +215,22 @@ class Failed:
     answer: UpstreamAnswer | None = None
 
 
-def answering(candidates: list[Target]) -> list[Target]:
+# When every candidate is stalled, those silent for at most twice the least silent one (plus this
+# slack) stay in: busy nodes alike are left to the policy, a node silent far longer is not.
+_SILENCE_SLACK = 0.0
+
+
+def answering(candidates: list[Target], now: float) -> list[Target]:
     """The candidates that are not `stalled` (breaker.py: an awake node holding requests it has
-    not answered is likely hanging; a loading one is silent by design). When all are, those that
-    answered last: a node that answers slowly beats one that does not answer at all."""
+    not answered is likely hanging; a loading one is silent by design). When all are, the ones
+    that answered about as recently as the latest: a node that answers slowly beats one that has
+    not answered at all for far longer."""
     fresh = [n for n in candidates if not (n.tier == 0 and n.breaker.stalled())]
     if fresh or not candidates:
         return fresh
-    latest = max(n.breaker.last_answer_at for n in candidates)
-    return [n for n in candidates if n.breaker.last_answer_at == latest]
+    quiet = [now - n.breaker.last_answer_at for n in candidates]
+    bound = 2 * min(quiet) + _SILENCE_SLACK
+    return [n for n, q in zip(candidates, quiet, strict=True) if q <= bound]
 
 
 def _ignore(done: ResponseComplete) -> None:
@@ -347,7 +354,7 @@ class Proxy:
             while True:
                 now = time.monotonic()
                 candidates = [n for n in nodes if n.routable(now) and n not in tried]
-                node = choose_tiered(state.policy, answering(candidates), model)
+                node = choose_tiered(state.policy, answering(candidates, now), model)
                 if node is None:
                     break
                 tried.append(node)

@@ -196,3 +196,14 @@ def test_two_waiting_requests_are_not_a_stall() -> None:
     b.on_dispatch(1.0)
     b.on_dispatch(1.1)
     assert not b.stalled()
+
+
+def test_an_answer_vouches_only_for_requests_sent_up_to_the_answered_one() -> None:
+    b = Breaker(failure_threshold=2)
+    for t in (1.0, 2.0, 3.0, 4.0):
+        b.on_dispatch(t)
+    b.on_success(5.0, sent_at=1.0)  # an old request finished: the three sent later are still unproven
+    assert b.unanswered == 3 and b.stalled()
+    b.on_settled(1.0)
+    b.on_settled(3.0)  # one of them ends (a client went away)
+    assert b.unanswered == 2 and not b.stalled()
