@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
-from mvllm.router.limits import LimitSet, LimitSpec, QuotaSpec
 
+from mvllm.router.access.limits import LimitSet, LimitSpec, QuotaSpec
+from mvllm.router.access.shared import SharedLimits
 from mvllm.router.cluster_scripts import QuotaCheck, RateCheck, SlotCheck, TokenCheck
 from mvllm.router.cluster_store import ClusterStore
 
@@ -76,6 +77,33 @@ async def shared(url: str, n: int) -> tuple[float, float]:
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
+async def router_path(url: str, n: int) -> tuple[float, float]:
+    """What the router's gate does per request with [cluster] redis_url: SharedLimits (one ADMIT,
+    one FINISH in the background) plus the local LimitSet's counting."""
+    spec = LimitSpec(requests_per_second=HUGE, burst=HUGE)
+    key = Key(
+        "bench",
+        LimitSpec(requests_per_second=HUGE, burst=HUGE, max_concurrent=HUGE, tokens_per_minute=HUGE),
+        QuotaSpec(requests_per_day=HUGE),
+    )
+    limits = LimitSet(spec)
+    async with ClusterStore(url, prefix="mvllm-bench-gate:") as store:
+        gate = SharedLimits(store)
+        await store.ping()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            ticket = limits.ticket(key, 300)
+            outcome = await gate.admit(limits, spec, key, ticket)  # type: ignore[arg-type]
+            assert outcome.decision is not None and outcome.decision.allowed and outcome.shared is not None
+            limits.settle(ticket, 120)
+            outcome.shared.used_tokens = 120
+            limits.release(ticket)
+            gate.finish(outcome.shared)
+            await asyncio.sleep(0)
+        await gate.drain(30)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -111,12 +139,19 @@ def main() -> None:
         before = redis_cpu(url)
         red_wall, red_cpu = asyncio.run(shared(url, args.n))
         server = redis_cpu(url) - before
+        before = redis_cpu(url)
+        gate_wall, gate_cpu = asyncio.run(router_path(url, args.n))
+        gate_server = redis_cpu(url) - before
     us = 1e6 / args.n
     print(f"requests: {args.n} (admit + settle + release; 2 scopes, 5 limits)")
     print(f"in memory (LimitSet):     wall {mem_wall * us:7.1f} us  cpu {mem_cpu * us:7.1f} us")
     print(
         f"shared (Redis, 2 trips):  wall {red_wall * us:7.1f} us  cpu {red_cpu * us:7.1f} us"
         f"  + redis-server cpu {server * us:7.1f} us"
+    )
+    print(
+        f"router's gate (shared):   wall {gate_wall * us:7.1f} us  cpu {gate_cpu * us:7.1f} us"
+        f"  + redis-server cpu {gate_server * us:7.1f} us"
     )
 
 

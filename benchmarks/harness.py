@@ -331,12 +331,14 @@ class Harness:
         *,
         policy: str = "least-score",
         config: Mapping[str, Any] | None = None,
+        policy_keys: Mapping[str, Any] | None = None,
     ) -> Path:
-        """servers.toml for the router: `nodes` are (name, url, capacity); `config` adds [config] keys."""
+        """servers.toml for the router: `nodes` are (name, url, capacity); `config` adds [config]
+        keys, `policy_keys` [policy] keys besides its type."""
         doc: dict[str, Any] = {
             "router": {"host": HOST, "port": port},
             "config": dict(config or {}),
-            "policy": {"type": policy},
+            "policy": {"type": policy, **(policy_keys or {})},
             "servers": {
                 "servers": [{"name": n, "url": u, "max_concurrent_requests": c} for n, u, c in nodes],
             },
@@ -352,9 +354,10 @@ class Harness:
         policy: str = "least-score",
         config: Mapping[str, Any] | None = None,
         ready_timeout: float = 30.0,
+        policy_keys: Mapping[str, Any] | None = None,
     ) -> Endpoint:
         port = free_port()
-        path = self.write_router_config(nodes, port, policy=policy, config=config)
+        path = self.write_router_config(nodes, port, policy=policy, config=config, policy_keys=policy_keys)
         argv = [sys.executable, "-m", "mvllm", "run", "--console", "--config", str(path), "--port", str(port)]
         svc = self._spawn(f"router-{port}", argv)
         ep = Endpoint("router", svc, port)

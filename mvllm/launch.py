@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
         demo=args.demo,
         console=args.console,
         log_level=args.log_level,
+        workers=args.workers,
+        worker_of=args.worker_of,
     )
     return main(opts, dashboard if use_dashboard(opts) else None)
 

@@ -84,10 +84,11 @@ def write_servers(
     agents: list[dict[str, Any]] | None = None,
     auth: dict[str, Any] | None = None,
     router: dict[str, Any] | None = None,
+    policy: dict[str, Any] | None = None,
     **config: Any,
 ) -> Path:
     """servers.toml with these static nodes and/or agents, FAST_ROUTER loops (`config` overrides
-    them) and optional `[router]` and `[auth]` tables."""
+    them) and optional `[router]`, `[auth]` and `[policy]` tables."""
     doc: dict[str, Any] = {"config": {**FAST_ROUTER, **config}}
     if nodes is not None:
         doc["servers"] = {"servers": nodes}
@@ -97,4 +98,6 @@ def write_servers(
         doc["router"] = router
     if auth is not None:
         doc["auth"] = auth
+    if policy is not None:
+        doc["policy"] = policy
     return atomic_write(path, tomli_w.dumps(doc))

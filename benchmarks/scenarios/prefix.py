@@ -16,6 +16,10 @@ Skewed leg: single-turn requests, SKEW_HOT of them on one hot system prompt and 
 others, Poisson arrivals at a rate that puts the hot prefix above one node's capacity: a policy
 that only follows the prefix would pile it on one node; it must still spread.
 
+Memory leg (with cache-aware): MEMORY_PROMPTS distinct ~1,000-character prompts (100k; 10k
+quick), each its own chain of index keys, through a cache-aware router over two fast sims; the
+router's RSS after them must stay within its RSS after a warm-up plus max_tree_bytes.
+
 Every policy sees the same seeded arrivals; each node's prefix cache is reset before each leg.
 Reported per leg: TTFT mean/p99, the fleet's prefix-cache hit ratio (sum of the sims'
 vllm:prefix_cache_hits_total deltas over the sum of their vllm:prefix_cache_queries_total
@@ -45,6 +49,7 @@ from benchmarks.harness import (
     Unavailable,
     raise_nofile_limit,
     router_cli_available,
+    rss_bytes,
 )
 from benchmarks.loadgen import make_session, one_request
 from benchmarks.report import Check, Row, ScenarioResult, fmt, render_checks, render_table
@@ -70,6 +75,11 @@ SKEW_MAX_TOKENS = 32
 SKEW_HOT = 0.8
 SKEW_OTHERS = 8
 COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")
+MEMORY_PROMPTS = 100_000
+MEMORY_WARMUP = 1_000
+MEMORY_TREE_BYTES = 32 * 1024 * 1024  # the default max_tree_bytes
+MEMORY_CONCURRENCY = 32
+MIB = 1024 * 1024
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -193,6 +203,57 @@ async def skewed(url: str, model: str, rate: float, duration: float, timeout: fl
 
 
 @dataclass
+class Memory:
+    prompts: int
+    baseline: int  # router RSS after the warm-up (bytes)
+    final: int  # ... and after every prompt
+    index_bytes: float  # mvllm_prefix_index_bytes at the end
+    failures: int
+    seconds: float
+
+    @property
+    def growth(self) -> int:
+        return self.final - self.baseline
+
+
+async def _distinct_prompts(url: str, model: str, first: int, count: int, timeout: float) -> int:
+    """`count` completions, each prompt distinct from its first characters on; returns failures."""
+    filler = words(random.Random("memory"), 160)  # ~1,000 characters after the distinct head
+    failures = 0
+    it = iter(range(first, first + count))
+
+    async def worker() -> None:
+        nonlocal failures
+        for i in it:
+            body = json.dumps({"model": model, "prompt": f"distinct prompt {i}: {filler}", "max_tokens": 1}).encode()
+            records: list[RequestRecord] = []
+            await one_request(session, url + "/v1/completions", body, False, records, timeout=timeout)
+            failures += sum(1 for r in records if r.error)
+
+    async with make_session() as session:
+        await asyncio.gather(*(worker() for _ in range(MEMORY_CONCURRENCY)))
+    return failures
+
+
+async def memory_leg(ctx: Context, h: Harness, prompts: int) -> Memory:
+    fast = await h.start_sims([SimSpec(max_num_seqs=256)] * 2)
+    rt = await h.start_router([(f"m{i}", n.url, 256) for i, n in enumerate(fast)], policy="cache-aware",
+                              policy_keys={"max_tree_bytes": MEMORY_TREE_BYTES})
+    t0 = time.monotonic()
+    try:
+        failures = await _distinct_prompts(rt.url, fast[0].model, 0, MEMORY_WARMUP, 30.0)
+        baseline = rss_bytes(rt.pid)
+        ctx.log(f"prefix: memory, {prompts} distinct prompts (router RSS {baseline / MIB:.0f} MiB after warm-up)")
+        failures += await _distinct_prompts(rt.url, fast[0].model, MEMORY_WARMUP, prompts, 30.0)
+        final = rss_bytes(rt.pid)
+        _, body = await h.get(f"{rt.url}/metrics")
+        index_bytes = next((x.value for x in iter_samples(body.decode(), ["mvllm_prefix_index_bytes"])), math.nan)
+    finally:
+        await h.stop(rt.service)
+    return Memory(prompts, baseline, final, index_bytes, failures, time.monotonic() - t0)
+
+
+@dataclass
 class Leg:
     stats: RunStats
     hit_ratio: float
@@ -247,7 +308,22 @@ async def run(ctx: Context, policies: Sequence[str] = POLICIES) -> ScenarioResul
                 legs[(policy, leg_name)] = leg
                 res.rows.append(_row(f"{policy} {leg_name}", leg))
             await h.stop(rt.service)
+        memory = None
+        if ctx.router_ok and "cache-aware" in policies and not any("cache-aware: router refused" in n for n in res.notes):
+            memory = await memory_leg(ctx, h, int(ctx.pick(MEMORY_PROMPTS / 10, MEMORY_PROMPTS)))
+            res.rows.append(Row("prefix", f"cache-aware memory, {memory.prompts} distinct prompts",
+                                reqs=memory.prompts + MEMORY_WARMUP, errors=memory.failures, extra=(
+                f"router RSS {memory.baseline / MIB:.1f} MiB after {MEMORY_WARMUP} warm-up prompts, "
+                f"{memory.final / MIB:.1f} MiB after (+{memory.growth / MIB:.1f} MiB); "
+                f"prefix index {memory.index_bytes / MIB:.1f} MiB counted; max_tree_bytes {MEMORY_TREE_BYTES / MIB:.0f} MiB; "
+                f"{memory.failures} failures; {memory.seconds:.0f} s")))
     res.checks.extend(_checks(legs))
+    if memory is not None:
+        res.checks.append(Check(
+            f"memory: router RSS after {memory.prompts} distinct prompts <= warm-up RSS + max_tree_bytes, 0 failures",
+            f"+{memory.growth / MIB:.1f} MiB of {MEMORY_TREE_BYTES / MIB:.0f} MiB, {memory.failures} failures",
+            memory.growth <= MEMORY_TREE_BYTES and memory.failures == 0,
+        ))
     res.notes.append(
         f"{NODES} sim nodes: max_num_seqs {NODE.max_num_seqs}, ttft {NODE.ttft_ms:g} ms, itl {NODE.itl_ms:g} ms, "
         f"KV pool {KV_TOKENS} tokens, "

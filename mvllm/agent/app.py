@@ -17,15 +17,16 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mvllm.agent import engine_metrics, enginelogs, procs, report, runtime_api
+from mvllm.agent import engine_info, engine_metrics, enginelogs, procs, report, runtime_api
 from mvllm.agent.appkeys import CONFIG, GATEKEEPER, METRICS, REAP_STALE, SUPERVISOR
 from mvllm.agent.config import AgentConfig
 from mvllm.agent.errors import BadRequest
 from mvllm.agent.gpu import GpuBackend, NvmlBackend, SimBackend
 from mvllm.agent.http_helpers import Handler, api, json_body, wants_wait
 from mvllm.agent.metrics import AgentMetrics
-from mvllm.agent.proxy import Gatekeeper
+from mvllm.agent.proxy import ENGINE_KEEPALIVE_S, Gatekeeper, engine_trace
 from mvllm.agent.supervisor import Supervisor
+from mvllm.agent.warm_launcher import WarmLauncher
 from mvllm.common.errors import error_response
 
 log = logging.getLogger("mvllm.agent")
@@ -225,12 +226,17 @@ async def _loop(name: str, interval: float, step: Callable[[], Awaitable[None]])
 async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S),
+        trace_configs=[engine_trace()],  # tells the relay a request went out on a pooled connection
         auto_decompress=False,  # relay bytes as the engine sent them
     )
     backend: GpuBackend = SimBackend(cfg.sim_gpus, session) if cfg.engine == "sim" else NvmlBackend()
     metrics_ = AgentMetrics()
-    sup = Supervisor(cfg, backend, session, metrics_, procs.agent_id())
+    agent_id = procs.agent_id()
+    launcher = WarmLauncher(cfg.engine, cfg.log_dir, agent_id) if cfg.warm_launcher_on else None
+    if launcher is not None:
+        await launcher.start()
+    sup = Supervisor(cfg, backend, session, metrics_, agent_id, launcher=launcher)
     metrics_.watch(lambda: report.snapshot(sup))
     app[SUPERVISOR] = sup
     app[METRICS] = metrics_
@@ -255,6 +261,8 @@ async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await sup.close()
+        if launcher is not None:
+            await launcher.close()
         await session.close()
         backend.close()
         log.info("agent stopped; no engine left running")
@@ -267,6 +275,7 @@ def create_app(cfg: AgentConfig, *, reap_stale: bool = False) -> web.Application
     app.cleanup_ctx.append(_agent_ctx)
     app.add_routes(routes)
     app.add_routes(runtime_api.routes)  # ad-hoc instances, assign
+    app.add_routes(engine_info.routes)  # GET /models/NAME/proxy/{path}: an engine's health, models, metrics
     app.cleanup_ctx.append(runtime_api.runtime_ctx)  # after the agent's own: it needs the supervisor
     logs = enginelogs.EngineLogs(cfg.log_dir, cfg.engine_log_max_bytes, cfg.engine_log_backups, cfg.log)
     enginelogs.register_log_routes(app, logs, lambda a: list(a[SUPERVISOR].instances), cfg.log_check_interval)

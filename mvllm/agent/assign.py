@@ -82,6 +82,8 @@ def spec_table(spec: ModelSpec) -> dict[str, Any]:
         t["env"] = dict(spec.env)
     if spec.lora_adapters:
         t["lora_adapters"] = dict(spec.lora_adapters)
+    if spec.lora_dir is not None:
+        t["lora_dir"] = str(spec.lora_dir)
     if spec.sim:
         t["sim"] = dict(spec.sim)
     return t

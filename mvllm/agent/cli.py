@@ -85,8 +85,15 @@ def _serve(cfg: AgentConfig, reap_stale: bool) -> int:
     from aiohttp import web
 
     from mvllm.agent.app import create_app
+    from mvllm.common.eventloop import loop_name, new_event_loop, tune_gc
 
     app = create_app(cfg, reap_stale=reap_stale)
+
+    async def _tuned(_app: web.Application) -> None:
+        tune_gc()  # after the agent's own start-up (its cleanup_ctx runs first): short, rare GC pauses
+
+    app.on_startup.append(_tuned)
+    logging.getLogger("mvllm.agent").info("event loop: %s", loop_name())
     # handler_cancellation: a client that disconnects cancels its relay, which closes the engine
     # request too. shutdown_timeout bounds how long open client connections may delay the stop.
     web.run_app(
@@ -95,6 +102,7 @@ def _serve(cfg: AgentConfig, reap_stale: bool) -> int:
         port=cfg.port,
         handler_cancellation=True,
         shutdown_timeout=5.0,
+        loop=new_event_loop(),  # uvloop when installed, as the router's
         access_log=None,
         print=lambda msg: print(f"mvllm agent listening on http://{cfg.host}:{cfg.port}", file=sys.stderr, flush=True),
     )

@@ -47,6 +47,8 @@ class ModelSpec:
     pinned: bool = False  # never slept, stopped or evicted by the agent on its own
     preload: bool = False  # started when the agent starts
     lora_adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> path
+    # Adapters loaded on demand: each subdirectory with an adapter_config.json (mvllm.agent.lora_dir).
+    lora_dir: Path | None = None
     max_loras: int = 1
     max_lora_rank: int = 16
     sim: dict[str, Any] = field(default_factory=dict)  # `--sim-*` flags for engine = "sim"
@@ -83,9 +85,15 @@ class ModelSpec:
         return [*self.served_model_names, *self.lora_adapters]
 
     @property
+    def runtime_lora(self) -> bool:
+        """Whether the agent starts its engine ready for adapters loaded at run time
+        (`--enable-lora` and runtime LoRA updating): catalog adapters or a lora_dir."""
+        return bool(self.lora_adapters) or self.lora_dir is not None
+
+    @property
     def lora_enabled(self) -> bool:
-        """Whether its engine runs with `--enable-lora` (catalog adapters, or the flag in extra_args)."""
-        return bool(self.lora_adapters) or any(
+        """Whether its engine runs with `--enable-lora` (catalog adapters, a lora_dir, or the flag in extra_args)."""
+        return self.runtime_lora or any(
             a == "--enable-lora" or (a.startswith("--enable-lora=") and a.split("=", 1)[1].lower() not in ("false", "0"))
             for a in self.extra_args
         )
@@ -123,6 +131,9 @@ class AgentConfig:
     ready_timeout: float = 900.0  # how long an engine may take from spawn to ready
     stop_timeout: float = 30.0  # SIGTERM -> SIGKILL grace for an engine's process group
     drain_timeout: float = 30.0  # in-flight requests may finish before a manual sleep or stop
+    # A load that needs a busy model's memory waits this long for it to go idle, then drains it
+    # (no new requests; those in flight finish) and evicts it once idle.
+    max_switch_wait: float = 30.0
     max_queue: int = 256  # requests that may wait for one model's load or wake
     restart_max: int = 3  # crashes within restart_window before the model is `failed`
     restart_window: float = 600.0
@@ -138,6 +149,17 @@ class AgentConfig:
     log_check_interval: float = 5.0  # how often engine log sizes are checked
     sim_gpus: list[SimGpuSpec] = field(default_factory=list)
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    # A standby process with the engine's modules imported (mvllm.agent.warm_launcher); None: on for
+    # engine = "vllm" with the default engine_binary, off otherwise.
+    warm_launcher: bool | None = None
+    # vLLM's cache root (torch.compile and CUDA-graph caches) per catalog model: ENGINE_CACHE_DIR/NAME.
+    engine_cache_dir: Path | None = None
+
+    @property
+    def warm_launcher_on(self) -> bool:
+        if self.warm_launcher is not None:
+            return self.warm_launcher
+        return self.engine == "vllm" and self.engine_binary == ["vllm"]
     adhoc: AdhocConfig = field(default_factory=AdhocConfig)
     warnings: list[str] = field(default_factory=list)  # accepted but worth telling (logged at start)
 
@@ -221,6 +243,7 @@ def _model(sec: Section, name: str, defaults: dict[str, Any], base: Path) -> Mod
     if not isinstance(loras_raw, dict) or not all(isinstance(v, str) for v in loras_raw.values()):
         raise sec.error("lora_adapters", "expected a table of adapter name = path")
     loras = {str(k): (str(base / v) if v.startswith(("./", "../")) else v) for k, v in loras_raw.items()}
+    lora_dir = _lora_dir(sec, base)
     max_rank = sec.int("max_lora_rank", 16, min=1)
     if max_rank not in _LORA_RANKS:
         raise sec.error("max_lora_rank", f"must be one of {_LORA_RANKS}")
@@ -246,7 +269,8 @@ def _model(sec: Section, name: str, defaults: dict[str, Any], base: Path) -> Mod
         pinned=sec.bool("pinned", False),
         preload=sec.bool("preload", False),
         lora_adapters=loras,
-        max_loras=sec.int("max_loras", max(1, min(len(loras), 4)), min=1) or 1,
+        lora_dir=lora_dir,
+        max_loras=sec.int("max_loras", 4 if lora_dir is not None else max(1, min(len(loras), 4)), min=1) or 1,
         max_lora_rank=max_rank or 16,
         sim=dict(sim),
         param_count=sec.float("param_count", None, min=0.001),
@@ -254,6 +278,19 @@ def _model(sec: Section, name: str, defaults: dict[str, Any], base: Path) -> Mod
     )
     sec.check_unknown()
     return spec
+
+
+def _lora_dir(sec: Section, base: Path) -> Path | None:
+    raw = sec.str("lora_dir", None)
+    if raw is None:
+        return None
+    path = Path(raw).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise sec.error("lora_dir", f"{path} does not exist (a directory of LoRA adapters, one subdirectory each)")
+    if not path.is_dir():
+        raise sec.error("lora_dir", f"{path} is not a directory (a directory of LoRA adapters, one subdirectory each)")
+    return path
 
 
 def _dtype(sec: Section) -> str | None:
@@ -309,6 +346,7 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
     kw["ready_timeout"] = root.float("ready_timeout", d.ready_timeout, min=1) or d.ready_timeout
     kw["stop_timeout"] = root.float("stop_timeout", d.stop_timeout, min=0.1) or d.stop_timeout
     kw["drain_timeout"] = root.float("drain_timeout", d.drain_timeout, min=0) or 0.0
+    kw["max_switch_wait"] = root.float("max_switch_wait", d.max_switch_wait, min=0) or 0.0
     kw["max_queue"] = root.int("max_queue", d.max_queue, min=1) or d.max_queue
     kw["restart_max"] = root.int("restart_max", d.restart_max, min=0) or 0
     kw["restart_window"] = root.float("restart_window", d.restart_window, min=1) or d.restart_window
@@ -316,6 +354,14 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
     kw["restart_backoff_max"] = root.float("restart_backoff_max", d.restart_backoff_max, min=0) or 0.0
     kw["poll_interval"] = root.float("poll_interval", d.poll_interval, min=0.05) or d.poll_interval
     kw["reap_stale"] = root.bool("reap_stale", False)
+    if root.raw("warm_launcher") is not None:
+        kw["warm_launcher"] = root.bool("warm_launcher", True)
+    cache_dir = root.str("engine_cache_dir")
+    if cache_dir:
+        cache_path = Path(cache_dir).expanduser()
+        kw["engine_cache_dir"] = cache_path if cache_path.is_absolute() else base / cache_path
+    elif os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory= (deploy/mvllm-agent.service)
+        kw["engine_cache_dir"] = Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "engine-cache"
     kw["log"] = parse_log_keys(root, base)
     kw["engine_log_max_bytes"] = root.int("engine_log_max_bytes", d.engine_log_max_bytes, min=1024) or 1024
     kw["engine_log_backups"] = root.int("engine_log_backups", d.engine_log_backups, min=0, max=100) or 0

@@ -36,6 +36,14 @@ class NoRoom(AgentError):
     code = "no_room"
 
 
+class Draining(NoRoom):
+    """The model is draining on this agent to make room for another one (max_switch_wait passed):
+    its new requests are refused with the "no room" code, which tells the router to try another
+    node; its requests in flight finish."""
+
+    retry_after = 2.0
+
+
 class LoadFailed(AgentError):
     """The engine did not come up (crashed, timed out, or the model is `failed`)."""
 

@@ -51,7 +51,7 @@ def engine_argv(
         argv += ["--max-num-seqs", str(spec.max_num_seqs)]
     if spec.dtype is not None:
         argv += ["--dtype", spec.dtype]
-    if spec.lora_adapters:
+    if spec.runtime_lora:
         argv += ["--enable-lora", "--max-loras", str(spec.max_loras), "--max-lora-rank", str(spec.max_lora_rank)]
     if cfg.engine == "sim":
         if gpu_total_bytes:
@@ -82,8 +82,12 @@ def engine_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
-    if spec.lora_adapters:
+    if spec.runtime_lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    if cfg.engine_cache_dir is not None and "VLLM_CACHE_ROOT" not in spec.env:
+        # One cache root per model: its torch.compile and CUDA-graph artefacts survive the engine, so
+        # the next cold start of the same model reuses them (and `du` tells each model's share).
+        env["VLLM_CACHE_ROOT"] = str(cfg.engine_cache_dir / spec.name)
     return env
 
 

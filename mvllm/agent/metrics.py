@@ -67,6 +67,19 @@ class AgentMetrics:
         self.rejected = Counter(
             "mvllm_agent_rejected", "Requests refused before relaying, by reason", ["model", "reason"], registry=r
         )
+        self.switch_drains = Counter(
+            "mvllm_agent_switch_drains",
+            "Busy models drained to make room for another after max_switch_wait",
+            ["model"],
+            registry=r,
+        )
+        self.relay_retries = Counter(
+            "mvllm_agent_relay_retries",
+            "Requests sent to an engine again before any byte reached the client, by reason "
+            "(stale_connection: a pooled connection the engine had closed; restart: the engine crashed)",
+            ["model", "reason"],
+            registry=r,
+        )
 
     def watch(self, snapshot: Callable[[], AgentState]) -> None:
         self.registry.register(_StateCollector(snapshot))

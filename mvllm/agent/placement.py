@@ -17,6 +17,10 @@ so what is freed is measured, never assumed. With `include_in_flight`, instances
 flight count as candidates too: the agent uses that plan to tell "wait for them to finish" (then
 evict them, idle) from "never fits" (NoRoom at once); it never evicts one while it is busy.
 
+Fair switches (`switch_step`): a load that waits for busy models in its way waits at most
+`max_switch_wait` seconds for one of them to go idle; then it drains them (no new requests on this
+agent, those in flight finish) and evicts each once idle. No request in flight is ever cut.
+
 Launch fraction (VLLM.md §1.5): vLLM refuses to start when free < total × utilization, so a
 co-located engine gets `min(need, free − reserve) / total`, floored to 0.001.
 """
@@ -191,6 +195,23 @@ def plan(
         stopped = {s.name for s in steps if s.action == ACTION_STOP}
         steps = [s for s in steps if not (s.action == ACTION_SLEEP and s.name in stopped)]
     return Plan(fits=False, feasible=not missing, steps=steps, short=short)
+
+
+@dataclass(frozen=True)
+class SwitchStep:
+    """What a load waiting for busy models does next."""
+
+    drain: bool  # drain the busy models in the way now (max_switch_wait has passed)
+    wait_s: float  # then wait this long, at most, for one of them to go idle, and plan again
+
+
+def switch_step(waited: float, max_switch_wait: float, left: float, poll: float = 1.0) -> SwitchStep:
+    """After `waited` s of waiting for busy models (with `left` s of load_timeout left): drain them
+    once `max_switch_wait` has passed; look again after `poll` s at most, and no later than the
+    moment the drain falls due."""
+    drain = waited >= max_switch_wait
+    wait = min(poll, left) if drain else min(poll, left, max_switch_wait - waited)
+    return SwitchStep(drain=drain, wait_s=max(0.0, wait))
 
 
 def launch_utilization(need: int, total: int, free: int, reserve: int) -> float:

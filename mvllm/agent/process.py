@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvllm.agent import placement
+from mvllm.agent import lora_dir, placement
 from mvllm.agent.config import AgentConfig, ModelSpec
 from mvllm.agent.engine import EngineClient, read_log_tail
 from mvllm.agent.errors import BadRequest, Conflict, EngineError, EngineExited, LoadFailed
@@ -205,9 +205,13 @@ class EngineProcess:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), timeout)
 
+    def stop_taking(self) -> None:
+        """From now on no new request is taken (they get Draining); those in flight finish."""
+        self.draining = True
+
     async def drain(self, timeout: float | None = None) -> None:
         """Take no new request and let those in flight finish (up to drain_timeout); `resume` ends it."""
-        self.draining = True
+        self.stop_taking()
         await self.wait_idle(self.ctx.cfg.drain_timeout if timeout is None else timeout)
 
     def resume(self) -> None:
@@ -477,17 +481,31 @@ class EngineProcess:
 
     async def add_lora(self, lname: str, lpath: str | None) -> None:
         """Load adapter `lname` (a catalog one, or `lpath`), now if awake, else at its next ready."""
-        path = lpath or self.spec.lora_adapters.get(lname) or self.extra_loras.get(lname)
+        path = lpath or self.spec.lora_adapters.get(lname) or self.extra_loras.get(lname) or self.dir_lora(lname)
         if path is None:
             raise BadRequest(f"LoRA {lname!r} is not in the catalog of {self.name}: give its lora_path")
-        if not self.spec.lora_adapters:
-            raise Conflict(f"model {self.name} runs without LoRA support (no lora_adapters in its catalog entry)")
+        if not self.spec.runtime_lora:
+            raise Conflict(f"model {self.name} runs without LoRA support (no lora_adapters or lora_dir in its catalog entry)")
         async with self.lock:
             if lname not in self.spec.lora_adapters:
                 self.extra_loras[lname] = path
             if self.state == READY:
                 await self._load_lora(lname, path)
             # Otherwise it is loaded when the engine is next ready.
+
+    def dir_lora(self, lname: str) -> str | None:
+        """The path of adapter `lname` in this model's lora_dir, when it has one and the adapter is there."""
+        return None if self.spec.lora_dir is None else lora_dir.adapter_path(self.spec.lora_dir, lname)
+
+    def lora_names(self) -> list[str]:
+        """Every adapter name routed to this engine: the catalog's, those loaded by hand, those in lora_dir."""
+        names = [*self.spec.lora_adapters, *self.extra_loras]
+        if self.spec.lora_dir is not None:
+            names += [n for n in lora_dir.adapters(self.spec.lora_dir) if n not in names]
+        return names
+
+    def lora_path(self, lname: str) -> str | None:
+        return self.spec.lora_adapters.get(lname) or self.extra_loras.get(lname) or self.dir_lora(lname)
 
     async def remove_lora(self, lname: str) -> None:
         async with self.lock:

@@ -34,6 +34,7 @@ from mvllm.agent.errors import (
     BadRequest,
     Busy,
     Conflict,
+    Draining,
     EngineError,
     EngineExited,
     LoadFailed,
@@ -99,6 +100,10 @@ class Supervisor:
         for inst in self.instances.values():
             if model in inst.extra_loras:
                 return inst, model
+        # Like vLLM's filesystem resolver: an adapter named in a request and found in a lora_dir.
+        for inst in self.instances.values():
+            if inst.dir_lora(model) is not None:
+                return inst, model
         return None
 
     def routable(self) -> list[tuple[str, EngineProcess, str | None]]:
@@ -106,7 +111,7 @@ class Supervisor:
         out = []
         for inst in self.instances.values():
             out += [(n, inst, None) for n in inst.spec.served_model_names]
-            out += [(n, inst, n) for n in [*inst.spec.lora_adapters, *inst.extra_loras]]
+            out += [(n, inst, n) for n in inst.lora_names()]
         return out
 
     def add(self, spec: ModelSpec) -> EngineProcess:
@@ -251,6 +256,11 @@ class Supervisor:
         for _ in range(8):  # each turn waits for one operation; a handful covers any interleaving
             if inst.can_serve_now(lora):
                 return
+            if inst.draining:
+                raise Draining(
+                    f"model {inst.name} is draining on this agent to make room for another model; "
+                    "try another node, or again shortly"
+                )
             if self._closing:
                 raise LoadFailed("the agent is shutting down")
             if inst.state == FAILED and (inst.ready_task is None or inst.ready_task.done()):
@@ -297,9 +307,13 @@ class Supervisor:
 
         A model that has to go but is answering requests is waited for, up to load_timeout, and
         evicted once idle, never while busy (the switch from one model to another that a user
-        expects). NoRoom at once when even that would not make room (pinned models, too big)."""
-        deadline = time.monotonic() + self.cfg.load_timeout
+        expects). After max_switch_wait s of waiting, the busy ones are drained: they take no new
+        request on this agent, so they go idle once those in flight finish (placement.switch_step).
+        NoRoom at once when even that would not make room (pinned models, too big)."""
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.load_timeout
         evictions = 0
+        drained: list[EngineProcess] = []
         try:
             while True:
                 await self.refresh_gpus()
@@ -333,15 +347,31 @@ class Supervisor:
                         inst.name, max(0.0, deadline - time.monotonic()), ", ".join(names),
                     )
                 inst.room_wait = names
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     raise NoRoom(
                         f"not enough GPU memory for {inst.name}: {', '.join(names) or 'the models in the way'} "
                         f"still answering requests after {self.cfg.load_timeout:g} s (a busy model is never evicted)"
                     )
-                await _until_one_idle(busy, min(left, 1.0))
+                step_ = placement.switch_step(now - t0, self.cfg.max_switch_wait, left)
+                if step_.drain:
+                    for v in busy:
+                        if not v.draining:
+                            log.warning(
+                                "%s: draining %s after %.1f s of waiting for it to go idle (max_switch_wait): "
+                                "no new requests for it here; %d in flight finish first",
+                                inst.name, v.name, now - t0, v.in_flight,
+                            )  # fmt: skip
+                            v.stop_taking()
+                            self.metrics.switch_drains.labels(v.name).inc()
+                            drained.append(v)
+                await _until_one_idle(busy, step_.wait_s)
         finally:
             inst.room_wait = ()
+            # Evicted (asleep or stopped) or given up on: either way they take requests again.
+            for v in drained:
+                v.resume()
         await self.refresh_gpus()
         if not self.plan_for(inst).fits:
             raise NoRoom(f"could not make room for {inst.name}")

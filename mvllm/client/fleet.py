@@ -80,6 +80,8 @@ class NodeView:
     instances: list[InstanceView] = field(default_factory=list)
     catalog: list[dict[str, Any]] = field(default_factory=list)
     per_model: dict[str, tuple[float, float]] = field(default_factory=dict)  # static: (running, waiting)
+    kv_cache_usage: float | None = None  # the engine's vllm:kv_cache_usage_perc, 0..1 (static vLLM nodes)
+    prefix_hit_ratio: float | None = None  # its prefix-cache hits / queries since it started
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the router's node entry
 
     @property
@@ -279,6 +281,8 @@ def build_fleet(doc: Mapping[str, Any]) -> FleetView:
                 instances=_instances(name, part.get("instances")),
                 catalog=[c for c in part.get("catalog") or [] if isinstance(c, Mapping)],
                 per_model=_per_model(e.get("per_model")),
+                kv_cache_usage=_num(e.get("kv_cache_usage")),
+                prefix_hit_ratio=_num(e.get("prefix_hit_ratio")),
                 raw=dict(e),
             )
         )
@@ -369,6 +373,13 @@ def fmt_bytes(n: int | float | None) -> str:
         return "–"
     gib = n / 2**30
     return f"{gib:.1f}G" if gib < 100 else f"{gib:.0f}G"
+
+
+def fmt_pct(fraction: float | None, stale: bool = False) -> str:
+    """A 0..1 fraction as a whole percentage ("–" when unknown, "?" appended when stale)."""
+    if fraction is None:
+        return "–"
+    return f"{fraction * 100:.0f}%" + ("?" if stale else "")
 
 
 def fmt_num(x: float | None, stale: bool = False) -> str:

@@ -38,6 +38,7 @@ ROUTER_ENV = (
     EnvVar("MVLLM_LOG_MAX_BYTES", "log_max_bytes", "int", "`[router] log_max_bytes`"),
     EnvVar("MVLLM_LOG_BACKUPS", "log_backups", "int", "`[router] log_backups`"),
     EnvVar("MVLLM_LOG_RETENTION_DAYS", "log_retention_days", "float", "`[router] log_retention_days`"),
+    EnvVar("MVLLM_REDIS_URL", "redis_url", "str", "`[cluster] redis_url`: the Redis several routers share"),
 )
 
 AGENT_ENV = (

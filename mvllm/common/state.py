@@ -118,6 +118,9 @@ class InstanceState:
     devices: list[int] = field(default_factory=list)
     last_used: float | None = None  # unix time of the last request start or end
     in_flight: int = 0  # requests the agent is relaying to it now
+    # Takes no new request on this agent (its requests in flight finish): drained to make room for
+    # another model after max_switch_wait. A minor addition to version 1 (older readers ignore it).
+    draining: bool = False
     queued: int = 0  # requests waiting for it to load or wake
     running: int = 0  # engine's vllm:num_requests_running (last scrape)
     waiting: int = 0  # engine's vllm:num_requests_waiting (last scrape)

@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mvllm.client.fleet import FleetView, fmt_bytes, fmt_num
+from mvllm.client.fleet import FleetView, fmt_bytes, fmt_num, fmt_pct
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -32,8 +32,9 @@ def nodes_table(fleet: FleetView) -> str:
         state = n.state_text + (f" ({n.drained_by})" if n.draining and n.drained_by and not n.removed else "")
         load = f"{fmt_num(n.running, n.stale)}/{fmt_num(n.waiting, n.stale)}/{fmt_num(n.capacity)}"
         score = "-" if n.score is None else f"{n.score:.2f}" + ("?" if n.stale else "")
-        rows.append([n.name, n.kind, state, n.breaker.replace("_", "-"), load, score, str(n.in_flight), _join(n.models)])
-    return table(["NODE", "KIND", "STATE", "BREAKER", "RUN/WAIT/CAP", "SCORE", "IN-FLIGHT", "MODELS"], rows)
+        kv = fmt_pct(n.kv_cache_usage, n.stale).replace("–", "-")
+        rows.append([n.name, n.kind, state, n.breaker.replace("_", "-"), load, score, kv, str(n.in_flight), _join(n.models)])
+    return table(["NODE", "KIND", "STATE", "BREAKER", "RUN/WAIT/CAP", "SCORE", "KV%", "IN-FLIGHT", "MODELS"], rows)
 
 
 def models_table(fleet: FleetView) -> str:

@@ -23,6 +23,8 @@ from mvllm.router import admin
 from mvllm.router.access.gate import API_KEY, GATE_KEY, authenticate, visible_models
 from mvllm.router.access.guard import guard_check
 from mvllm.router.appkeys import CONFIG_PATH_KEY, SCRAPER_KEY, STATE_KEY
+from mvllm.router.cluster import CLUSTER_KEY, add_cluster_view
+from mvllm.router.cluster import setup as setup_cluster
 from mvllm.router.config import RouterConfig
 from mvllm.router.eventloop import LoopLagMonitor
 from mvllm.router.fleet.scraper import Scraper
@@ -159,7 +161,8 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def load_stats(request: web.Request) -> web.Response:
-    return _json(load_stats_snapshot(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY)))
+    doc = load_stats_snapshot(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY))
+    return _json(add_cluster_view(request.app, doc))  # several routers on one Redis: the whole too
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -283,6 +286,7 @@ def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: 
     app.router.add_get("/models/{model:.+}", get_model)  # GET /models is /v1/models (above)
     # Anything else is aiohttp's 404/405, turned into OpenAI form by the error middleware.
     admin.register(app)  # /admin/*: nodes, events, reload, models, logs, instances, keys
+    setup_cluster(app, state)  # after the usage file's load; nothing without [cluster] redis_url
 
     app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_session_ctx)
@@ -311,9 +315,16 @@ class RunningRouter:
 
 @contextlib.asynccontextmanager
 async def running_router(
-    config: RouterConfig, *, host: str, port: int, config_path: Path | None = None, watch: bool = True
+    config: RouterConfig,
+    *,
+    host: str,
+    port: int,
+    config_path: Path | None = None,
+    watch: bool = True,
+    reuse_port: bool = False,
 ) -> AsyncIterator[RunningRouter]:
-    """Start the router on host:port (0 = any free port) and stop it, in-flight requests drained."""
+    """Start the router on host:port (0 = any free port) and stop it, in-flight requests drained.
+    `reuse_port`: SO_REUSEPORT, so several worker processes share the port (mvllm run --workers)."""
     app = create_app(config, config_path=config_path, watch=watch)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream connection, which makes the engine abort the request.
@@ -329,9 +340,12 @@ async def running_router(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
         await site.start()
         bound = runner.addresses[0]
+        cluster = app.get(CLUSTER_KEY)
+        if cluster is not None:
+            cluster.listen = f"{host}:{bound[1]}"
         warning = app[GATE_KEY].exposure_warning(host)
         if warning:
             log.warning("%s", warning)

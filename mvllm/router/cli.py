@@ -30,9 +30,27 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--demo", action="store_true", help="start the demo even if a servers.toml exists")
     p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="router processes on one port (default: [router] workers, else 1); > 1 needs [cluster] redis_url",
+    )
+    p.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)  # set by the parent of workers
+    p.add_argument(
         "--log-level",
         default=None,
         choices=("debug", "info", "warning", "error"),
         help="default: $MVLLM_LOG_LEVEL, else [router] log_level, else info",
     )
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value

@@ -432,6 +432,40 @@ class ClusterStore:
             out.append((eid, json.loads(fields[b"e"] if b"e" in fields else fields["e"])))
         return out
 
+    # -- each router's own figures, for a view of the whole (the dashboard, /load-stats) -----------
+
+    async def put_router_stats(self, stats: dict[str, Any], ttl_s: float = 5.0) -> None:
+        """Publish this router's figures (JSON-able); they count as gone `ttl_s` s after the last put."""
+        payload = json.dumps({**stats, "expires": time.time() + ttl_s}, separators=(",", ":"), default=str)
+        await self._run(lambda: self._redis.hset(self._key("routers"), self.router_id, payload))
+
+    async def router_stats(self) -> dict[str, dict[str, Any]]:
+        """Every live router's last figures by router_id (stale entries are dropped, there too)."""
+
+        async def op() -> dict[str, dict[str, Any]]:
+            raw = await self._redis.hgetall(self._key("routers"))
+            out: dict[str, dict[str, Any]] = {}
+            stale: list[Any] = []
+            now = time.time()
+            for rid, payload in raw.items():
+                try:
+                    doc = json.loads(payload)
+                except ValueError:
+                    doc = {}
+                if float(doc.get("expires", 0)) < now:
+                    stale.append(rid)
+                    continue
+                out[rid.decode() if isinstance(rid, bytes) else str(rid)] = doc
+            if stale:
+                await self._redis.hdel(self._key("routers"), *stale)
+            return out
+
+        return await self._run(op)
+
+    async def forget_router(self) -> None:
+        """At a clean stop: this router's figures leave the view at once."""
+        await self._run(lambda: self._redis.hdel(self._key("routers"), self.router_id))
+
     # -- change notifications ----------------------------------------------------------------------
 
     def _change_message(self, kind: str, data: dict[str, Any]) -> str:

@@ -16,13 +16,14 @@ from yarl import URL
 
 from mvllm.common.envvars import ROUTER_ENV, read_env
 from mvllm.common.logfiles import LogConfig, parse_log_keys
-from mvllm.common.tomlconf import Section, load_toml
+from mvllm.common.tomlconf import ConfigError, Section, load_toml
 from mvllm.router.access.config import AuthConfig, load_auth, read_node_api_key
 
 CONFIG_NAME = "servers.toml"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
-POLICY_TYPES = ("least-score", "round-robin")
+MIN_TREE_BYTES = 1024 * 1024
+POLICY_TYPES = ("least-score", "round-robin", "cache-aware")
 # What a static server runs: decides the metric names its load is read from (mvllm.router.fleet.engines).
 NODE_ENGINES = ("vllm", "sglang")
 
@@ -30,6 +31,9 @@ NODE_ENGINES = ("vllm", "sglang")
 # they are, but that have no effect: watchfiles replaces the reload poll, and the breaker replaces
 # the success-rate window.
 LEGACY_NO_EFFECT = ("config_reload_interval", "health_check_min_success_rate", "health_check_window_size")
+# [cluster] on_redis_down: per-router limits meanwhile, or 503 for the requests a limit applies to.
+ON_REDIS_DOWN = ("local", "reject")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 # How long a request that makes an agent load (or wake) its model may wait for the first byte.
 DEFAULT_LOAD_TIMEOUT = 600.0
 
@@ -97,6 +101,29 @@ class PolicyConfig:
     type: str = "least-score"
     idle_threshold: float = 0.5
     waiting_weight: float = 0.5
+    # cache-aware only (mvllm.router.prefix_index documents each; the defaults are its own).
+    cache_threshold: float = 0.5
+    balance_abs_threshold: float = 0.25
+    balance_rel_threshold: float = 1.5
+    kv_full_threshold: float = 0.9
+    max_tree_bytes: int = 32 * 1024 * 1024
+    max_prefix_chars: int = 16384
+    entry_ttl: float = 600.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`[cluster]`: the Redis that routers share limits, keys, drains, load locks and events through
+    (router/cluster.py). No `redis_url`: everything stays in this process's memory."""
+
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    on_redis_down: str = "local"
+    key_prefix: str = "mvllm:"
+    lease_ttl: float = 5.0  # a dead router's concurrency slots are free after this many seconds
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis_url is not None
 
 
 @dataclass(frozen=True)
@@ -118,8 +145,12 @@ class RouterConfig:
     # Seconds a client may stay idle on a connection (before its first request too, which bounds
     # slow or never-finished headers), take to send its body, or leave a stream unread.
     client_timeout: float = 60.0
+    # A stream whose node dies after its first byte goes on from another node (docs/configuration.md).
+    resume_streams: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)  # [router] log_* keys (mvllm.common.logfiles)
+    workers: int = 1  # [router] workers: router processes on one port (needs [cluster] redis_url)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None
 
 
@@ -154,7 +185,43 @@ def apply_env(config: RouterConfig, environ: Mapping[str, str]) -> RouterConfig:
         backups=env.get("log_backups", log.backups),
         retention_days=env.get("log_retention_days", log.retention_days),
     )
-    return replace(config, host=env.get("host", config.host), port=env.get("port", config.port), log=log)
+    cluster = config.cluster
+    if "redis_url" in env:
+        problem = _redis_url_problem(env["redis_url"])
+        if problem:
+            raise ConfigError(None, None, f"environment variable MVLLM_REDIS_URL: {problem}")
+        cluster = replace(cluster, redis_url=env["redis_url"])
+    return replace(
+        config, host=env.get("host", config.host), port=env.get("port", config.port), log=log, cluster=cluster
+    )
+
+
+def _redis_url_problem(url: str) -> str | None:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in REDIS_SCHEMES:
+        return f"expected a redis:// (or rediss://, unix://) URL, got {_redacted(url)!r}"
+    return None
+
+
+def _redacted(url: str) -> str:
+    head, sep, tail = url.partition("@")
+    return ("***@" + tail) if sep else head
+
+
+def _parse_cluster(root: Section) -> ClusterConfig:
+    sec = root.section("cluster")
+    url = sec.str("redis_url", None) or None
+    problem = _redis_url_problem(url) if url is not None else None
+    if problem:
+        raise sec.error("redis_url", problem)
+    cluster = ClusterConfig(
+        redis_url=url,
+        on_redis_down=sec.choice("on_redis_down", ClusterConfig.on_redis_down, ON_REDIS_DOWN),
+        key_prefix=sec.str("key_prefix", ClusterConfig.key_prefix) or ClusterConfig.key_prefix,
+        lease_ttl=sec.float("lease_ttl", ClusterConfig.lease_ttl, min=1.0, max=60.0) or ClusterConfig.lease_ttl,
+    )
+    sec.check_unknown()
+    return cluster
 
 
 def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterConfig:
@@ -166,7 +233,9 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
     max_body = router.int("max_body_bytes", RouterConfig.max_body_bytes, min=1024)
     client_timeout = router.float("client_timeout", RouterConfig.client_timeout, min=0.1)
     log = parse_log_keys(router, path.parent if path is not None else None)
+    workers = router.int("workers", 1, min=1, max=256)
     router.check_unknown()
+    cluster = _parse_cluster(root)
     auth = load_auth(root.raw("auth"), path if path is not None else Path(CONFIG_NAME))
 
     cfg = root.section("config")
@@ -208,6 +277,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         timeout=cfg.float("scrape_timeout", ScrapeConfig.timeout, min=0.01),
         models_interval=cfg.float("models_refresh_interval", ScrapeConfig.models_interval, min=0.1),
     )
+    resume_streams = cfg.bool("resume_streams", RouterConfig.resume_streams)
     # Original keys with no effect here (see LEGACY_NO_EFFECT): still type-checked, so typos show.
     cfg.float("health_check_min_success_rate", None, min=0.0, max=1.0)
     cfg.int("health_check_window_size", None, min=1)
@@ -219,6 +289,14 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         type=pol.choice("type", PolicyConfig.type, POLICY_TYPES),
         idle_threshold=pol.float("idle_threshold", PolicyConfig.idle_threshold, min=0.0),
         waiting_weight=pol.float("waiting_weight", PolicyConfig.waiting_weight, min=0.0),
+        cache_threshold=pol.float("cache_threshold", PolicyConfig.cache_threshold, min=0.0, max=1.0),
+        balance_abs_threshold=pol.float("balance_abs_threshold", PolicyConfig.balance_abs_threshold, min=0.0),
+        balance_rel_threshold=pol.float("balance_rel_threshold", PolicyConfig.balance_rel_threshold, min=1.0),
+        kv_full_threshold=pol.float("kv_full_threshold", PolicyConfig.kv_full_threshold, min=0.01, max=1.0),
+        # At least one prompt's chain (max_prefix_chars / 64 keys of a few hundred bytes) must fit.
+        max_tree_bytes=pol.int("max_tree_bytes", PolicyConfig.max_tree_bytes, min=MIN_TREE_BYTES),
+        max_prefix_chars=pol.int("max_prefix_chars", PolicyConfig.max_prefix_chars, min=64, max=1_048_576),
+        entry_ttl=pol.float("entry_ttl", PolicyConfig.entry_ttl, min=1.0),
     )
     pol.check_unknown()
 
@@ -244,8 +322,11 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         breaker=breaker,
         scrape=scrape,
         client_timeout=client_timeout if client_timeout is not None else RouterConfig.client_timeout,
+        resume_streams=resume_streams,
         auth=auth,
         log=log,
+        workers=workers or 1,
+        cluster=cluster,
         source=path,
     )
 

@@ -1,6 +1,6 @@
-"""The router's event loop: uvloop when it is installed (`pip install mvllm[fast]`), a garbage
-collector tuned for short pauses, and a monitor of how late the loop runs what is due
-(`mvllm_event_loop_lag_seconds`), so that stalls show.
+"""The router's event loop: uvloop and the tuned garbage collector of mvllm.common.eventloop (shared
+with the agent; `run`, `tune_gc` and `loop_name` are re-exported here), and a monitor of how late
+the loop runs what is due (`mvllm_event_loop_lag_seconds`), so that stalls show.
 
 The monitor sleeps `interval` (100 ms) at a time and records by how much each wake-up came late:
 a callback that holds the loop for d seconds delays the wake-up that falls due during it by up to
@@ -12,62 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import gc
 import logging
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-log = logging.getLogger("mvllm.router.eventloop")
+from mvllm.common.eventloop import GC_THRESHOLD0 as GC_THRESHOLD0
+from mvllm.common.eventloop import loop_name as loop_name
+from mvllm.common.eventloop import run as run
+from mvllm.common.eventloop import tune_gc as tune_gc
 
-T = TypeVar("T")
+log = logging.getLogger("mvllm.router.eventloop")
 
 LAG_METRIC = "mvllm_event_loop_lag_seconds"
 # Seconds. The 50 ms bound is the stall target of docs/benchmarks.md.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-def _uvloop() -> Any:
-    """The uvloop module when it is installed and recent enough (>= 0.18, which has uvloop.run)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop if hasattr(uvloop, "run") else None
-
-
-def loop_name() -> str:
-    """"uvloop X.Y" when `run` uses uvloop, else "asyncio"."""
-    uvloop = _uvloop()
-    return f"uvloop {uvloop.__version__}" if uvloop is not None else "asyncio"
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run(main) on uvloop when it is installed, else on the standard loop."""
-    uvloop = _uvloop()
-    if uvloop is None:
-        return asyncio.run(main)
-    return uvloop.run(main)  # asyncio.Runner's loop_factory would need Python 3.11
-
-
-# Net new container objects between two young-generation collections (CPython's default: 700).
-GC_THRESHOLD0 = 10_000
-
-
-def tune_gc() -> None:
-    """Call once the router is set up. Full collections were the event loop's longest stalls: with
-    1,000 open streams (~120,000 tracked objects) one took 40-110 ms on the reference machine.
-    Everything alive after start-up (modules, classes: ~47,000 objects) is frozen out of every
-    later collection, and the young generation is collected after 10,000 new objects instead of
-    700, so that far fewer short-lived objects are promoted and full collections become rare (none
-    during the 1,000-stream benchmark; docs/benchmarks.md). Process-wide: `mvllm run` calls it,
-    tests that embed the app do not."""
-    gc.collect()
-    gc.freeze()
-    _, t1, t2 = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD0, t1, t2)
 
 
 class LagStats:

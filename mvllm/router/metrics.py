@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from mvllm.router.breaker import STATE_VALUE
 from mvllm.router.fleet.registry import Registry
 from mvllm.router.policy import Policy
+from mvllm.router.prefix_index import PrefixIndex
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -47,6 +48,9 @@ class _NodeCollector(Collector):
                 "mvllm_node_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", labels=["node"]
             ),
             "healthy": GaugeMetricFamily("mvllm_node_healthy", "1 when the node can take requests now", labels=["node"]),
+            "kv_cache": GaugeMetricFamily(
+                "mvllm_node_kv_cache_usage", "The engine's vllm:kv_cache_usage_perc (0..1) at the last scrape", labels=["node"]
+            ),
             "sent_after_failure": CounterMetricFamily(
                 "mvllm_node_sent_after_failure",
                 "Requests sent to the node while its breaker, still closed, had a failure counted "
@@ -64,11 +68,29 @@ class _NodeCollector(Collector):
             families["breaker"].add_metric(n, STATE_VALUE[node.breaker.state])
             families["healthy"].add_metric(n, 1.0 if node.routable(now) else 0.0)
             families["sent_after_failure"].add_metric(n, node.breaker.sent_after_failure)
+            if node.kv_cache_usage is not None:
+                families["kv_cache"].add_metric(n, node.kv_cache_usage)
         yield from families.values()
 
 
+class _PrefixIndexCollector(Collector):
+    def __init__(self, index: PrefixIndex) -> None:
+        self._index = index
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        size = GaugeMetricFamily("mvllm_prefix_index_bytes", "Memory of cache-aware routing's prefix index (bounded by max_tree_bytes)")
+        size.add_metric([], self._index.size_bytes)
+        keys = GaugeMetricFamily("mvllm_prefix_index_keys", "Prefixes (chunk chains) held by the prefix index")
+        keys.add_metric([], len(self._index))
+        yield size
+        yield keys
+
+
 class RouterMetrics:
-    def __init__(self, registry: Registry, policy: Callable[[], Policy]) -> None:
+    def __init__(self, registry: Registry, policy: Callable[[], Policy], prefix_index: PrefixIndex | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -87,16 +109,34 @@ class RouterMetrics:
         self.stream_errors = Counter(
             "mvllm_stream_errors", "Answers that broke after their first byte reached the client", ["node"], registry=r
         )
+        self.stream_resumes = Counter(
+            "mvllm_stream_resumes", "Broken streams sent on to another node, by outcome (docs/configuration.md)", ["outcome"],
+            registry=r,
+        )
         self.breaker_transitions = Counter(
             "mvllm_breaker_transitions", "Circuit breaker state changes", ["node", "to"], registry=r
         )
         self.reloads = Counter("mvllm_config_reloads", "Config reloads, by result", ["result"], registry=r)
+        self.route_decisions = Counter(
+            "mvllm_route_decisions", "Routing decisions (one per attempt), by policy and reason", ["policy", "reason"], registry=r
+        )
         r.register(_NodeCollector(registry, policy))
+        if prefix_index is not None:
+            r.register(_PrefixIndexCollector(prefix_index))
         # labels() takes a lock and formats its values on every call: the proxy's per-request
         # updates go through these caches of children instead (the label sets are the same).
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
         self._ttfb_children: dict[str, Any] = {}
+        self._route_children: dict[tuple[str, str], Any] = {}
+
+    def count_route(self, policy: str, reason: str) -> None:
+        """mvllm_route_decisions_total{policy,reason} += 1."""
+        key = (policy, reason)
+        child = self._route_children.get(key)
+        if child is None:
+            child = self._route_children[key] = self.route_decisions.labels(policy, reason)
+        child.inc()
 
     def count_request(self, model: str, node: str, status: int) -> None:
         """mvllm_requests_total{model,node,status} += 1."""

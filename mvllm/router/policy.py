@@ -16,6 +16,12 @@ least-score (the default)
     with probability proportional to weight; otherwise pick a lowest-scoring one, ties at random.
     Parameters: idle_threshold = 0.5, waiting_weight = 0.5.
 
+cache-aware
+    Least-score, except that a prompt whose prefix an awake node already holds (by the router's
+    own index of recent prompts) goes to that node while the fleet stays balanced: the pure
+    choice is mvllm.router.prefix_index (formula and parameters there); the proxy asks for it
+    through mvllm.router.routing. `choose` here is the least-score fallback (cold tiers, no text).
+
 round-robin (reference)
     Cycles through the candidates per model, ignoring load and weight. Useful as a baseline in
     benchmarks and for identical nodes with identical traffic.
@@ -41,6 +47,7 @@ from typing import Protocol, TypeVar
 
 from mvllm.common.state import FAILED, PLACEMENT_EVICT, PLACEMENT_NO_ROOM, READY, SLEEPING, STARTING
 from mvllm.router.config import PolicyConfig
+from mvllm.router.prefix_index import RSS_PER_BYTE, CacheAwareParams
 
 
 class NodeLoad(Protocol):
@@ -113,6 +120,25 @@ class LeastScore:
         if not best:  # every score is inf (capacity 0): any will do
             return self.rng.choice(list(candidates))
         return best[0] if len(best) == 1 else self.rng.choice(best)
+
+
+class CacheAware(LeastScore):
+    """Least-score plus the prefix-cache affinity parameters (the choice itself: routing.py)."""
+
+    type = "cache-aware"
+
+    def __init__(self, params: CacheAwareParams, idle_threshold: float = 0.5, waiting_weight: float = 0.5,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(idle_threshold, waiting_weight, rng)
+        self.params = params
+
+
+def least_score_reason(policy: LeastScore, chosen: NodeLoad, candidates: Sequence[NodeLoad]) -> str:
+    """Why `LeastScore.choose` picked `chosen`: only_candidate, idle (a random pick below
+    idle_threshold) or least_score."""
+    if len(candidates) == 1:
+        return "only_candidate"
+    return "idle" if policy.score(chosen) < policy.idle_threshold else "least_score"
 
 
 class RoundRobin:
@@ -198,7 +224,23 @@ def choose_tiered(policy: Policy, candidates: Sequence[T], key: str) -> T | None
     return policy.choose([c for c in candidates if c.tier == best], key)
 
 
+def cache_params(cfg: PolicyConfig) -> CacheAwareParams:
+    """The index's parameters from [policy]: max_tree_bytes there bounds the router's RSS growth,
+    so the index's own (object-byte) bound is that over RSS_PER_BYTE."""
+    return CacheAwareParams(
+        cache_threshold=cfg.cache_threshold,
+        balance_abs_threshold=cfg.balance_abs_threshold,
+        balance_rel_threshold=cfg.balance_rel_threshold,
+        kv_full=cfg.kv_full_threshold,
+        max_tree_bytes=int(cfg.max_tree_bytes / RSS_PER_BYTE),
+        max_prefix_chars=cfg.max_prefix_chars,
+        entry_ttl=cfg.entry_ttl,
+    )
+
+
 def make_policy(cfg: PolicyConfig, rng: random.Random | None = None) -> Policy:
     if cfg.type == "round-robin":
         return RoundRobin(cfg.waiting_weight)
+    if cfg.type == "cache-aware":
+        return CacheAware(cache_params(cfg), cfg.idle_threshold, cfg.waiting_weight, rng)
     return LeastScore(cfg.idle_threshold, cfg.waiting_weight, rng)

@@ -5,7 +5,8 @@ Hot path: the body is read once and parsed once (common.http.json_object, only f
 session is reused, stream chunks are written as they come with no parsing, logging or metrics
 per chunk. Nothing reaches the client until the node has answered properly (headers plus the
 first chunk of a stream, or the whole of a sized body), so up to that point a failure is retried
-on another node; after it, a broken stream ends with an SSE error event.
+on another node; after it, a broken chat or completion stream is resumed on another node
+(mvllm.router.resume_relay) where it can be, and any other ends with an SSE error event.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
 from mvllm.router.fleet.targets import Health, Target
-from mvllm.router.policy import choose_tiered
+from mvllm.router.policy import CacheAware
+from mvllm.router.prefix_index import prompt_text
 from mvllm.router.request import ResponseComplete, ResponseHook
+from mvllm.router.resume import EndedEarly, Transcript, plan_resume
+from mvllm.router.resume_relay import RESUME_KEY, NodeBook, ResumeContext, StreamResumer
 from mvllm.router.retry import (
     RETRY_STATUSES,
     AttemptFailure,
@@ -41,6 +45,7 @@ from mvllm.router.retry import (
     backoff_delay,
     classify_exception,
 )
+from mvllm.router.routing import ROUTE_HEADER, ROUTE_KEY, choose_route
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.proxy")
@@ -57,7 +62,7 @@ _CLIENT_CREDENTIALS = frozenset({"authorization", "x-api-key"})
 _DROP_REQUEST_AND_CREDENTIALS = _DROP_REQUEST | _CLIENT_CREDENTIALS
 # The body is relayed byte for byte (no decompression), so content-encoding stays valid; the
 # length is recomputed by aiohttp; date/server are the router's own.
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server", NODE_HEADER, REQUEST_ID_HEADER}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server", NODE_HEADER, REQUEST_ID_HEADER, ROUTE_HEADER}
 
 # Paths served by engines that clients may use through the router: the OpenAI API and the
 # un-versioned aliases vLLM accepts. Engine control (/sleep, /wake_up, /collective_rpc, /metrics)
@@ -115,9 +120,19 @@ def forward_headers(src: Mapping[str, str], request_id: str, *, strip_auth: bool
     return out
 
 
-def response_headers(src: Mapping[str, str], node: str, request_id: str) -> CIMultiDict[str]:
+def upstream_target(request: web.Request) -> str:
+    """The path and query a request goes upstream with (un-versioned aliases in their /v1 form)."""
+    versioned = VERSIONED_ALIASES.get(request.path)
+    if versioned is not None:
+        return versioned + (f"?{request.query_string}" if request.query_string else "")
+    return str(request.rel_url)
+
+
+def response_headers(src: Mapping[str, str], node: str, request_id: str, route: str = "") -> CIMultiDict[str]:
     out = copy_headers(src, _DROP_RESPONSE)
     out[NODE_HEADER] = node
+    if route:
+        out[ROUTE_HEADER] = route  # why this node (mvllm.router.routing)
     out[REQUEST_ID_HEADER] = request_id
     return out
 
@@ -242,6 +257,7 @@ class Proxy:
         self.state = state
         # Told of every answer relayed to its end (the access gate settles tokens from its tail).
         self.on_complete = on_complete
+        self.resumer = StreamResumer(state, NodeBook(self._node_ok, self._node_failed, self._transition, set_read_timeout))
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -276,6 +292,7 @@ class Proxy:
                 return self._too_large(limit)
             body = read
         model = ""
+        text: str | None = None
         if body:
             try:
                 model, doc = parse_request(body, request.headers.get("Content-Type", ""))
@@ -302,6 +319,12 @@ class Proxy:
             if denied is not None:
                 self._count("", "-", denied.status)  # model unchecked yet: no label of it
                 return denied
+            if doc is not None and isinstance(state.policy, CacheAware):
+                text = prompt_text(doc, request.path)  # from the one parse, for prefix affinity
+            if state.config.resume_streams:
+                plan = plan_resume(request.path, doc)
+                if plan is not None:
+                    request[RESUME_KEY] = ResumeContext(plan, nodes, model)
         else:
             denied = await state.gate.admit(request, None, None)
             if denied is not None:
@@ -312,7 +335,7 @@ class Proxy:
                 nodes = tuple(n for n in nodes if not n.via_agent)  # agents route by the body's model only
             if not nodes:
                 return error_response(503, "no node is configured", headers={"Retry-After": "5"})
-        return await self._forward(request, body, model, nodes, request_id, t0)
+        return await self._forward(request, body, model, nodes, request_id, t0, text)
 
     @staticmethod
     async def _read_body(request: web.Request, limit: int) -> bytes | None:
@@ -335,15 +358,19 @@ class Proxy:
     # -- retries -------------------------------------------------------------------------------
 
     async def _forward(
-        self, request: web.Request, body: bytes, model: str, nodes: tuple[Target, ...], request_id: str, t0: float
+        self,
+        request: web.Request,
+        body: bytes,
+        model: str,
+        nodes: tuple[Target, ...],
+        request_id: str,
+        t0: float,
+        text: str | None = None,
     ) -> web.StreamResponse:
         state = self.state
         retry_cfg = state.config.retry
         headers = forward_headers(request.headers, request_id, strip_auth=not state.gate.open)
-        target = str(request.rel_url)
-        versioned = VERSIONED_ALIASES.get(request.path)
-        if versioned is not None:
-            target = versioned + (f"?{request.query_string}" if request.query_string else "")
+        target = upstream_target(request)
         ledger: FailureLedger[Target] = FailureLedger()
         tried: list[Target] = []
         last: Failed | None = None
@@ -354,9 +381,12 @@ class Proxy:
             while True:
                 now = time.monotonic()
                 candidates = [n for n in nodes if n.routable(now) and n not in tried]
-                node = choose_tiered(state.policy, answering(candidates, now), model)
-                if node is None:
+                picked = choose_route(state.policy, state.prefix_index, answering(candidates, now), model, text, now)
+                if picked is None:
                     break
+                node, route = picked
+                request[ROUTE_KEY] = route.header()
+                state.metrics.count_route(route.policy, route.reason)
                 tried.append(node)
                 sent = time.monotonic()
                 result = await self._attempt(request, node, body, headers, target, model, request_id, t0, sent)
@@ -399,7 +429,9 @@ class Proxy:
             # Every node failed and at least one answered: return its answer as is.
             self._count(model, answer.node.name, answer.status)
             return web.Response(
-                status=answer.status, body=answer.body, headers=response_headers(answer.headers, answer.node.name, request_id)
+                status=answer.status,
+                body=answer.body,
+                headers=response_headers(answer.headers, answer.node.name, request_id, request.get(ROUTE_KEY, "")),
             )
         if last is not None:
             status = 504 if last.failure.kind is FailureKind.TIMEOUT else 502
@@ -504,7 +536,7 @@ class Proxy:
         sent: float,
     ) -> web.StreamResponse | Failed:
         metrics = self.state.metrics
-        headers = response_headers(up.headers, node.name, request_id)
+        headers = response_headers(up.headers, node.name, request_id, request.get(ROUTE_KEY, ""))
         ctype = up.headers.get("Content-Type", "")
         length = up.content_length
         stream = up.content
@@ -547,6 +579,13 @@ class Proxy:
         # The last chunks relayed (references, not copies): the engine's usage is in them.
         tail0 = tail1 = b""
         tail2 = chunk = first
+        # A resumable stream keeps what it relays (references; parsed only if the node dies).
+        resume: ResumeContext | None = (
+            request.get(RESUME_KEY) if status == 200 and ctype.startswith("text/event-stream") else None
+        )
+        relayed = Transcript() if resume is not None and resume.plan.reason is None else None
+        if relayed is not None:
+            relayed.add(first)
         ttfb = True
         watch = _SendWatch(request, self.state.config.client_timeout, request_id)
         try:
@@ -558,6 +597,18 @@ class Proxy:
                 # watch drops one that waits too long.
                 watch.writing = True
                 if stream.at_eof():
+                    # Ended cleanly but mid-answer (no [DONE], no finish_reason): cut by a proxy
+                    # in between, as an agent whose engine died does. A backend that only omits
+                    # [DONE] after a finished answer is relayed as it is.
+                    if relayed is not None and not relayed.ended() and relayed.finish_reason is None:
+                        if chunk:
+                            await resp.write(chunk)
+                        resumed = await self._broken_stream(
+                            request, resp, node, ctype, EndedEarly(), request_id, sent, resume, relayed, watch
+                        )
+                        if resumed is not None:
+                            tail0, tail1, tail2 = b"", b"", resumed
+                        break
                     # The node's answer is complete: its last bytes and the end of ours go out
                     # together, in one write instead of two.
                     await resp.write_eof(chunk)
@@ -574,10 +625,14 @@ class Proxy:
                 except _UPSTREAM_ERRORS as exc:
                     up.close()
                     watch.writing = True  # the error event is a write too
-                    await self._broken_stream(request, resp, node, ctype, exc, request_id, sent)
+                    resumed = await self._broken_stream(request, resp, node, ctype, exc, request_id, sent, resume, relayed, watch)
+                    if resumed is not None:
+                        tail0, tail1, tail2 = b"", b"", resumed
                     break
                 if chunk:
                     tail0, tail1, tail2 = tail1, tail2, chunk
+                    if relayed is not None:
+                        relayed.add(chunk)
             if ttfb:
                 metrics.observe_ttfb(model, time.perf_counter() - t0)
         except ConnectionError:
@@ -620,17 +675,29 @@ class Proxy:
         exc: BaseException,
         request_id: str,
         sent: float,
-    ) -> None:
+        resume: ResumeContext | None = None,
+        relayed: Transcript | None = None,
+        watch: _SendWatch | None = None,
+    ) -> bytes | None:
+        """End a stream cut after its first byte: resumed on another node where it can be (the
+        tail written is returned), else with an SSE error event (None)."""
         detail = describe(exc)
         log.warning("request %s: node %s broke off mid-answer (%s)", request_id, node.name, detail)
         self.state.metrics.stream_errors.labels(node.name).inc()
         self._node_failed(node, FailureKind.BROKEN.value, sent)
+        if resume is not None and watch is not None:
+            headers = forward_headers(request.headers, request_id, strip_auth=not self.state.gate.open)
+            tail = await self.resumer.resume(resp, resume, relayed, node, headers, upstream_target(request), request_id, watch)
+            if tail is not None:
+                return tail
+            watch.writing = True  # the error event is a write too
         if ctype.startswith("text/event-stream"):
             await resp.write(sse_error_event(f"node {node.name} failed mid-stream ({detail}); the answer is incomplete"))
         elif request.transport is not None:
             # A plain body cut short must not look complete: drop the connection without the
             # final chunk, so the client sees a truncated transfer.
             request.transport.close()
+        return None
 
     # -- bookkeeping -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from mvllm.router.config import RouterConfig, apply_env, find_config, load_confi
 from mvllm.router.demo import DemoFleet
 from mvllm.router.eventloop import run as run_loop
 from mvllm.router.eventloop import tune_gc
+from mvllm.router.workers import NEEDS_REDIS, WorkerSet, watch_parent
 
 log = logging.getLogger("mvllm.router")
 
@@ -41,6 +42,8 @@ class ServeOptions:
     demo: bool = False
     console: bool = True
     log_level: str | None = None  # None: MVLLM_LOG_LEVEL, else [router] log_level, else info
+    workers: int | None = None  # None: [router] workers (router/workers.py)
+    worker_of: int | None = None  # set in a worker: the parent's pid (SO_REUSEPORT, dies with it)
 
 
 def setup_logging(level: str) -> None:
@@ -74,6 +77,9 @@ async def serve(opts: ServeOptions, frontend: Frontend | None = None) -> int:
     env = read_env(ROUTER_ENV, os.environ)
     path = None if opts.demo else find_config(opts.config or env.get("config"))
     if path is None:
+        if (opts.workers or 1) > 1:
+            log.error("%s (the demo has none)", NEEDS_REDIS)
+            return 2
         log.info("no servers.toml found: starting the demo" if not opts.demo else "starting the demo")
         host = opts.host or env.get("host") or RouterConfig.host
         port = opts.port if opts.port is not None else env.get("port", RouterConfig.port)
@@ -98,6 +104,16 @@ async def serve(opts: ServeOptions, frontend: Frontend | None = None) -> int:
         return 2
     host = opts.host or config.host
     port = opts.port if opts.port is not None else config.port
+    workers = opts.workers if opts.workers is not None else config.workers
+    if opts.worker_of is None and workers > 1:
+        if not config.cluster.enabled:
+            log.error("%s", NEEDS_REDIS)
+            return 2
+        if port == 0:
+            log.error("--workers > 1 needs a fixed --port (the workers share it)")
+            return 2
+        level = opts.log_level or (config.log.level if config.log.level else None)
+        return await WorkerSet(workers, path, host, port, level).run(stop, frontend)
     log.info("config %s: %d node(s)", path, len(config.nodes))
     return await _serve_until_stopped(opts, config, path, host, port, stop, None, frontend)
 
@@ -151,8 +167,15 @@ async def _listen(
     fleet: DemoFleet | None,
     frontend: Frontend | None,
 ) -> int:
+    worker = opts.worker_of is not None
     try:
-        async with running_router(config, host=host, port=port, config_path=path) as router:
+        async with (
+            running_router(config, host=host, port=port, config_path=path, reuse_port=worker) as router,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            if opts.worker_of is not None:
+                watcher = asyncio.ensure_future(watch_parent(opts.worker_of, stop))
+                stack.callback(watcher.cancel)
             log.info("router listening on %s (OpenAI base URL %s/v1)", router.url, router.url)
             tune_gc()  # short, rare collector pauses from here on
             if fleet is not None:

@@ -17,7 +17,8 @@ from mvllm.router.config import RouterConfig
 from mvllm.router.fleet.registry import Diff, Registry
 from mvllm.router.fleet.targets import Node
 from mvllm.router.metrics import RouterMetrics
-from mvllm.router.policy import Policy, make_policy
+from mvllm.router.policy import CacheAware, Policy, make_policy
+from mvllm.router.prefix_index import PrefixIndex
 
 log = logging.getLogger("mvllm.router.state")
 
@@ -52,6 +53,8 @@ class RouterState:
     rng: random.Random
     timeout: aiohttp.ClientTimeout
     gate: AuthGate  # API keys and limits (access/gate.py), swapped in place on reload
+    # Cache-aware routing's index of recent prompts (kept, empty, under the other policies).
+    prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     session: aiohttp.ClientSession | None = None
     started_at: float = field(default_factory=time.time)
     last_reload: ReloadStatus | None = None
@@ -62,27 +65,43 @@ class RouterState:
     def create(cls, config: RouterConfig, rng: random.Random | None = None) -> RouterState:
         rng = rng or random.Random()
         registry = Registry(config)
+        policy = make_policy(config.policy, rng)
+        index = PrefixIndex(policy.params if isinstance(policy, CacheAware) else None)
         # The collector reads the policy when /metrics is scraped, after a reload may swap it.
-        metrics = RouterMetrics(registry, lambda: state.policy)
+        metrics = RouterMetrics(registry, lambda: state.policy, index)
         state = cls(
             config=config,
             registry=registry,
-            policy=make_policy(config.policy, rng),
+            policy=policy,
             metrics=metrics,
             rng=rng,
             timeout=upstream_timeout(config),
             gate=AuthGate(config.auth, metrics.registry),
+            prefix_index=index,
         )
         return state
+
+    def forget_cache(self, node: str, why: str) -> None:
+        """`node`'s KV cache is gone or no longer ours to use (left, drained, down, restarted,
+        an engine slept, woke or stopped): affinity must not send prompts there for it."""
+        keys = self.prefix_index.remove_target(node)
+        if keys:
+            log.info("prefix index: node %s forgotten (%s; %d prefixes)", node, why, keys)
 
     def apply_config(self, config: RouterConfig) -> Diff:
         """Swap in a validated config: node set, policy, timeouts. Host and port need a restart."""
         old = self.config
         if (config.host, config.port) != (old.host, old.port):
             log.warning("router host/port changed in config; this takes effect at the next restart")
+        if (config.cluster, config.workers) != (old.cluster, old.workers):
+            log.warning("[cluster] or [router] workers changed in config; this takes effect at the next restart")
         if config.policy != old.policy:
             self.policy = make_policy(config.policy, self.rng)
             log.info("policy is now %s", config.policy.type)
+            if isinstance(self.policy, CacheAware):
+                self.prefix_index.configure(self.policy.params, time.monotonic())  # a smaller bound applies now
+            else:
+                self.prefix_index.clear()
         self.config = config
         self.timeout = upstream_timeout(config)
         self.gate.apply(config.auth)
@@ -91,6 +110,10 @@ class RouterState:
             log.info("node %s added (%s)", node.name, node.url)
         for node in diff.changed:
             log.info("node %s updated (weight %s, capacity %s, drain %s)", node.name, node.weight, node.capacity, node.cfg.drain)
+            if node.draining:
+                self.forget_cache(node.name, "drained")
+        for node in diff.removed:
+            self.forget_cache(node.name, "removed")
         if self.on_nodes_changed is not None and (diff.added or diff.changed):
             self.on_nodes_changed(diff.added + diff.changed)
         return diff

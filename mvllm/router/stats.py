@@ -35,6 +35,9 @@ def load_stats_snapshot(state: RouterState, config_path: str | None = None) -> d
             "breaker": n.breaker.state.value,
             "draining": n.draining,
             "removed": n.retired,
+            # The engine's vllm:kv_cache_usage_perc (0..1) and prefix-cache hit ratio, when it says.
+            "kv_cache_usage": round(n.kv_cache_usage, 4) if n.kv_cache_usage is not None else None,
+            "prefix_hit_ratio": round(hr, 4) if (hr := n.prefix_hit_ratio) is not None else None,
             "last_scrape_age_s": round(now - n.last_scrape, 3) if n.last_scrape is not None else None,
             "scrape_error": n.scrape_error,
             "health_error": n.health_error if n.health is not Health.UP else None,
@@ -47,6 +50,7 @@ def load_stats_snapshot(state: RouterState, config_path: str | None = None) -> d
             "version": __version__,
             "uptime_s": round(time.time() - state.started_at, 1),
             "policy": policy.type,
+            "prefix_index_bytes": state.prefix_index.size_bytes,
             "config": config_path,
             "last_reload": state.last_reload.as_dict() if state.last_reload else None,
         },

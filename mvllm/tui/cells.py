@@ -7,11 +7,11 @@ import time
 
 from rich.text import Text
 
-from mvllm.client.fleet import FleetView, GpuView, ModelView, NodeView, fmt_bytes, fmt_num
+from mvllm.client.fleet import FleetView, GpuView, ModelView, NodeView, fmt_bytes, fmt_num, fmt_pct
 from mvllm.client.keyview import key_row
 from mvllm.tui.rates import Window
 
-NODE_COLUMNS = ("node", "kind", "state", "breaker", "models", "run", "wait", "cap", "score", "in-flight")
+NODE_COLUMNS = ("node", "kind", "state", "breaker", "models", "run", "wait", "cap", "score", "in-flight", "kv%")
 MODEL_COLUMNS = ("model", "awake", "asleep", "loadable", "run", "queue")
 GPU_COLUMNS = ("node", "gpu", "memory", "util", "temp", "power")
 
@@ -51,7 +51,15 @@ def node_cells(n: NodeView) -> tuple[Text, ...]:
         Text(fmt_num(n.capacity), justify="right"),
         Text(score + ("?" if n.stale and n.score is not None else ""), style=num_style, justify="right"),
         Text(str(n.in_flight), justify="right"),
+        # The engine's KV cache in use: a full one evicts prefixes (and gets no affinity traffic).
+        Text(fmt_pct(n.kv_cache_usage, n.stale), style=num_style or _kv_style(n.kv_cache_usage), justify="right"),
     )
+
+
+def _kv_style(usage: float | None) -> str:
+    if usage is None:
+        return "dim"
+    return "" if usage < 0.7 else "yellow" if usage < 0.9 else "bold red"
 
 
 def model_cells(m: ModelView) -> tuple[Text, ...]:
@@ -124,6 +132,11 @@ def totals_text(url: str, fleet: FleetView | None, win: Window | None, problem: 
     if fleet is not None:
         r = fleet.router
         t.append(f"  v{r.get('version', '?')}  up {fmt_uptime(r.get('uptime_s'))}  policy {r.get('policy', '?')}")
+        c = r.get("cluster")
+        if isinstance(c, dict):  # several routers on one Redis: the whole of them
+            t.append(f"  │  {c.get('routers', '?')} routers, {c.get('in_flight', 0)} in flight")
+            if c.get("redis") != "ok":
+                t.append("  Redis down: per-router limits", style="bold yellow")
     if problem:
         t.append(f"  {problem}", style="bold red")
     t.append("\n")

@@ -29,9 +29,15 @@ QUICK_SIM = ["--sim-ttft-ms", "5", "--sim-itl-ms", "2", "--max-num-seqs", "8"]
 
 @contextlib.asynccontextmanager
 async def router_for(
-    tmp_path: Path, nodes: list[dict[str, Any]], *, watch: bool = False, router: dict | None = None, **config: Any
+    tmp_path: Path,
+    nodes: list[dict[str, Any]],
+    *,
+    watch: bool = False,
+    router: dict | None = None,
+    policy: dict | None = None,
+    **config: Any,
 ) -> AsyncIterator[RunningRouter]:
-    path = write_servers(tmp_path / "servers.toml", nodes, router=router, **config)
+    path = write_servers(tmp_path / "servers.toml", nodes, router=router, policy=policy, **config)
     async with running_router(load_config(path), host="127.0.0.1", port=0, config_path=path, watch=watch) as r:
         yield r
 

@@ -103,13 +103,18 @@ class RouterProc:
 
 @contextlib.asynccontextmanager
 async def router_process(
-    tmp_path: Path, config_path: Path, *, env: dict[str, str] | None = None, models: int = 1
+    tmp_path: Path,
+    config_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    models: int = 1,
+    log_level: str = "warning",
 ) -> AsyncIterator[RouterProc]:
     """The router as a subprocess, ready once it lists `models` models. Waits without blocking
     this event loop, so in-process sims answer the router's first probes."""
     port = free_port()
     proc = Proc(
-        ["run", "--config", str(config_path), "--console", "--port", str(port), "--log-level", "warning"],
+        ["run", "--config", str(config_path), "--console", "--port", str(port), "--log-level", log_level],
         tmp_path / f"router-{port}.log",
         env or {},
     ).start()

@@ -72,7 +72,7 @@ def test_ps_table_and_json(router: Router) -> None:
     out = mvllm("ps", router=router.url)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["NODE", "KIND", "STATE", "BREAKER", "RUN/WAIT/CAP", "SCORE", "IN-FLIGHT", "MODELS"]
+    assert lines[0].split() == ["NODE", "KIND", "STATE", "BREAKER", "RUN/WAIT/CAP", "SCORE", "KV%", "IN-FLIGHT", "MODELS"]
     rows = {line.split()[0]: line for line in lines[1:4]}
     assert rows["n-a"].split()[1:5] == ["static", "up", "closed", "0/0/8"] and rows["n-a"].endswith(MODEL)
     assert "draining (config)" in rows["n-off"]

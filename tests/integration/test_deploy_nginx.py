@@ -1,9 +1,11 @@
 """deploy/nginx-mvllm.conf as shipped, in front of two real `mvllm run` routers over one sim:
 a stream passes through it as SSE, both routers get traffic, and after one router is
-SIGKILLed every new request still succeeds. Skipped where nginx is not installed."""
+SIGKILLed every new request still succeeds; with both routers on one Redis, nginx in front
+changes nothing to the shared limits and key changes. Skipped where nginx is not installed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -14,10 +16,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.integration.router_support import MODEL, QUICK_SIM, node, write_config
+from tests.integration.cluster_support import cluster_config, post, routers
+from tests.integration.router_support import MODEL, QUICK_SIM
+from tests.integration.security_support import ADMIN_KEY, USER_KEY, in_process_sims, key_entry, quick_sim
 from tests.procs import REPO, Proc, free_port, run_sim, wait_http_ok
+from tests.redis_support import RedisServer
+from tests.support import node, wait_until_async, write_servers
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx not installed")
@@ -116,7 +123,7 @@ def upstreams(tmp: Path, at_least: int) -> list[list[str]]:
 
 def test_shipped_nginx_config_streams_and_survives_a_killed_router(tmp_path: Path) -> None:
     with run_sim(tmp_path, MODEL, QUICK_SIM) as sim:
-        cfg = write_config(tmp_path / "servers.toml", [node(sim.url, "n1")])
+        cfg = write_servers(tmp_path / "servers.toml", [node(sim.url, "n1")])
         ports = [free_port(), free_port()]
         routers = [
             Proc(["run", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(p)], tmp_path / f"r{p}.log")
@@ -157,3 +164,42 @@ def test_shipped_nginx_config_streams_and_survives_a_killed_router(tmp_path: Pat
         finally:
             for router in routers:
                 router.stop()
+
+
+async def test_shipped_nginx_config_with_two_routers_on_one_redis_acts_as_one_router(tmp_path: Path, redis_server: RedisServer) -> None:
+    """The tested config of docs/deployment-cluster.md: nginx, two routers, one Redis. A 5 rps key
+    gets 5-6 of 20 requests sent at once through nginx; a key disabled through one router's admin
+    API is refused by both within 2 s."""
+    keys = [key_entry("admin", ADMIN_KEY, role="admin"), key_entry("slow", USER_KEY, limits={"requests_per_second": 5})]
+    async with in_process_sims(quick_sim()) as (sim,):
+        cfg = cluster_config(tmp_path, [node(sim.url, "n1")], redis_server.url, keys=keys)
+        async with routers(tmp_path, cfg) as (r1, r2):
+            port = free_port()
+            with nginx(tmp_path, port, [r1.port, r2.port]):
+                base = f"http://127.0.0.1:{port}"
+                async with aiohttp.ClientSession() as s:
+                    await wait_until_async(lambda: _ok(s, base + "/health"), timeout=20, what="nginx up")
+                    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                    got = await asyncio.gather(*(post(s, base + "/v1/chat/completions", USER_KEY, body) for _ in range(20)))
+                    ok = sum(1 for st, _ in got if st == 200)
+                    assert 5 <= ok <= 6, [st for st, _ in got]
+                    assert sum(1 for st, _ in got if st == 429) == 20 - ok
+                    served = {addr for addrs in upstreams(tmp_path, at_least=20) for addr in addrs}
+                    assert {f"127.0.0.1:{r1.port}", f"127.0.0.1:{r2.port}"} <= served  # both routers took some
+
+                    async with s.post(r1.url + "/admin/keys/slow/disable", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+                        assert resp.status == 200
+
+                    async def refused_by_both() -> bool:
+                        res = await asyncio.gather(*(post(s, r.url + "/v1/chat/completions", USER_KEY, body) for r in (r1, r2)))
+                        return [st for st, _ in res] == [401, 401]
+
+                    await wait_until_async(refused_by_both, timeout=2.0, interval=0.05, what="key disabled on both routers")
+
+
+async def _ok(s: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with s.get(url) as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False

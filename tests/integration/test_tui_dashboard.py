@@ -87,6 +87,12 @@ async def test_table_lists_nodes_with_live_numbers_help_and_quit_confirmation(tm
             assert cell(app, "nodes", name, "cap") == "8"
             assert cell(app, "nodes", name, "models") == MODEL
         assert cell(app, "models", MODEL, "awake") == "n-a, n-b"
+        # The engines' vllm:kv_cache_usage_perc, as a percentage (the sims report one).
+        await wait_until_async(
+            lambda: all(cell(app, "nodes", n, "kv%").endswith("%") for n in ("n-a", "n-b")), 10, what="KV% on screen"
+        )
+        kv = router.state.registry.get("n-a").kv_cache_usage
+        assert kv is not None and cell(app, "nodes", "n-a", "kv%") == f"{kv * 100:.0f}%"
 
         await ask(router, 10)  # answered requests: the header's rate and latency come from /metrics
         streams = asyncio.ensure_future(ask(router, 6, max_tokens=300))  # ~4.5 s each at 15 ms a token: still in flight at "q" on a loaded machine

@@ -18,6 +18,9 @@ def test_defaults():
     assert spec.served_model_names == ["m"] and spec.devices == [0] and spec.tensor_parallel_size == 1
     assert spec.idle_timeout == 600 and spec.unload_timeout == 3600 and spec.sleep_level_on_idle == 1
     assert cfg.reserve_bytes == GIB
+    assert cfg.max_switch_wait == 30.0
+    assert parse_config({"max_switch_wait": 2}).max_switch_wait == 2.0
+    assert parse_config({"max_switch_wait": 0}).max_switch_wait == 0.0  # drain at once
 
 
 def test_every_catalog_key(monkeypatch):
@@ -74,6 +77,8 @@ def test_every_catalog_key(monkeypatch):
         ({"models": {"m": {"model": "x", "sleep_level_on_idle": 3}}}, "models.m.sleep_level_on_idle"),
         ({"models": {"m": {"model": "x", "gpu_memory_utilization": 1.5}}}, "models.m.gpu_memory_utilization"),
         ({"engine": "trt"}, "engine"),
+        ({"max_switch_wait": -1}, "max_switch_wait"),
+        ({"max_switch_wait": "30s"}, "max_switch_wait"),
         ({"engine_port_range": [9000]}, "engine_port_range"),
         ({"token_env": "MVLLM_SURELY_UNSET_VAR"}, "token_env"),
         ({"engine": "sim", "models": {"m": {"model": "x", "devices": [1]}}}, "models.m.devices"),

@@ -1,5 +1,7 @@
 """Placement policy: fit checks, LRU eviction among idle unpinned models, launch utilization."""
 
+import pytest
+
 from mvllm.agent.placement import (
     ACTION_SLEEP,
     ACTION_STOP,
@@ -7,11 +9,13 @@ from mvllm.agent.placement import (
     Gpu,
     Resident,
     Step,
+    SwitchStep,
     effective_sleep_level,
     launch_utilization,
     need_bytes,
     plan,
     shortfall,
+    switch_step,
 )
 from mvllm.common.state import READY, SLEEPING, STARTING
 
@@ -138,3 +142,23 @@ def test_lora_model_is_evicted_at_level_1_not_2():
     assert p.steps == [Step("a", ACTION_SLEEP, 1), Step("b", ACTION_SLEEP, 2)]
     assert effective_sleep_level(2, True) == 1 and effective_sleep_level(2, False) == 2
     assert effective_sleep_level(1, True) == 1 and effective_sleep_level(0, True) == 0
+
+
+def test_a_switch_waits_up_to_max_switch_wait_then_drains():
+    # Before max_switch_wait: wait, and look again no later than the moment the drain falls due.
+    assert switch_step(0.0, 30.0, 600.0) == SwitchStep(drain=False, wait_s=1.0)
+    assert switch_step(29.7, 30.0, 600.0) == SwitchStep(drain=False, wait_s=pytest.approx(0.3))
+    # From max_switch_wait on: drain now, then keep polling for one of them to go idle.
+    assert switch_step(30.0, 30.0, 600.0) == SwitchStep(drain=True, wait_s=1.0)
+    assert switch_step(45.0, 30.0, 600.0).drain
+    # 0: drain at once; the wait never outlasts what is left of load_timeout.
+    assert switch_step(0.0, 0.0, 600.0).drain
+    assert switch_step(1.0, 30.0, 0.25) == SwitchStep(drain=False, wait_s=0.25)
+    assert switch_step(31.0, 30.0, -1.0).wait_s == 0.0
+
+
+def test_max_switch_wait_at_or_above_load_timeout_never_drains():
+    # The request gives up (load_timeout) before the drain falls due: the old behaviour.
+    left = 10.0
+    for waited in (0.0, 5.0, 9.9):
+        assert not switch_step(waited, 10.0, left - waited).drain

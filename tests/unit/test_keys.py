@@ -210,6 +210,15 @@ def test_admin_paths_need_admin_role(store):
     assert not is_admin_path("/v1/admin")
 
 
+def test_instance_proxy_paths_need_admin_role(store):
+    for path in ("/proxy/ra/health", "//proxy/ra/metrics", "/Proxy/ra/v1/models", "/v1/../proxy/x/health"):
+        d = authorize(store, bearer(USER_SECRET), path, None)
+        assert (d.allowed, d.status, d.code) == (False, 403, "admin_required"), path
+        assert authorize(store, bearer(ADMIN_SECRET), path, None).allowed
+    assert not is_admin_path("/proxyish/x")
+    assert not is_admin_path("/v1/proxy/x")
+
+
 def test_model_outside_allow_list_is_403(store):
     d = authorize(store, bearer(USER_SECRET), "/v1/chat/completions", "mistral-7b")
     assert (d.allowed, d.status, d.code) == (False, 403, "model_not_allowed")

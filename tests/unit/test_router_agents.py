@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -197,6 +197,20 @@ def test_state_becomes_routes_in_the_model_index() -> None:
     assert node.capacity == 8 and node.running == 3.0  # the agent as a whole: its awake engines
 
 
+def test_a_draining_engine_is_no_candidate_until_the_agent_says_otherwise() -> None:
+    reg, node = registry_with_agent()
+    drained = agent_state(
+        InstanceState("a", "ready", served_model_names=["a"], in_flight=3, draining=True),
+        catalog=[entry("a", "awake")],
+    )
+    apply(reg, node, drained)
+    a = reg.nodes_for("a")[0]
+    assert a.tier is None and not a.routable(0.0)  # its in-flight requests finish; new ones go elsewhere
+    apply(reg, node, agent_state(InstanceState("a", "sleeping", served_model_names=["a"], sleep_level=1),
+                                 catalog=[entry("a", "sleeping")]), sent_at=200.0)
+    assert a.tier == TIER_SLEEPING  # evicted and resumed: a request may wake it again
+
+
 def test_routes_are_kept_across_states_and_names_follow_the_catalog() -> None:
     reg, node = registry_with_agent()
     apply(reg, node, STATE)
@@ -348,3 +362,25 @@ def test_every_agent_answering_no_room_makes_one_message_naming_each() -> None:
     assert no_room_answer("d", [Answer(500, {}, no_room("full"), d_a)]) is None
     assert no_room_answer("d", [Answer(503, {}, b"<html>busy</html>", d_a)]) is None
     assert no_room_answer("d", []) is None
+
+
+def test_an_engine_that_sleeps_wakes_restarts_or_stops_marks_the_agents_cache_lost() -> None:
+    reg, node = registry_with_agent()
+    ready = InstanceState("a", "ready", served_model_names=["a"], pid=10, running=1)
+    catalog = [entry("a", "awake")]
+    apply(reg, node, agent_state(ready, catalog=catalog))
+    assert not node.cache_lost  # the first /state: nothing was cached before it
+    apply(reg, node, agent_state(replace(ready, running=3), catalog=catalog))
+    assert not node.cache_lost  # only its load changed: the same engine, the same cache
+    for changed in (
+        replace(ready, state="sleeping", sleep_level=1),  # slept: level 1 and 2 drop the KV cache
+        replace(ready, state="ready"),  # woke
+        replace(ready, pid=11, restarts=1),  # crashed and restarted
+        replace(ready, pid=11, restarts=1, state="stopped"),  # unloaded
+    ):
+        apply(reg, node, agent_state(changed, catalog=catalog))
+        assert node.cache_lost, changed
+        apply(reg, node, agent_state(changed, catalog=catalog))
+        assert not node.cache_lost, changed  # the same /state again: no new loss
+    apply(reg, node, agent_state(catalog=[]))  # the entry left the catalog
+    assert node.cache_lost

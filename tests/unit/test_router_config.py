@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from mvllm.common.tomlconf import ConfigError
 from mvllm.router.config import find_config, load_config
+from mvllm.router.policy import cache_params
+from mvllm.router.prefix_index import RSS_PER_BYTE, CacheAwareParams
 
 # The README of the original mvllm, as users have it.
 SEED_README = """
@@ -146,7 +149,21 @@ drain = true
         ("[config]\nhealth_check_interval = \"10s\"", "config.health_check_interval", "number"),
         ("[config]\nrequest_timeout = 10\nfirst_byte_timeout = 20", "config.first_byte_timeout", "request_timeout"),
         ("[config]\nbreaker_cooldown = 1\nauto_recovery_threshold = 2", "config.auto_recovery_threshold", "not both"),
+        ('[config]\nresume_streams = "yes"', "config.resume_streams", "true or false"),
         ('[policy]\ntype = "fastest"', "policy.type", "least-score"),
+        ('[policy]\ntype = "fastest"', "policy.type", "cache-aware"),
+        ("[policy]\ncache_threshold = 1.5", "policy.cache_threshold", "<= 1.0"),
+        ("[policy]\ncache_threshold = -0.1", "policy.cache_threshold", ">= 0.0"),
+        ("[policy]\nbalance_abs_threshold = -1", "policy.balance_abs_threshold", ">= 0.0"),
+        ("[policy]\nbalance_rel_threshold = 0.5", "policy.balance_rel_threshold", ">= 1.0"),
+        ("[policy]\nkv_full_threshold = 0", "policy.kv_full_threshold", ">= 0.01"),
+        ("[policy]\nkv_full_threshold = 90", "policy.kv_full_threshold", "<= 1.0"),
+        ("[policy]\nmax_tree_bytes = 1000", "policy.max_tree_bytes", ">= 1048576"),
+        ('[policy]\nmax_tree_bytes = "32MiB"', "policy.max_tree_bytes", "integer"),
+        ("[policy]\nmax_tree_bytes = 33554432.0", "policy.max_tree_bytes", "integer"),
+        ("[policy]\nmax_prefix_chars = 10", "policy.max_prefix_chars", ">= 64"),
+        ("[policy]\nentry_ttl = 0", "policy.entry_ttl", ">= 1.0"),
+        ("[policy]\ncache_treshold = 0.5", "policy.cache_treshold", "unknown key"),
         ("[router]\nport = 70000", "router.port", "<= 65535"),
         ("[routr]\nport = 1", "routr", "unknown key"),
         ('[[agents]]\nurl = "http://x:1"\nwieght = 2', "agents[0].wieght", "unknown key"),
@@ -160,6 +177,30 @@ def test_errors_name_file_key_and_expectation(tmp_path: Path, text: str, key: st
     assert str(path) in msg
     assert f"key '{key}'" in msg
     assert words in msg
+
+
+def test_cache_aware_policy_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[policy]
+type = "cache-aware"
+cache_threshold = 0.7
+balance_abs_threshold = 0.5
+balance_rel_threshold = 2
+kv_full_threshold = 0.95
+max_tree_bytes = 8388608
+max_prefix_chars = 8192
+entry_ttl = 120
+""")
+    pol = load_config(path).policy
+    assert pol.type == "cache-aware"
+    assert (pol.cache_threshold, pol.balance_abs_threshold, pol.balance_rel_threshold) == (0.7, 0.5, 2.0)
+    assert (pol.kv_full_threshold, pol.max_tree_bytes, pol.max_prefix_chars, pol.entry_ttl) == (0.95, 8388608, 8192, 120.0)
+    params = cache_params(pol)
+    # max_tree_bytes bounds the router's RSS growth: the index's own byte count gets that / RSS_PER_BYTE.
+    assert (params.kv_full, params.max_tree_bytes, params.cache_threshold) == (0.95, int(8388608 / RSS_PER_BYTE), 0.7)
+    # The other defaults are the policy module's own.
+    default = cache_params(load_config(write(tmp_path, '[policy]\ntype = "cache-aware"')).policy)
+    assert default == replace(CacheAwareParams(), max_tree_bytes=int(CacheAwareParams().max_tree_bytes / RSS_PER_BYTE))
 
 
 def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
@@ -196,3 +237,8 @@ def test_the_shipped_example_loads() -> None:
     assert [n.name for n in cfg.nodes] == ["gpu-server-1:8000", "gpu-2", "gpu-3"]
     assert cfg.nodes[2].models == ("Qwen/Qwen3-8B",)
     assert cfg.breaker.cooldown == 10
+
+
+def test_resume_streams_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, SEED_README)).resume_streams is True
+    assert load_config(write(tmp_path, "[config]\nresume_streams = false")).resume_streams is False

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mvllm.client.fleet import build_fleet, fmt_num
+from mvllm.client.fleet import build_fleet, fmt_num, fmt_pct
 from mvllm.ctl.progress import find_instance
 from mvllm.ctl.render import ps_text, status_text, table
-from mvllm.tui.cells import gpu_cells, model_cells, node_cells, totals_text
+from mvllm.tui.cells import NODE_COLUMNS, gpu_cells, model_cells, node_cells, totals_text
 
 GIB = 2**30
 
@@ -88,6 +88,17 @@ def test_old_scrape_is_stale_and_shown_with_a_question_mark_not_zero() -> None:
     assert fmt_num(None) == "–" and fmt_num(2.0) == "2" and fmt_num(2.5, stale=True) == "2.5?"
 
 
+def test_kv_cache_usage_column() -> None:
+    n = build_fleet(doc(static("a", kv_cache_usage=0.953, prefix_hit_ratio=0.5))).nodes[0]
+    assert (n.kv_cache_usage, n.prefix_hit_ratio) == (0.953, 0.5)
+    cell = node_cells(n)[NODE_COLUMNS.index("kv%")]
+    assert cell.plain == "95%" and "red" in str(cell.style)  # full: it gets no affinity traffic
+    assert node_cells(build_fleet(doc(static("b"))).nodes[0])[NODE_COLUMNS.index("kv%")].plain == "–"
+    stale = build_fleet(doc(static("c", kv_cache_usage=0.2, last_scrape_age_s=30.0))).nodes[0]
+    assert node_cells(stale)[NODE_COLUMNS.index("kv%")].plain == "20%?"
+    assert fmt_pct(None) == "–" and fmt_pct(0.5) == "50%"
+
+
 def test_drain_and_breaker_in_the_state() -> None:
     n = build_fleet(doc(static("a", draining=True, drained_by="admin", breaker="open"))).nodes[0]
     assert n.state_text == "ejected, draining" and not n.up
@@ -117,11 +128,12 @@ def test_static_per_model_load_goes_to_its_model() -> None:
 
 
 def test_ps_and_status_text() -> None:
-    f = build_fleet(doc(static("a"), static("b", last_scrape_age_s=30.0), agent("gpu-a")))
+    f = build_fleet(doc(static("a", kv_cache_usage=0.4231), static("b", last_scrape_age_s=30.0), agent("gpu-a")))
     out = ps_text(f)
     lines = out.splitlines()
-    assert lines[0].split() == ["NODE", "KIND", "STATE", "BREAKER", "RUN/WAIT/CAP", "SCORE", "IN-FLIGHT", "MODELS"]
-    assert lines[1].split()[:7] == ["a", "static", "up", "closed", "3/1/8", "0.44", "2"]
+    assert lines[0].split() == ["NODE", "KIND", "STATE", "BREAKER", "RUN/WAIT/CAP", "SCORE", "KV%", "IN-FLIGHT", "MODELS"]
+    assert lines[1].split()[:8] == ["a", "static", "up", "closed", "3/1/8", "0.44", "42%", "2"]
+    assert lines[2].split()[6] == "-"  # no kv_cache_usage known: a dash, never 0%
     assert "3?/1?/8" in lines[2]  # the stale node's numbers, marked
     assert "? b: stale data (load last read 30s ago)" in out
     assert "gpu-a  0    H100  60.0G/80.0G (75%)" in out
@@ -135,6 +147,16 @@ def test_totals_line_and_unreachable_router() -> None:
     text = totals_text("http://r:1", f, None, None).plain
     assert "nodes 1/2 up" in text and "– req/s" in text
     assert "router unreachable" in totals_text("http://r:1", f, None, "router unreachable").plain
+
+
+def test_the_header_shows_the_whole_cluster_and_a_redis_outage() -> None:
+    d = doc(static("a"))
+    assert "routers" not in totals_text("http://r:1", build_fleet(d), None, None).plain
+    d["router"]["cluster"] = {"routers": 3, "in_flight": 17, "redis": "ok", "shared_limits": True}
+    text = totals_text("http://r:1", build_fleet(d), None, None).plain
+    assert "3 routers, 17 in flight" in text and "Redis down" not in text
+    d["router"]["cluster"] = {"routers": 1, "in_flight": 2, "redis": "down", "shared_limits": False}
+    assert "Redis down: per-router limits" in totals_text("http://r:1", build_fleet(d), None, None).plain
 
 
 def test_find_instance_prefers_the_one_changing() -> None:

@@ -22,7 +22,8 @@ from prometheus_client.registry import Collector
 from mvllm.common.errors import error_response
 from mvllm.router.access.config import AuthConfig
 from mvllm.router.access.keys import ApiKey, KeyStore, authorize, check_model, is_admin_path
-from mvllm.router.access.limits import GLOBAL_SCOPE, LimitSet, Ticket, Verdict, estimate_tokens
+from mvllm.router.access.limits import GLOBAL_SCOPE, LimitDecision, LimitSet, Ticket, Verdict, estimate_tokens
+from mvllm.router.access.shared import SharedLimits, SharedTicket
 from mvllm.router.access.usage_file import KeyOverrides, UsageDoc
 from mvllm.router.access.usage_tail import find_usage
 from mvllm.router.request import ResponseComplete
@@ -37,6 +38,7 @@ def _request_key(name: str, t: type) -> Any:
 
 API_KEY = _request_key("mvllm_api_key", ApiKey)  # the key that authenticated the request
 TICKET = _request_key("mvllm_limit_ticket", Ticket)  # its passage through the limits
+SHARED_TICKET = _request_key("mvllm_shared_ticket", SharedTicket)  # its admission in Redis, if any
 
 # Paths whose requests generate no tokens: their up-front estimate is the prompt alone.
 _NO_COMPLETION = ("embeddings", "score", "rerank", "pooling", "classify", "tokenize")
@@ -81,6 +83,8 @@ class AuthGate:
         self.metrics = AuthMetrics(self, registry)
         self.active = False
         self._global_tpm = False
+        # Set by router/cluster.py when [cluster] redis_url is configured: limits shared in Redis.
+        self.shared: SharedLimits | None = None
         self._refresh()
 
     def _refresh(self) -> None:
@@ -198,10 +202,28 @@ class AuthGate:
         limits = self.limits
         ticket = limits.ticket(key, estimate)
         request[TICKET] = ticket  # released by the middleware, whatever happens next
-        decision = limits.admit(ticket)
-        while decision.verdict is Verdict.WAIT:
-            await asyncio.sleep(decision.wait)
+        shared = self.shared
+        decision: LimitDecision | None = None
+        if shared is not None:
+            outcome = await shared.admit(limits, self.config.limits, key, ticket)
+            if outcome.down and shared.rejects(self.config.limits, key):
+                limits.release(ticket)
+                self.metrics.rejected.labels("limits_unavailable").inc()
+                return error_response(
+                    503,
+                    "the shared limits are unavailable (Redis unreachable) and [cluster] on_redis_down = "
+                    "\"reject\": requests a limit applies to are refused until it is back",
+                    code="limits_unavailable",
+                    headers={"Retry-After": "1"},
+                )
+            decision = outcome.decision
+            if outcome.shared is not None:
+                request[SHARED_TICKET] = outcome.shared
+        if decision is None:  # in memory: no cluster, or Redis down with on_redis_down = "local"
             decision = limits.admit(ticket)
+            while decision.verdict is Verdict.WAIT:
+                await asyncio.sleep(decision.wait)
+                decision = limits.admit(ticket)
         if decision.allowed:
             return None
         limits.release(ticket)
@@ -221,6 +243,9 @@ class AuthGate:
             tokens = 0  # a node's error answer generated nothing
         if tokens is not None:
             self.limits.settle(ticket, tokens)
+            shared: SharedTicket | None = done.request.get(SHARED_TICKET)
+            if shared is not None:
+                shared.used_tokens = tokens
         # else: a stream without include_usage, or cut: the up-front estimate stays charged.
 
     def finish(self, request: web.Request, resp: web.StreamResponse | None) -> None:
@@ -229,9 +254,14 @@ class AuthGate:
         ticket: Ticket | None = request.get(TICKET)
         if ticket is None:
             return
+        shared: SharedTicket | None = request.get(SHARED_TICKET)
         if ticket.admitted and not ticket.settled and resp is not None and resp.status >= 400:
             self.limits.settle(ticket, 0)
+            if shared is not None:
+                shared.used_tokens = 0
         self.limits.release(ticket)
+        if shared is not None and self.shared is not None:
+            self.shared.finish(shared)
 
     def snapshot(self) -> dict[str, Any]:
         """What /load-stats shows of auth: names and counters, never keys or hints."""

@@ -199,16 +199,17 @@ def _deny(status: int, message: str, code: str) -> Decision:
 
 
 def is_admin_path(path: str) -> bool:
-    """`/admin` and below, also when spelt `//admin/x`, `/x/../admin`, `/Admin/x`.
+    """`/admin` and below, and `/proxy/` and below (an instance's engine paths: admin keys only),
+    also when spelt `//admin/x`, `/x/../admin`, `/Admin/x`.
 
     Normalising here can only make more paths admin-only, never open one, so it is safe whatever
     the router's own path matching does.
     """
     lowered = path.lower()
-    if "admin" not in lowered:  # the common case, without normpath's cost on every request
+    if "admin" not in lowered and "proxy" not in lowered:  # the common case, without normpath's cost
         return False
     norm = posixpath.normpath("/" + lowered.lstrip("/"))
-    return norm == "/admin" or norm.startswith("/admin/")
+    return norm in ("/admin", "/proxy") or norm.startswith(("/admin/", "/proxy/"))
 
 
 def check_model(key: ApiKey | None, model: str | None) -> Decision:

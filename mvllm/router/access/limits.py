@@ -600,6 +600,31 @@ class LimitSet:
             self._charge(ticket, now)
             return _ALLOW
 
+        return self._decide(ticket, now, denials)
+
+    def admit_shared(self, ticket: Ticket, denials: Iterable[tuple[str, str, float | None]]) -> LimitDecision:
+        """The decision of limits kept elsewhere (router/cluster.py: Redis, shared by several routers):
+        `denials` as (scope name, limit name, wait: None unknown, inf never), empty when that store
+        admitted and charged the request. Queues, denies and counts as `admit` does; on allow, charges
+        the local counters without checking them (they only count, and warm the fallback)."""
+        if ticket.released:
+            raise ValueError(f"{ticket!r} was released; start a new ticket")
+        if ticket.admitted:
+            return _ALLOW
+        now = self._now()
+        by_name = {scope.name: scope for scope in ticket.scopes}
+        found: list[_Denial] = []
+        for scope_name, limit, wait in denials:
+            scope = by_name.get(scope_name, ticket.scopes[-1])
+            retry = 1 if wait is None else _ceil_retry(wait)
+            queueable = limit not in ("requests_total", "requests_per_day")
+            found.append(_Denial(scope, limit, wait, retry, queueable=queueable))
+        if not found:
+            self._charge(ticket, now, checked=False)
+            return _ALLOW
+        return self._decide(ticket, now, found)
+
+    def _decide(self, ticket: Ticket, now: float, denials: list[_Denial]) -> LimitDecision:
         worst = max(denials, key=lambda d: (d.retry_after is None, d.retry_after or 0, d.wait or 0.0))
         decision = self._maybe_queue(ticket, now, denials, worst)
         if decision is not None:
@@ -646,12 +671,15 @@ class LimitSet:
             for scope in ticket.scopes:
                 scope.queued -= 1
 
-    def _charge(self, ticket: Ticket, now: float) -> None:
+    def _charge(self, ticket: Ticket, now: float, *, checked: bool = True) -> None:
         wall: float | None = None
         for scope in ticket.scopes:
             if scope.bucket is not None:
                 scope.bucket.consume(now)
-            scope.concurrency.try_acquire()  # checked above; always succeeds
+            if checked:
+                scope.concurrency.try_acquire()  # checked above; always succeeds
+            else:  # admitted elsewhere: counted even past the local limit, released as usual
+                scope.concurrency.in_use += 1
             if scope.tpm is not None:
                 ticket.reservations.append((scope.tpm, scope.tpm.reserve(now, ticket.estimate)))
             if scope.quota is not None:

@@ -21,6 +21,8 @@ from mvllm.router.access.usage_file import day_to_date, utc_day
 from mvllm.router.access.usage_store import UsageStore
 from mvllm.router.admin.errors import AdminError
 from mvllm.router.appkeys import CONFIG_PATH_KEY, STATE_KEY
+from mvllm.router.cluster import CLUSTER_KEY
+from mvllm.router.cluster_store import QuotaUsage
 from mvllm.router.reload import reload_config
 
 log = logging.getLogger("mvllm.router.admin")
@@ -104,7 +106,30 @@ def _entry(request: web.Request, name: str) -> dict[str, Any]:
 
 
 async def get_keys(request: web.Request) -> web.Response:
-    return web.json_response(keys_document(request.app[STATE_KEY].gate, request.app.get(USAGE_STORE_KEY)))
+    doc = keys_document(request.app[STATE_KEY].gate, request.app.get(USAGE_STORE_KEY))
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None:  # quotas are counted in Redis, over every router: show those numbers
+        shared = await cluster.quota_usage([e["name"] for e in doc["keys"] if e["quota"]])
+        for entry in doc["keys"]:
+            if entry["name"] in shared:
+                with_shared_quota(entry, shared[entry["name"]], utc_day(time.time()))
+    return web.json_response(doc)
+
+
+def with_shared_quota(entry: dict[str, Any], usage: QuotaUsage, today: int) -> dict[str, Any]:
+    """A key_entry with the cluster's quota counters instead of this router's own."""
+    used_today = usage.requests_today if usage.day == today else 0
+    entry["usage"]["requests_total"] = usage.requests_total
+    entry["usage"]["requests_today"] = used_today
+    entry["usage"]["quota_counted"] = "cluster"
+    quota = entry["quota"] or {}
+    left = {}
+    if "requests_total" in quota:
+        left["requests_total"] = max(0, quota["requests_total"] - usage.requests_total)
+    if "requests_per_day" in quota:
+        left["requests_per_day"] = max(0, quota["requests_per_day"] - used_today)
+    entry["quota_left"] = left or None
+    return entry
 
 
 async def _set_enabled(request: web.Request, enabled: bool) -> web.Response:
@@ -119,6 +144,9 @@ async def _set_enabled(request: web.Request, enabled: bool) -> web.Response:
         )
     was = key.enabled
     gate.set_enabled(key.name, enabled)
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None:  # every router sharing the Redis applies it too
+        await cluster.set_key_enabled(key.name, enabled)
     file_enabled = gate.file_key(key.name).enabled  # type: ignore[union-attr]
     if was != enabled:
         where = "as the keys file says" if enabled == file_enabled else "overriding the keys file until its entry changes"
@@ -141,6 +169,9 @@ async def reset_usage(request: web.Request) -> web.Response:
     gate = request.app[STATE_KEY].gate
     key = _key_or_404(gate, request.match_info["name"])
     gate.reset_usage(key.name)
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None:  # the quota every router counts against
+        await cluster.reset_quota(key.name)
     log.info("key %s: usage reset by admin (quota counters, tokens, denials)", key.name)
     store = request.app.get(USAGE_STORE_KEY)
     if store is not None:

@@ -17,6 +17,7 @@ from mvllm.common.state import READY, SLEEPING, STOPPED, InstanceState
 from mvllm.router.admin.agent_calls import call, model_routes, relay
 from mvllm.router.admin.errors import AdminError
 from mvllm.router.appkeys import SCRAPER_KEY, STATE_KEY
+from mvllm.router.cluster import CLUSTER_KEY
 from mvllm.router.fleet.agents import AgentRoute
 from mvllm.router.policy import choose_tiered
 from mvllm.router.state import RouterState
@@ -88,7 +89,23 @@ async def model_action(request: web.Request) -> web.Response:
         path += "?wait=false"  # the agent answers 202 as soon as the engine is starting
     wait = agent.cfg.load_timeout + _CALL_MARGIN_S
     log.info("admin: %s %s on agent %s (catalog entry %s)", action, model, agent.name, route.instance_name)
-    answer = await call(state, agent, "POST", path, timeout=wait, what=f"{action} of `{model}`")
+    cluster = request.app.get(CLUSTER_KEY) if action == "load" else None
+    token: str | None = None
+    if cluster is not None:  # one cold load per model fleet-wide, whichever router is asked
+        allowed, token = await cluster.acquire_load_lock(model, wait)
+        if not allowed:
+            holder = await cluster.load_lock_holder(model)
+            raise AdminError(
+                409,
+                f"`{model}` is being loaded through another router ({holder or 'lock held'}); wait for it",
+                code="load_in_progress",
+                headers={"Retry-After": "5"},
+            )
+    try:
+        answer = await call(state, agent, "POST", path, timeout=wait, what=f"{action} of `{model}`")
+    finally:
+        if cluster is not None:
+            await cluster.release_load_lock(model, token)
     if 200 <= answer.status < 300:
         _apply_instance(route, answer.body)
     # Read the agent again soon: placement and memory moved with this action.

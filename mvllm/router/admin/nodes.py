@@ -20,6 +20,8 @@ from aiohttp import web
 
 from mvllm.router.admin.errors import AdminError
 from mvllm.router.appkeys import CONFIG_PATH_KEY, STATE_KEY
+from mvllm.router.cluster import CLUSTER_KEY, add_cluster_view
+from mvllm.router.cluster_store import ClusterUnavailable
 from mvllm.router.fleet.targets import Node
 from mvllm.router.reload import reload_config
 from mvllm.router.state import RouterState
@@ -131,7 +133,7 @@ def nodes_document(state: RouterState, config_path: str | None) -> dict[str, Any
 
 
 async def get_nodes(request: web.Request) -> web.Response:
-    return _json(nodes_document(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY)))
+    return _json(add_cluster_view(request.app, nodes_document(request.app[STATE_KEY], request.app.get(CONFIG_PATH_KEY))))
 
 
 def _node_entry(request: web.Request, name: str) -> dict[str, Any]:
@@ -145,6 +147,10 @@ async def drain_node(request: web.Request) -> web.Response:
     if not node.admin_drain:
         node.admin_drain = True
         log.info("node %s drained by admin (%d request(s) in flight finish there)", node.name, node.in_flight)
+        state.forget_cache(node.name, "drained")
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None:  # every router sharing the Redis drains it too
+        await cluster.set_drained(node.name, True)
     return _json(_node_entry(request, node.name))
 
 
@@ -160,6 +166,9 @@ async def undrain_node(request: web.Request) -> web.Response:
     if node.admin_drain:
         node.admin_drain = False
         log.info("node %s undrained by admin", node.name)
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None:
+        await cluster.set_drained(node.name, False)
     return _json(_node_entry(request, node.name))
 
 
@@ -201,6 +210,8 @@ async def get_events(request: web.Request) -> web.Response:
     since = _int_param(request, "since", 0)
     limit = _int_param(request, "limit", None)
     assert since is not None
+    if request.query.get("scope") == "cluster":
+        return await _cluster_events(request, limit)
     items = events.since(since, limit)
     return _json(
         {
@@ -211,6 +222,18 @@ async def get_events(request: web.Request) -> web.Response:
             "time": time.time(),
         }
     )
+
+
+async def _cluster_events(request: web.Request, limit: int | None) -> web.Response:
+    """`?scope=cluster`: the shared log of every router on the Redis (each event names its router)."""
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is None:
+        raise AdminError(409, "scope=cluster needs [cluster] redis_url: this router keeps its events alone", code="no_cluster")
+    try:
+        items = await cluster.events(limit or 100)
+    except ClusterUnavailable as exc:
+        raise AdminError(503, f"the shared event log is unavailable: {exc}", code="cluster_unavailable") from None
+    return _json({"events": items, "router": cluster.router_id, "time": time.time()})
 
 
 # -- wiring ------------------------------------------------------------------------------------------------

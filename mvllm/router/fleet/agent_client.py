@@ -80,6 +80,9 @@ async def poll_agent(state: RouterState, node: AgentNode) -> tuple[bool | None, 
         return True, None
     if moved and not changed and not node.retired:
         state.registry.reindex()
+    if node.cache_lost:
+        # Prefixes are indexed per agent, not per engine: all of the agent's are dropped.
+        state.forget_cache(node.name, "an engine slept, woke, stopped or restarted")
     if first or changed:
         awake = [r.instance_name for r in node.routes.values() if r.state == READY]
         log.info(

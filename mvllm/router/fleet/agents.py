@@ -152,6 +152,8 @@ class AgentRoute(LoadCounter):
     @property
     def tier(self) -> int | None:
         """Where this model stands on this agent (policy.engine_tier); None: not a candidate."""
+        if self.instance is not None and self.instance.draining:
+            return None  # drained to make room for another model: the agent refuses new requests
         # Requests of ours sent since the agent's last /state was asked for (or still waiting)
         # make it load or wake: they count as a load under way.
         pending = self._in_flight > 0 or self.dispatched_at > self.agent.state_sent_at
@@ -160,13 +162,24 @@ class AgentRoute(LoadCounter):
     def routable(self, now: float) -> bool:
         return self.agent.routable(now) and self.breaker.available(now) and self.tier is not None
 
-    def update(self, entry: CatalogEntry, instance: InstanceState | None) -> None:
+    def update(self, entry: CatalogEntry, instance: InstanceState | None) -> bool:
+        """Take this entry's part of a /state; True when the engine's KV cache is not the one it
+        had (it slept, woke, stopped, started or restarted since the last /state)."""
+        old = self.instance
+        lost = old is not None and (
+            instance is None
+            or instance.state != old.state
+            or instance.pid != old.pid
+            or instance.restarts != old.restarts
+            or instance.sleep_level != old.sleep_level
+        )
         self.entry = entry
         self.instance = instance
         if instance is not None:
             self.record_load(float(instance.running), float(instance.waiting))
         else:
             self.record_load(0.0, 0.0)
+        return lost
 
 
 class AgentNode(Node):
@@ -177,6 +190,7 @@ class AgentNode(Node):
         "_timeout",
         "_timeout_key",
         "by_model",
+        "cache_lost",
         "fatal_error",
         "routes",
         "state",
@@ -194,6 +208,7 @@ class AgentNode(Node):
         self.state_sent_at = 0.0  # monotonic time it was asked for
         self.fatal_error: str | None = None  # the agent refuses us (token, schema): not routable
         self.unreachable = False
+        self.cache_lost = False  # the last /state showed an engine's KV cache gone (AgentRoute.update)
         self._timeout: aiohttp.ClientTimeout | None = None
         self._timeout_key: tuple[Any, float] | None = None
 
@@ -265,6 +280,7 @@ class AgentNode(Node):
         instances = {i.name: i for i in st.instances}
         template = self.breaker
         routes: dict[str, AgentRoute] = {}
+        lost = False
         for entry in st.catalog:
             route = self.routes.get(entry.name)
             if route is None:
@@ -273,8 +289,9 @@ class AgentNode(Node):
                 )
             else:
                 route.breaker.configure(template.failure_threshold, template.cooldown, template.success_threshold)
-            route.update(entry, instances.get(entry.name))
+            lost = route.update(entry, instances.get(entry.name)) or lost
             routes[entry.name] = route
+        self.cache_lost = lost or any(r.instance is not None for n, r in self.routes.items() if n not in routes)
         by_model: dict[str, AgentRoute] = {}
         for route in routes.values():
             for name in route.names:

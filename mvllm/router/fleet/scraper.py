@@ -28,6 +28,10 @@ log = logging.getLogger("mvllm.router.scraper")
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 _FAMILIES = (RUNNING, WAITING)
+KV_USAGE = "vllm:kv_cache_usage_perc"
+PREFIX_HITS = "vllm:prefix_cache_hits_total"
+PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+_CACHE_FAMILIES = (KV_USAGE, PREFIX_HITS, PREFIX_QUERIES)
 _ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
 
 
@@ -45,6 +49,22 @@ def parse_load(text: str) -> tuple[float, float, dict[str, tuple[float, float]]]
     running = sum(v[0] for v in per_model.values())
     waiting = sum(v[1] for v in per_model.values())
     return running, waiting, {m: (v[0], v[1]) for m, v in per_model.items()}
+
+
+def parse_cache(text: str) -> tuple[float | None, float | None, float | None]:
+    """(kv_cache_usage, prefix_cache_hits, prefix_cache_queries) of a vLLM /metrics text: the
+    fullest engine's KV usage (0..1) and the counters summed over label sets; None where absent."""
+    kv: float | None = None
+    hits: float | None = None
+    queries: float | None = None
+    for s in iter_samples(text, _CACHE_FAMILIES):
+        if s.name == KV_USAGE:
+            kv = s.value if kv is None else max(kv, s.value)
+        elif s.name == PREFIX_HITS:
+            hits = (hits or 0.0) + s.value
+        else:
+            queries = (queries or 0.0) + s.value
+    return kv, hits, queries
 
 
 class Scraper:
@@ -132,6 +152,8 @@ class Scraper:
             node.scrape_error = missing_metrics_message(engine)
             return
         node.record_scrape(load[0], load[1], load[2], now)
+        if engine != "sglang" and node.record_cache(*parse_cache(text)):
+            self.state.forget_cache(node.name, "restarted: its prefix-cache query counter went down")
 
     async def check_health(self, node: Node) -> None:
         cfg = self.state.config.health
@@ -196,3 +218,4 @@ class Scraper:
         if node.health is not Health.DOWN and node.health_failures >= self.state.config.health.failures_to_down:
             node.health = Health.DOWN
             log.warning("node %s is down: %s", node.name, error)
+            self.state.forget_cache(node.name, "down")

@@ -67,6 +67,7 @@ class Target(Protocol):
 
     in_flight: int
     breaker: Breaker
+    kv_cache_usage: float | None  # vllm:kv_cache_usage_perc (0..1) at the last scrape, if known
 
     def routable(self, now: float) -> bool: ...
     def upstream_headers(self, client: CIMultiDict[str]) -> CIMultiDict[str]: ...
@@ -86,7 +87,7 @@ class LoadCounter:
     since that scrape (so a burst between two scrapes spreads): the one place that correction
     is written. A subclass provides `in_flight` and `capacity`."""
 
-    __slots__ = ("in_flight_at_scrape", "scraped_running", "scraped_waiting")
+    __slots__ = ("in_flight_at_scrape", "kv_cache_usage", "scraped_running", "scraped_waiting")
 
     in_flight: int
     capacity: int
@@ -95,6 +96,7 @@ class LoadCounter:
         self.scraped_running = 0.0
         self.scraped_waiting = 0.0
         self.in_flight_at_scrape = 0
+        self.kv_cache_usage: float | None = None
 
     def record_load(self, running: float, waiting: float) -> None:
         self.scraped_running = running
@@ -135,6 +137,8 @@ class Node(LoadCounter):
         "last_scrape",
         "models",
         "per_model",
+        "prefix_hits",
+        "prefix_queries",
         "retired",
         "scrape_error",
     )
@@ -155,6 +159,9 @@ class Node(LoadCounter):
         self.health_failures = 0
         self.health_error: str | None = None
         self.retired = False
+        # vllm:prefix_cache_hits_total / queries_total (tokens) at the last scrape, if exposed.
+        self.prefix_hits: float | None = None
+        self.prefix_queries: float | None = None
         # Drained at run time through the admin API (mvllm.router.admin.nodes); kept while the Node object
         # lives, i.e. across reloads that keep this node (same name, url and kind).
         self.admin_drain = False
@@ -218,3 +225,19 @@ class Node(LoadCounter):
         self.per_model = per_model
         self.last_scrape = now
         self.scrape_error = None
+
+    def record_cache(self, kv_usage: float | None, hits: float | None, queries: float | None) -> bool:
+        """Take the engine's KV-cache numbers; True when its prefix-cache query counter went down
+        since the last scrape: the engine restarted, and its cache is gone."""
+        restarted = queries is not None and self.prefix_queries is not None and queries < self.prefix_queries
+        self.kv_cache_usage = kv_usage
+        self.prefix_hits = hits
+        self.prefix_queries = queries
+        return restarted
+
+    @property
+    def prefix_hit_ratio(self) -> float | None:
+        """Hits over queries since the engine started (None before its first query)."""
+        if not self.prefix_queries or self.prefix_hits is None:
+            return None
+        return self.prefix_hits / self.prefix_queries
