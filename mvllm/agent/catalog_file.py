@@ -1,8 +1,8 @@
 """Changes to a `[models.NAME]` table of agent.toml written back to the file: the rest of the document
 kept as it was read, the previous file kept as `agent.toml.bak`, the new one put in place atomically.
 
-tomli_w writes TOML from data, so the file's comments and layout are not kept (the backup has
-them). Blocking file I/O: call through asyncio.to_thread.
+The file is edited as a tomlkit document, which keeps its comments, order and layout: only the
+keys of `[models.NAME]` that change are touched. Blocking file I/O: call through asyncio.to_thread.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
 
 from mvllm.common.tomlconf import ConfigError, load_toml
 
@@ -67,6 +68,27 @@ def updated_document(
     return out
 
 
+def edit_document(text: str, name: str, new_table: Mapping[str, Any]) -> str:
+    """`text` (a TOML document) with `[models.NAME]` made equal to `new_table`: changed keys set,
+    dropped keys removed, everything else (comments included) left as it was."""
+    doc = tomlkit.parse(text)
+    models = doc.get("models")
+    if models is None:
+        models = tomlkit.table(is_super_table=True)
+        doc["models"] = models
+    table = models.get(name)
+    if not isinstance(table, Mapping):
+        models[name] = dict(new_table)
+        return tomlkit.dumps(doc)
+    for key in [k for k in table if k not in new_table]:
+        del table[key]
+    for key, value in new_table.items():
+        old = table.get(key)
+        if key not in table or (old.unwrap() if hasattr(old, "unwrap") else old) != value:
+            table[key] = value
+    return tomlkit.dumps(doc)
+
+
 def save_model_changes(
     path: Path,
     name: str,
@@ -85,6 +107,10 @@ def save_model_changes(
         validate(new_doc)
     except ConfigError as exc:
         return SaveResult(False, str(path), reason=f"not saved: the file would not load again: {exc}")
+    try:
+        text = edit_document(path.read_text(encoding="utf-8"), name, new_doc["models"][name])
+    except (OSError, TOMLKitError, UnicodeDecodeError) as exc:
+        return SaveResult(False, str(path), reason=f"not saved: {path} could not be read again: {exc}")
     backup = path.with_name(path.name + ".bak")
     tmp: str | None = None
     try:
@@ -95,7 +121,7 @@ def save_model_changes(
             raise PermissionError(errno.EACCES, "file not writable")
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(tomli_w.dumps(new_doc).encode())
+            f.write(text.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

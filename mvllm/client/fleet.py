@@ -91,7 +91,8 @@ class NodeView:
 
     @property
     def up(self) -> bool:
-        return self.health != "down" and self.breaker != "open" and not self.removed
+        # Seen healthy: a node whose first check has not completed ("unknown") is not up yet.
+        return self.health == "up" and self.breaker != "open" and not self.removed
 
     @property
     def state_text(self) -> str:

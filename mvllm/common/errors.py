@@ -18,9 +18,11 @@ _TYPE_BY_STATUS = {
     408: "timeout_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     500: "internal_server_error",
     502: "bad_gateway",
     503: "service_unavailable",
@@ -28,14 +30,17 @@ _TYPE_BY_STATUS = {
 }
 
 
-def error_body(status: int, message: str, *, type: str | None = None, code: str | int | None = None) -> dict:
-    return {
-        "error": {
-            "message": message,
-            "type": type or _TYPE_BY_STATUS.get(status, "error"),
-            "code": code if code is not None else status,
-        }
+def error_body(
+    status: int, message: str, *, type: str | None = None, code: str | int | None = None, param: str | None = None
+) -> dict:
+    error: dict = {
+        "message": message,
+        "type": type or _TYPE_BY_STATUS.get(status, "error"),
+        "code": code if code is not None else status,
     }
+    if param is not None:  # the request field at fault, as OpenAI names it
+        error["param"] = param
+    return {"error": error}
 
 
 def error_response(
@@ -45,10 +50,11 @@ def error_response(
     type: str | None = None,
     code: str | int | None = None,
     headers: Mapping[str, str] | None = None,
+    param: str | None = None,
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps(error_body(status, message, type=type, code=code)).encode(),
+        body=json.dumps(error_body(status, message, type=type, code=code, param=param)).encode(),
         content_type="application/json",
         headers=headers,
     )

@@ -18,6 +18,12 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# The deepest nesting a routed JSON body may have. orjson parses up to 1,024 levels, but the engine
+# behind may not (Python's json hits its recursion limit near 1,000), and no OpenAI request needs
+# more than a few dozen (a tool's JSON schema is the deepest): deeper is hostile, answered 400 here.
+MAX_JSON_DEPTH = 128
+
+
 class BodyError(ValueError):
     """A request body that cannot be routed: `message` is for the client, `code` its error code."""
 
@@ -60,7 +66,26 @@ def json_object(body: bytes | str) -> dict[str, Any]:
             raise BodyError("the request body is not valid JSON (or is nested too deeply)") from None
     if not isinstance(doc, dict):
         raise BodyError("the request body must be a JSON object")
+    # Only a body with that many brackets can be that deep: the count runs at C speed, the walk
+    # only for the rare large document.
+    brackets = body.count("[") + body.count("{") if isinstance(body, str) else body.count(b"[") + body.count(b"{")
+    if brackets > MAX_JSON_DEPTH and too_deep(doc, MAX_JSON_DEPTH):
+        raise BodyError(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
     return doc
+
+
+def too_deep(doc: Any, limit: int) -> bool:
+    """Whether `doc` nests arrays/objects more than `limit` levels (iterative: no recursion to blow)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
 
 
 def multipart_field(body: bytes, content_type: str, name: str) -> str | None:

@@ -42,6 +42,7 @@ from mvllm.router.proxy import (
 from mvllm.router.reload import ConfigWatcher
 from mvllm.router.state import RouterState
 from mvllm.router.stats import load_stats_snapshot
+from mvllm.router.wire import JsonErrorRunner
 
 log = logging.getLogger("mvllm.router.app")
 
@@ -127,6 +128,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness: the router answers (200 whatever its nodes); `healthy_nodes` counts only nodes
+    seen healthy, `unknown_nodes` those whose first check is still to come."""
     state = request.app[STATE_KEY]
     nodes = state.registry.nodes()
     return _json(
@@ -134,9 +137,28 @@ async def health(request: web.Request) -> web.Response:
             "status": "ok",
             "nodes": len(nodes),
             "healthy_nodes": state.registry.healthy_count(time.monotonic()),
+            "unknown_nodes": state.registry.unknown_count(),
             "models": len(state.registry.models()),
         }
     )
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness (the Dockerfile's HEALTHCHECK, load balancers, systemd checks): 200 while at
+    least one node is seen healthy and not ejected, else 503 in OpenAI form."""
+    state = request.app[STATE_KEY]
+    healthy = state.registry.healthy_count(time.monotonic())
+    if healthy:
+        return _json({"status": "ready", "healthy_nodes": healthy})
+    total = len(state.registry.nodes())
+    unknown = state.registry.unknown_count()
+    if not total:
+        why = "no node is configured"
+    elif unknown:
+        why = f"no node seen healthy yet ({unknown} of {total} not checked yet)"
+    else:
+        why = f"none of the {total} nodes is healthy"
+    return error_response(503, f"not ready: {why}", code="not_ready", headers={"Retry-After": "5"})
 
 
 async def load_stats(request: web.Request) -> web.Response:
@@ -262,6 +284,7 @@ def create_app(config: RouterConfig, *, config_path: Path | None = None, watch: 
     proxy = Proxy(state, on_complete=state.gate.response_complete)
 
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/load-stats", load_stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
@@ -319,7 +342,8 @@ async def running_router(
     # upstream connection, which makes the engine abort the request.
     # keepalive_timeout also closes a connection that never completes its first request's headers
     # (aiohttp arms it when the connection opens): idle and slow-header connections are bounded.
-    runner = web.AppRunner(
+    # JsonErrorRunner: what aiohttp's HTTP parser refuses is answered in OpenAI form too.
+    runner = JsonErrorRunner(
         app,
         handler_cancellation=True,
         access_log=None,

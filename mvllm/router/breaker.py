@@ -15,11 +15,21 @@ sent earlier were in flight when the node started failing and prove nothing abou
 many requests in flight the breaker still opens on the second failure, and at most one request
 sent after the first failure reaches the node (`sent_after_failure` counts them). A failure can be
 taken back (`forgive`) when the request turns out to be at fault (it failed alike on every node).
+
+A node that accepts requests and never answers is found only when they time out, and every request
+sent to it meanwhile waits out the timeout too. So the breaker also counts the requests in flight
+that no answer has vouched for (`unanswered`: sent after the latest request the node answered);
+with more than `failure_threshold` of them (and of its failures since) the node is `stalled`, and
+the proxy sends it nothing more while another candidate is not (a soft rule: when all are
+stalled, proxy.answering picks among them). So while another node keeps up, a hanging node holds
+at most failure_threshold + 1 requests (3 by default): failure_threshold of them time out and open
+the breaker.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -46,9 +56,11 @@ class Breaker:
         "_opened_from_closed",
         "_probe_in_flight",
         "_successes",
+        "_unproven",
         "cooldown",
         "failure_threshold",
         "failures",
+        "last_answer_at",
         "sent_after_failure",
         "state",
         "success_threshold",
@@ -67,6 +79,10 @@ class Breaker:
         self._last_failure_at = float("-inf")
         # Requests let through while closed with a failure already counted: what the threshold costs.
         self.sent_after_failure = 0
+        # Send times of the requests in flight sent after the latest one the node answered, oldest
+        # first (dispatches come in time order).
+        self._unproven: deque[float] = deque()
+        self.last_answer_at = float("-inf")  # when the node last answered (monotonic)
 
     def configure(self, failure_threshold: int, cooldown: float, success_threshold: int) -> None:
         """New thresholds from a config reload; the current state is kept."""
@@ -89,7 +105,9 @@ class Breaker:
         return 0.0
 
     def on_dispatch(self, now: float) -> Transition | None:
-        """A request is being sent to the node. Returns a transition when it becomes the probe."""
+        """A request is being sent to the node. Returns a transition when it becomes the probe.
+        Each dispatch is matched by one `on_settled` with the same `now` once the attempt ends."""
+        self._unproven.append(now)
         if self.state is BreakerState.CLOSED:
             if self.failures:
                 self.sent_after_failure += 1
@@ -105,6 +123,14 @@ class Breaker:
 
     def on_success(self, now: float, sent_at: float | None = None) -> Transition | None:
         """The node answered properly a request sent at `sent_at` (None: count it whenever it was sent)."""
+        self.last_answer_at = now
+        # It answers: what it was sent up to this request is work, not a hang.
+        unproven = self._unproven
+        if sent_at is None:
+            unproven.clear()
+        else:
+            while unproven and unproven[0] <= sent_at:
+                unproven.popleft()
         if self.state is BreakerState.CLOSED:
             if sent_at is None or sent_at >= self._last_failure_at:
                 self.failures = 0
@@ -149,6 +175,30 @@ class Breaker:
             self.state = BreakerState.CLOSED
             return Transition(BreakerState.OPEN, BreakerState.CLOSED)
         return None
+
+    def on_settled(self, sent_at: float) -> None:
+        """The attempt dispatched at `sent_at` is over, whatever its outcome."""
+        unproven = self._unproven
+        if unproven and unproven[0] == sent_at:
+            unproven.popleft()  # the usual case: the oldest ends first
+        elif unproven and sent_at > unproven[0]:
+            try:
+                unproven.remove(sent_at)
+            except ValueError:
+                pass  # an answer vouched for it already
+
+    @property
+    def unanswered(self) -> int:
+        """Requests in flight that no answer of the node has vouched for."""
+        return len(self._unproven)
+
+    def stalled(self) -> bool:
+        """More requests wait on the node unanswered (or already failed, while closed) than the
+        failures that open the breaker: send it no more while another node is not stalled. The
+        failures count too so that the first of several timeouts does not reopen the node for
+        the moment until the next one opens its breaker."""
+        failed = self.failures if self.state is BreakerState.CLOSED else 0
+        return self.unanswered + failed > self.failure_threshold
 
     def on_abandon(self) -> None:
         """The request ended without a verdict (client went away): free the probe slot."""

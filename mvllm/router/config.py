@@ -134,6 +134,9 @@ class RouterConfig:
     port: int = DEFAULT_PORT
     max_body_bytes: int = 32 * 1024 * 1024
     default_capacity: int = 256
+    # The most choices (`n`, `best_of`) one request may ask for; more is answered 400 by the router
+    # itself, before an engine spends its batch on it.
+    max_n: int = 16
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
@@ -240,6 +243,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
     cfg = root.section("config")
     default_capacity = cfg.int("default_max_concurrent_requests", RouterConfig.default_capacity, min=1)
     request_timeout = cfg.float("request_timeout", TimeoutConfig.total, min=0.1)
+    max_n = cfg.int("max_n", RouterConfig.max_n, min=1, max=16384)
     timeouts = TimeoutConfig(
         connect=cfg.float("connect_timeout", TimeoutConfig.connect, min=0.01),
         first_byte=cfg.float("first_byte_timeout", request_timeout, min=0.01),
@@ -313,6 +317,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         port=port or DEFAULT_PORT,
         max_body_bytes=max_body or RouterConfig.max_body_bytes,
         default_capacity=default_capacity or RouterConfig.default_capacity,
+        max_n=max_n or RouterConfig.max_n,
         policy=policy,
         health=health,
         timeouts=timeouts,

@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 
 from mvllm.common.errors import error_response, sse_error_event
 from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
+from mvllm.router.bounds import check_choices
 from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
@@ -80,6 +81,9 @@ _BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 # Non-streamed answers up to this size are read whole before the client sees a byte, which makes a
 # node that dies while sending one retryable. Bigger or unsized answers are streamed.
 _BUFFER_LIMIT = 8 * 1024 * 1024
+# A buffered answer up to this size fits the socket buffers and is handed to aiohttp to write; a
+# bigger one is written under client_timeout (Proxy._send_body), since a client may never read it.
+_UNWATCHED_WRITE = 256 * 1024
 _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -226,6 +230,24 @@ class Failed:
     answer: UpstreamAnswer | None = None
 
 
+# When every candidate is stalled, those silent for at most twice the least silent one (plus this
+# slack) stay in: busy nodes alike are left to the policy, a node silent far longer is not.
+_SILENCE_SLACK = 0.0
+
+
+def answering(candidates: list[Target], now: float) -> list[Target]:
+    """The candidates that are not `stalled` (breaker.py: an awake node holding requests it has
+    not answered is likely hanging; a loading one is silent by design). When all are, the ones
+    that answered about as recently as the latest: a node that answers slowly beats one that has
+    not answered at all for far longer."""
+    fresh = [n for n in candidates if not (n.tier == 0 and n.breaker.stalled())]
+    if fresh or not candidates:
+        return fresh
+    quiet = [now - n.breaker.last_answer_at for n in candidates]
+    bound = 2 * min(quiet) + _SILENCE_SLACK
+    return [n for n, q in zip(candidates, quiet, strict=True) if q <= bound]
+
+
 def _ignore(done: ResponseComplete) -> None:
     pass
 
@@ -277,18 +299,28 @@ class Proxy:
             except BadRequest as exc:
                 self._count("", "-", 400)
                 return error_response(400, exc.message, code=exc.code)
-            # The key's model allow-list (403, before saying whether the model exists) and limits (429).
+            over = check_choices(doc, state.config.max_n) if doc is not None else None
+            if over is not None:
+                self._count("", "-", 400)
+                return error_response(400, over.message, code="integer_above_max_value", param=over.param)
+            nodes = state.registry.nodes_for(model)
+            if not nodes:
+                # The key's model allow-list first (403, before saying whether the model exists);
+                # no limit is charged for a model nothing serves.
+                denied = state.gate.model_denied(request, model)
+                if denied is not None:
+                    self._count("", "-", denied.status)
+                    return denied
+                self._count("", "-", 404)
+                hint = unread_catalogs(state.registry.agents())  # an agent we could not read may have it
+                return error_response(404, f"The model `{model}` does not exist.{hint}", code="model_not_found")
+            # The key's model allow-list (403) and limits (429).
             denied = await state.gate.admit(request, model, doc)
             if denied is not None:
                 self._count("", "-", denied.status)  # model unchecked yet: no label of it
                 return denied
             if doc is not None and isinstance(state.policy, CacheAware):
                 text = prompt_text(doc, request.path)  # from the one parse, for prefix affinity
-            nodes = state.registry.nodes_for(model)
-            if not nodes:
-                self._count("", "-", 404)
-                hint = unread_catalogs(state.registry.agents())  # an agent we could not read may have it
-                return error_response(404, f"The model `{model}` does not exist.{hint}", code="model_not_found")
             if state.config.resume_streams:
                 plan = plan_resume(request.path, doc)
                 if plan is not None:
@@ -349,7 +381,7 @@ class Proxy:
             while True:
                 now = time.monotonic()
                 candidates = [n for n in nodes if n.routable(now) and n not in tried]
-                picked = choose_route(state.policy, state.prefix_index, candidates, model, text, now)
+                picked = choose_route(state.policy, state.prefix_index, answering(candidates, now), model, text, now)
                 if picked is None:
                     break
                 node, route = picked
@@ -374,7 +406,7 @@ class Proxy:
                     self._node_failed(node, reason, sent)
                 else:
                     node.breaker.on_abandon()  # no fault (429): free a probe slot
-                if len(tried) > retry_cfg.max_retries:
+                if len(tried) > retry_cfg.max_retries or not ledger.may_retry():
                     break
                 log.info("request %s: node %s failed (%s); retrying on another node", request_id, node.name, result.detail)
                 state.metrics.retries.labels(model, reason).inc()
@@ -488,6 +520,7 @@ class Proxy:
                 up.release()
             if not verdict:
                 node.breaker.on_abandon()  # cancelled (client went away): free a half-open probe
+            node.breaker.on_settled(sent)
             node.in_flight -= 1
             if node.retired:
                 state.registry.release(node)
@@ -523,7 +556,10 @@ class Proxy:
             metrics.observe_latency(model, elapsed)
             self._count(model, node.name, up.status)
             self.on_complete(ResponseComplete(request, up.status, data))  # the engine's usage is at its end
-            return web.Response(status=up.status, body=data, headers=headers)
+            if len(data) <= _UNWATCHED_WRITE:
+                return web.Response(status=up.status, body=data, headers=headers)
+            up.release()  # all read: the node's connection goes back to the pool before the client's write
+            return await self._send_body(request, up.status, headers, data, request_id)
 
         # A stream (or an unsized body): wait for its first chunk (up to the first-byte timeout,
         # an agent's load_timeout) before committing to the client.
@@ -608,6 +644,26 @@ class Proxy:
         self.on_complete(ResponseComplete(request, resp.status, tail0 + tail1 + tail2))
         metrics.observe_latency(model, time.perf_counter() - t0)
         self._count(model, node.name, status)
+        return resp
+
+    async def _send_body(
+        self, request: web.Request, status: int, headers: CIMultiDict[str], data: bytes, request_id: str
+    ) -> web.StreamResponse:
+        """Write a whole answer too big for the socket buffers, within client_timeout: a client
+        that does not read it is dropped then, not held (with the answer in memory) forever."""
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = len(data)
+        timeout = self.state.config.client_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await resp.prepare(request)
+                await resp.write_eof(data)
+        except TimeoutError:
+            log.warning("request %s: client read too little of its answer in %g s; dropping it", request_id, timeout)
+            if request.transport is not None:
+                request.transport.abort()  # abort, not close: close would wait to flush to it
+        except ConnectionError:
+            pass  # the client went away
         return resp
 
     async def _broken_stream(

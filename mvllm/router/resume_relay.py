@@ -262,6 +262,7 @@ class StreamResumer:
                 up.release()
             if not verdict:
                 node.breaker.on_abandon()
+            node.breaker.on_settled(at)  # every dispatch is matched (the breaker's unanswered count)
             node.in_flight -= 1
             if node.retired:
                 state.registry.release(node)

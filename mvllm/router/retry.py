@@ -4,6 +4,10 @@ and which failures count against a node's breaker. Pure: no I/O, randomness pass
 A request is retried on the next-best untried node after a connect error, a timeout before the
 response started, a 500/502/503/504/429 answer, or a body that broke before any byte reached the
 client, up to `max_retries` times. Nothing is retried once the client has received a byte.
+
+A timeout is retried once, not more: when the request times out on a second node too, the request
+is the likely cause (an input that jams every engine it reaches), so it is not sent to a third
+node, and that second timeout is not held against its node (FailureLedger).
 """
 
 from __future__ import annotations
@@ -72,9 +76,20 @@ class FailureLedger(Generic[T]):
     failures: list[AttemptFailure[T]] = field(default_factory=list)
 
     def record(self, failure: AttemptFailure[T]) -> bool:
-        """Add a failure; True when it counts against its node (now)."""
+        """Add a failure; True when it counts against its node (now). A timeout counts like a
+        connect error, except one that follows an earlier timeout of the same request."""
+        timed_out_before = failure.kind is FailureKind.TIMEOUT and self.timeouts() > 0
         self.failures.append(failure)
+        if timed_out_before:
+            return False
         return not (failure.kind is FailureKind.STATUS and failure.status == _NOT_A_FAULT_STATUS)
+
+    def timeouts(self) -> int:
+        return sum(1 for f in self.failures if f.kind is FailureKind.TIMEOUT)
+
+    def may_retry(self) -> bool:
+        """False once the request has timed out twice: a third node would only wait as long."""
+        return self.timeouts() < 2
 
     def settle(self, succeeded: bool) -> list[T]:
         """Once the request has its final outcome: the nodes whose 500s are taken back."""

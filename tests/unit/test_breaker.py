@@ -164,3 +164,46 @@ def test_half_open_ignores_late_answers_to_requests_sent_before_it_opened() -> N
     assert b.on_failure(6.2, sent_at=0.9) is None  # nor is this one
     assert b.state is BreakerState.HALF_OPEN and not b.available(6.2)
     assert b.on_success(6.3, sent_at=6.0) == Transition(BreakerState.HALF_OPEN, BreakerState.CLOSED)
+
+
+def test_a_node_holding_more_unanswered_requests_than_the_threshold_is_stalled() -> None:
+    b = Breaker(failure_threshold=2)
+    for t in (1.0, 2.0, 3.0):
+        b.on_dispatch(t)
+    assert b.unanswered == 3 and b.stalled()  # threshold + 1 waiting, none answered
+    b.on_success(4.0, sent_at=3.5)  # any answer clears the count: it works, it is only busy
+    assert b.unanswered == 0 and not b.stalled()
+    for t in (1.0, 2.0, 3.0):
+        b.on_settled(t)  # sent before that answer: no longer counted
+    assert b.unanswered == 0
+
+
+def test_the_first_timeouts_keep_a_hanging_node_stalled_until_its_breaker_opens() -> None:
+    b = Breaker(failure_threshold=2)
+    for t in (1.0, 1.1, 1.2):
+        b.on_dispatch(t)
+    b.on_settled(1.0)
+    b.on_failure(2.0, sent_at=1.0)  # the first timeout: two still wait, one failure counted
+    assert b.stalled()  # no fourth request slips in before the second timeout
+    b.on_settled(1.1)
+    assert b.on_failure(2.1, sent_at=1.1) is not None and b.state is BreakerState.OPEN
+    b.on_settled(1.2)
+    assert b.unanswered == 0
+
+
+def test_two_waiting_requests_are_not_a_stall() -> None:
+    b = Breaker(failure_threshold=2)
+    b.on_dispatch(1.0)
+    b.on_dispatch(1.1)
+    assert not b.stalled()
+
+
+def test_an_answer_vouches_only_for_requests_sent_up_to_the_answered_one() -> None:
+    b = Breaker(failure_threshold=2)
+    for t in (1.0, 2.0, 3.0, 4.0):
+        b.on_dispatch(t)
+    b.on_success(5.0, sent_at=1.0)  # an old request finished: the three sent later are still unproven
+    assert b.unanswered == 3 and b.stalled()
+    b.on_settled(1.0)
+    b.on_settled(3.0)  # one of them ends (a client went away)
+    assert b.unanswered == 2 and not b.stalled()

@@ -78,3 +78,19 @@ def test_a_500_mixed_with_other_failures_stays() -> None:
     ledger.record(f("a", FailureKind.STATUS, 500))
     ledger.record(f("b", FailureKind.CONNECT))
     assert ledger.settle(succeeded=False) == []
+
+
+def test_a_timeout_is_retried_once_and_the_second_is_the_requests_fault() -> None:
+    ledger: FailureLedger[str] = FailureLedger()
+    assert ledger.record(f("a", FailureKind.TIMEOUT))  # the first counts, like a connect error
+    assert ledger.may_retry()
+    assert not ledger.record(f("b", FailureKind.TIMEOUT))  # followed the request: not b's fault
+    assert not ledger.may_retry()  # a third node would only wait as long
+
+
+def test_other_failures_do_not_use_up_the_timeout_retry() -> None:
+    ledger: FailureLedger[str] = FailureLedger()
+    assert ledger.record(f("a", FailureKind.CONNECT))
+    assert ledger.record(f("b", FailureKind.TIMEOUT))
+    assert ledger.record(f("c", FailureKind.CONNECT))
+    assert ledger.may_retry()

@@ -174,14 +174,24 @@ class AuthGate:
             return True
         return key is not None and key.limits is not None and key.limits.tokens_per_minute is not None
 
+    def model_denied(self, request: web.Request, model: str) -> web.Response | None:
+        """The 403 of a key whose allow-list lacks `model`, or None (no key, or allowed)."""
+        key: ApiKey | None = request.get(API_KEY)
+        if key is None:
+            return None
+        decision = check_model(key, model)
+        if decision.allowed:
+            return None
+        self.metrics.rejected.labels(decision.code or "403").inc()
+        return error_response(decision.status, decision.message, code=decision.code)
+
     async def admit(self, request: web.Request, model: str | None, body: Any) -> web.StreamResponse | None:
         """Called by the proxy once the body named the model: None to go on, or the answer to give."""
         key: ApiKey | None = request.get(API_KEY)
-        if key is not None and model is not None:
-            decision = check_model(key, model)
-            if not decision.allowed:
-                self.metrics.rejected.labels(decision.code or "403").inc()
-                return error_response(decision.status, decision.message, code=decision.code)
+        if model is not None:
+            denied = self.model_denied(request, model)
+            if denied is not None:
+                return denied
         if not self.active:
             return None
         estimate = 0

@@ -19,7 +19,7 @@ Role = Literal["user", "admin"]
 ROLES: tuple[Role, ...] = ("user", "admin")
 
 # Paths that never need a key (load balancers and orchestrators probe them without credentials).
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})
 # Paths open unless `[auth] protect_metrics = true`; then any valid key may read them.
 METRICS_PATHS = frozenset({"/metrics", "/load-stats"})
 

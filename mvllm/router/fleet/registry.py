@@ -164,7 +164,13 @@ class Registry:
         return self._models_doc
 
     def healthy_count(self, now: float) -> int:
-        return sum(1 for n in self._all if n.health is not Health.DOWN and n.breaker.state is not BreakerState.OPEN)
+        """Nodes seen healthy (their last check answered) and not ejected: a node not checked yet
+        is unknown, never counted as up."""
+        return sum(1 for n in self._all if n.health is Health.UP and n.breaker.state is not BreakerState.OPEN)
+
+    def unknown_count(self) -> int:
+        """Nodes whose first check has not completed yet."""
+        return sum(1 for n in self._all if n.health is Health.UNKNOWN)
 
     def iter_all(self) -> Iterable[Node]:
         """Active then retiring nodes, for observability."""

@@ -141,6 +141,8 @@ class Scraper:
         except _ERRORS as exc:
             node.scrape_error = f"/metrics: {describe(exc)}"
             return
+        if not self.state.config.health.enabled:
+            self._set_health(node, None)  # no /health checks: a node answering its scrape is up
         now = time.monotonic()
         engine = node.cfg.engine
         load = parse_sglang_load(text) if engine == "sglang" else parse_load(text)

@@ -23,7 +23,7 @@ from mvllm.router.config import NodeConfig
 
 
 class Health(enum.Enum):
-    UNKNOWN = "unknown"  # not checked yet: routable, so a fresh router serves at once
+    UNKNOWN = "unknown"  # not checked yet: routable, so a fresh router serves at once, but never counted as up
     UP = "up"
     DOWN = "down"
 
