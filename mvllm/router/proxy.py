@@ -241,11 +241,15 @@ def answering(candidates: list[Target], now: float) -> list[Target]:
     that answered about as recently as the latest: a node that answers slowly beats one that has
     not answered at all for far longer."""
     fresh = [n for n in candidates if not (n.tier == 0 and n.breaker.stalled())]
-    if fresh or not candidates:
+    awake = [n for n in candidates if n.tier == 0]
+    if not awake or any(n.tier == 0 for n in fresh):
         return fresh
-    quiet = [now - n.breaker.last_answer_at for n in candidates]
+    # Every awake copy is stalled: they stay the choice (a busy replica queueing requests looks
+    # stalled too, and must not set off a cold load elsewhere; one that truly hangs opens its
+    # breaker and leaves the candidates by itself).
+    quiet = [now - n.breaker.last_answer_at for n in awake]
     bound = 2 * min(quiet) + _SILENCE_SLACK
-    return [n for n, q in zip(candidates, quiet, strict=True) if q <= bound]
+    return [n for n, q in zip(awake, quiet, strict=True) if q <= bound]
 
 
 def _ignore(done: ResponseComplete) -> None:
