@@ -88,7 +88,19 @@ async def model_action(request: web.Request) -> web.Response:
             raise AdminError(400, f"level must be 1 or 2, got {raw_level!r}", code="invalid_parameter")
     node_name = request.query.get("node") or None
     routes = model_routes(state, model, node_name)
-    route = routes[0] if node_name else _choose(state, action, model, routes)
+    if node_name:
+        route = routes[0]
+    else:
+        try:
+            route = _choose(state, action, model, routes)
+        except AdminError as exc:
+            if exc.status != 409:
+                raise
+            # The router's view of its agents is up to a scrape interval old (a request may have
+            # just woken or loaded the model): read them now and decide again before saying no.
+            await request.app[SCRAPER_KEY].probe(list(dict.fromkeys(r.agent for r in routes)))
+            routes = model_routes(state, model, None)
+            route = _choose(state, action, model, routes)
     agent = route.agent
     path = f"/models/{quote(route.instance_name, safe='')}/{action}"
     if raw_level is not None:
