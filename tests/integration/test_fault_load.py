@@ -164,7 +164,14 @@ async def test_streams_through_a_killed_a_500ing_and_a_hung_engine_with_reloads(
 
             async with s.get(router.url + "/metrics", headers={"x-api-key": USER_KEY}) as resp:
                 text = await resp.text()
-            assert metric(text, "mvllm_retries_total") > 0
+            # Requests met the faults and were carried on elsewhere: before their first byte (a retry)
+            # or, since streams resume (issue 14), after it. Which of the two a run shows depends on
+            # timing: once resumed continuations and the stall rule have ejected the bad nodes, the
+            # later requests never reach them, so a run may retry none.
+            recovered = metric(text, "mvllm_retries_total") + metric(
+                text, "mvllm_stream_resumes_total", outcome="resumed"
+            )
+            assert recovered > 0
             for name in ("killed", "errors", "hangs"):  # every fault was met, and held against its node
                 assert metric(text, "mvllm_node_failures_total", node=name) > 0, name
             assert metric(text, "mvllm_config_reloads_total", result="applied") >= 1
@@ -176,7 +183,8 @@ async def test_streams_through_a_killed_a_500ing_and_a_hung_engine_with_reloads(
             rss1 = router.rss()
             assert rss1 < rss0 + 60 * MIB, (rss0 / MIB, rss1 / MIB)
             print(f"\nfault/load: {dict(kinds)}; router RSS {rss0 / MIB:.1f} -> {rss1 / MIB:.1f} MiB; "
-                  f"retries {metric(text, 'mvllm_retries_total'):.0f}; {time.monotonic() - t_start:.1f}s")
+                  f"retries {metric(text, 'mvllm_retries_total'):.0f} (with resumes {recovered:.0f}); "
+                  f"{time.monotonic() - t_start:.1f}s")
     finally:
         for proc in sims:
             proc.stop()
