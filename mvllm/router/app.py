@@ -19,6 +19,7 @@ from aiohttp import web
 
 from mvllm.common.errors import error_response
 from mvllm.common.tasks import background_task
+from mvllm.common.upstream import Upstream
 from mvllm.router import admin
 from mvllm.router.access.gate import API_KEY, GATE_KEY, authenticate, visible_models
 from mvllm.router.access.guard import guard_check
@@ -208,9 +209,12 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("Accept-Encoding", "User-Agent"),
         trust_env=False,
     )
+    # The proxied requests' own client: the same keep-alive rule, its pools per node as well.
+    state.upstream = Upstream(keepalive=UPSTREAM_KEEPALIVE)
     try:
         yield
     finally:
+        await state.upstream.close()
         await state.session.close()
 
 

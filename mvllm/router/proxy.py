@@ -1,9 +1,10 @@
 """Forwarding of one client request: body limit, routing by the body's `model`, retries on the
 next-best node, and relay of the answer chunk by chunk as it arrives.
 
-Hot path: the body is read once and parsed once (common.http.json_object, only for `model`), the pooled
-session is reused, stream chunks are written as they come with no parsing, logging or metrics
-per chunk. Nothing reaches the client until the node has answered properly (headers plus the
+Hot path: the body is read once and parsed once (common.http.json_object, only for `model`), the
+request goes out on a pooled connection of the relay's own client (common.upstream), and a stream's
+chunks go from the node's socket read straight to the client's socket (common.downstream) with no
+parsing, logging, metrics or task wake-up per chunk. Nothing reaches the client until the node has answered properly (headers plus the
 first chunk of a stream, or the whole of a sized body), so up to that point a failure is retried
 on another node; after it, a broken chat or completion stream is resumed on another node
 (mvllm.router.resume_relay) where it can be, and any other ends with an SSE error event.
@@ -25,8 +26,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from mvllm.common.downstream import ClientSink
 from mvllm.common.errors import error_response, sse_error_event
 from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
+from mvllm.common.upstream import Response, Timeouts, UpstreamError
 from mvllm.router.bounds import check_choices
 from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
@@ -261,6 +264,7 @@ class Proxy:
         self.state = state
         # Told of every answer relayed to its end (the access gate settles tokens from its tail).
         self.on_complete = on_complete
+        self._timeout_cache: dict[aiohttp.ClientTimeout, Timeouts] = {}
         self.resumer = StreamResumer(state, NodeBook(self._node_ok, self._node_failed, self._transition, set_read_timeout))
 
     # -- entry ---------------------------------------------------------------------------------
@@ -477,22 +481,22 @@ class Proxy:
         sent: float,
     ) -> web.StreamResponse | Failed:
         state = self.state
-        session = state.session
-        assert session is not None
+        upstream = state.upstream
+        assert upstream is not None
         node.in_flight += 1
         self._transition(node, node.breaker.on_dispatch(sent))
-        up: aiohttp.ClientResponse | None = None
+        up: Response | None = None
         verdict = False  # did this attempt tell the breaker anything?
         try:
             try:
-                up = await session.request(
+                up = await upstream.request(
+                    node.url,
                     request.method,
-                    node.url + target,
-                    data=body or None,
+                    target,
                     # A static server's --api-key; an agent's token, and time for a load.
-                    headers=node.upstream_headers(headers),
-                    timeout=node.upstream_timeout(state.timeout),
-                    allow_redirects=False,
+                    node.upstream_headers(headers).items(),
+                    body,
+                    self._timeouts(node.upstream_timeout(state.timeout)),
                 )
             except _UPSTREAM_ERRORS as exc:
                 kind = classify_exception(exc)
@@ -521,7 +525,7 @@ class Proxy:
             return result
         finally:
             if up is not None:
-                up.release()
+                up.release()  # read to its end: pooled again; else closed, which aborts the node's request
             if not verdict:
                 node.breaker.on_abandon()  # cancelled (client went away): free a half-open probe
             node.breaker.on_settled(sent)
@@ -529,10 +533,19 @@ class Proxy:
             if node.retired:
                 state.registry.release(node)
 
+    def _timeouts(self, timeout: aiohttp.ClientTimeout) -> Timeouts:
+        """The upstream client's timeouts for aiohttp-style ones (config and nodes speak those)."""
+        found = self._timeout_cache.get(timeout)
+        if found is None:
+            if len(self._timeout_cache) > 64:
+                self._timeout_cache.clear()  # one per config and agent load_timeout: a reload makes new ones
+            found = self._timeout_cache[timeout] = Timeouts(timeout.sock_connect, timeout.sock_read, timeout.total)
+        return found
+
     async def _relay(
         self,
         request: web.Request,
-        up: aiohttp.ClientResponse,
+        up: Response,
         node: Target,
         model: str,
         request_id: str,
@@ -543,11 +556,10 @@ class Proxy:
         headers = response_headers(up.headers, node.name, request_id, request.get(ROUTE_KEY, ""))
         ctype = up.headers.get("Content-Type", "")
         length = up.content_length
-        stream = up.content
         idle = self.state.config.timeouts.stream_idle
         if length is not None and length <= _BUFFER_LIMIT and not ctype.startswith("text/event-stream"):
-            if not stream.is_eof():
-                set_read_timeout(up, idle)  # the answer has begun: the first-byte wait is over
+            if not up.at_eof():
+                up.set_read_timeout(idle)  # the answer has begun: the first-byte wait is over
             try:
                 data = await up.read()
             except _UPSTREAM_ERRORS as exc:
@@ -562,90 +574,82 @@ class Proxy:
             self.on_complete(ResponseComplete(request, up.status, data))  # the engine's usage is at its end
             if len(data) <= _UNWATCHED_WRITE:
                 return web.Response(status=up.status, body=data, headers=headers)
-            up.release()  # all read: the node's connection goes back to the pool before the client's write
             return await self._send_body(request, up.status, headers, data, request_id)
 
         # A stream (or an unsized body): wait for its first chunk (up to the first-byte timeout,
         # an agent's load_timeout) before committing to the client.
         try:
-            first = await stream.readany()
+            first = await up.readany()
         except _UPSTREAM_ERRORS as exc:
             up.close()
             kind = classify_exception(exc)
             return Failed(AttemptFailure(node, kind if kind is FailureKind.TIMEOUT else FailureKind.CONNECT), describe(exc))
         self._node_ok(node, sent)
-        if not stream.is_eof():
+        if not up.at_eof():
             # From here on each read waits at most stream_idle_timeout: a node that hangs
             # mid-stream is given up then, not after the first-byte wait.
-            set_read_timeout(up, idle)
+            up.set_read_timeout(idle)
         resp = web.StreamResponse(status=up.status, headers=headers)
         status = up.status
-        # The last chunks relayed (references, not copies): the engine's usage is in them.
-        tail0 = tail1 = b""
-        tail2 = chunk = first
         # A resumable stream keeps what it relays (references; parsed only if the node dies).
         resume: ResumeContext | None = (
             request.get(RESUME_KEY) if status == 200 and ctype.startswith("text/event-stream") else None
         )
         relayed = Transcript() if resume is not None and resume.plan.reason is None else None
-        if relayed is not None:
-            relayed.add(first)
-        ttfb = True
         watch = _SendWatch(request, self.state.config.client_timeout, request_id)
+        sink: ClientSink | None = None
+        tail = b""
         try:
             await resp.prepare(request)  # aiohttp sends the headers with the first chunk: one write
-            while True:
-                # Each chunk is written the moment it arrives (a readany returns all that has come
-                # in, never waits for more). A client slower than the engine makes this write wait
-                # (nothing more is read from the node meanwhile, so buffers stay bounded); the
-                # watch drops one that waits too long.
+            # The pieces between the first and the last go from the node's socket read straight
+            # to the client's socket (ClientSink; the last ones are kept: the engine's usage is in
+            # them). A client slower than the engine pauses the node's socket until it drains; the
+            # watch drops one that takes nothing too long.
+            sink = ClientSink(request, resp, relayed.add if relayed is not None else None, watch)
+            sink.keep(first)
+            last = first
+            if not up.at_eof():
                 watch.writing = True
-                if stream.at_eof():
-                    # Ended cleanly but mid-answer (no [DONE], no finish_reason): cut by a proxy
-                    # in between, as an agent whose engine died does. A backend that only omits
-                    # [DONE] after a finished answer is relayed as it is.
-                    if relayed is not None and not relayed.ended() and relayed.finish_reason is None:
-                        if chunk:
-                            await resp.write(chunk)
-                        resumed = await self._broken_stream(
-                            request, resp, node, ctype, EndedEarly(), request_id, sent, resume, relayed, watch
-                        )
-                        if resumed is not None:
-                            tail0, tail1, tail2 = b"", b"", resumed
-                        break
-                    # The node's answer is complete: its last bytes and the end of ours go out
-                    # together, in one write instead of two.
-                    await resp.write_eof(chunk)
-                    break
-                if chunk:
-                    await resp.write(chunk)
+                await resp.write(first)  # the head and the first chunk, in one write
                 watch.writing = False
                 watch.progress += 1
-                if ttfb:
-                    ttfb = False
-                    metrics.observe_ttfb(model, time.perf_counter() - t0)
+                metrics.observe_ttfb(model, time.perf_counter() - t0)
                 try:
-                    chunk = await stream.readany()
-                except _UPSTREAM_ERRORS as exc:
+                    last = await up.pump(sink.write, sink.drain)
+                except UpstreamError as exc:
                     up.close()
                     watch.writing = True  # the error event is a write too
                     resumed = await self._broken_stream(request, resp, node, ctype, exc, request_id, sent, resume, relayed, watch)
-                    if resumed is not None:
-                        tail0, tail1, tail2 = b"", b"", resumed
-                    break
-                if chunk:
-                    tail0, tail1, tail2 = tail1, tail2, chunk
-                    if relayed is not None:
-                        relayed.add(chunk)
-            if ttfb:
+                    last = None
+                    tail = resumed if resumed is not None else sink.tail()
+                sink.keep(last or b"")
+            else:
                 metrics.observe_ttfb(model, time.perf_counter() - t0)
+            if last is not None:
+                watch.writing = True
+                # Ended cleanly but mid-answer (no [DONE], no finish_reason): cut by a proxy in
+                # between, as an agent whose engine died does. A backend that only omits [DONE]
+                # after a finished answer is relayed as it is.
+                if relayed is not None and not relayed.ended() and relayed.finish_reason is None:
+                    if last:
+                        await resp.write(last)
+                    resumed = await self._broken_stream(
+                        request, resp, node, ctype, EndedEarly(), request_id, sent, resume, relayed, watch
+                    )
+                    tail = resumed if resumed is not None else sink.tail()
+                else:
+                    # The node's last bytes and the end of ours go out together, in one write.
+                    await resp.write_eof(last)
+                    tail = sink.tail()
         except ConnectionError:
             # The client went away: closing the upstream connection makes the engine abort.
             up.close()
             status = 499
+            if sink is not None:
+                tail = sink.tail()
         finally:
             watch.cancel()
-        self.on_complete(ResponseComplete(request, resp.status, tail0 + tail1 + tail2))
+        self.on_complete(ResponseComplete(request, resp.status, tail))
         metrics.observe_latency(model, time.perf_counter() - t0)
         self._count(model, node.name, status)
         return resp

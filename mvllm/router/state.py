@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from mvllm.common.upstream import Upstream
 from mvllm.router.access.gate import AuthGate
 from mvllm.router.config import RouterConfig
 from mvllm.router.fleet.registry import Diff, Registry
@@ -56,6 +57,8 @@ class RouterState:
     # Cache-aware routing's index of recent prompts (kept, empty, under the other policies).
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     session: aiohttp.ClientSession | None = None
+    # The relay's own HTTP/1.1 client (common/upstream.py): requests proxied to nodes go through it.
+    upstream: Upstream | None = None
     started_at: float = field(default_factory=time.time)
     last_reload: ReloadStatus | None = None
     # Called with the nodes that joined or changed, so the scraper discovers them at once.
