@@ -24,10 +24,11 @@ from mvllm.agent.errors import BadRequest
 from mvllm.agent.gpu import GpuBackend, NvmlBackend, SimBackend
 from mvllm.agent.http_helpers import Handler, api, json_body, wants_wait
 from mvllm.agent.metrics import AgentMetrics
-from mvllm.agent.proxy import ENGINE_KEEPALIVE_S, Gatekeeper, engine_trace
+from mvllm.agent.proxy import ENGINE_KEEPALIVE_S, Gatekeeper
 from mvllm.agent.supervisor import Supervisor
 from mvllm.agent.warm_launcher import WarmLauncher
 from mvllm.common.errors import error_response
+from mvllm.common.upstream import Upstream
 
 log = logging.getLogger("mvllm.agent")
 
@@ -227,9 +228,11 @@ async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S),
-        trace_configs=[engine_trace()],  # tells the relay a request went out on a pooled connection
-        auto_decompress=False,  # relay bytes as the engine sent them
+        auto_decompress=False,
     )
+    # The relay's own client to the engines: its pooled connections tell each request whether it
+    # went out on a reused one (the stale-connection resend).
+    upstream = Upstream(keepalive=ENGINE_KEEPALIVE_S)
     backend: GpuBackend = SimBackend(cfg.sim_gpus, session) if cfg.engine == "sim" else NvmlBackend()
     metrics_ = AgentMetrics()
     agent_id = procs.agent_id()
@@ -240,7 +243,7 @@ async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics_.watch(lambda: report.snapshot(sup))
     app[SUPERVISOR] = sup
     app[METRICS] = metrics_
-    app[GATEKEEPER] = Gatekeeper(sup, session, metrics_, cfg.load_timeout, cfg.max_queue)
+    app[GATEKEEPER] = Gatekeeper(sup, upstream, metrics_, cfg.load_timeout, cfg.max_queue)
     await sup.start(reap_stale=app[REAP_STALE])
 
     async def tick() -> None:
@@ -263,6 +266,7 @@ async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
         await sup.close()
         if launcher is not None:
             await launcher.close()
+        await upstream.close()
         await session.close()
         backend.close()
         log.info("agent stopped; no engine left running")

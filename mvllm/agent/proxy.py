@@ -17,18 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from types import SimpleNamespace
 
-import aiohttp
 from aiohttp import web
 
 from mvllm.agent.errors import AgentError, BadRequest, Busy, Draining, NoRoom
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.process import EngineProcess
 from mvllm.agent.supervisor import Supervisor
+from mvllm.common.downstream import ClientSink
 from mvllm.common.errors import error_response
 from mvllm.common.http import HOP_BY_HOP, BodyError, copy_headers, is_multipart, json_object, multipart_field
 from mvllm.common.state import FAILED
+from mvllm.common.upstream import Timeouts, Upstream, UpstreamClosedError, UpstreamConnectError, UpstreamError
 
 # Besides the hop-by-hop set, what aiohttp recomputes itself. Authorization is the agent's token:
 # engines listen on loopback without a key of their own.
@@ -36,7 +36,7 @@ _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization"}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date"}
 _NOT_JSON = "request body is not valid JSON"
 _NOT_AN_OBJECT = "request body must be a JSON object"
-_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
+_UPSTREAM_TIMEOUT = Timeouts(connect=10)
 # Idle pooled connections to engines are dropped before the engine closes them (uvicorn, and so
 # vLLM, closes them after 5 s; the sim as well, --sim-keepalive-s).
 ENGINE_KEEPALIVE_S = 4.0
@@ -45,27 +45,9 @@ _EXIT_GRACE_S = 0.5
 # Once its process is seen gone, how long the supervision tick (every 0.25 s) may take to notice.
 _NOTICE_S = 5.0
 # Failures of the connection itself, before the engine answered (timeouts are not among them).
-_CONNECTION_FAILURES = (
-    aiohttp.ClientOSError,  # ClientConnectorError (refused) is one
-    aiohttp.ServerDisconnectedError,
-    ConnectionResetError,
-)
+_CONNECTION_FAILURES = (UpstreamConnectError, UpstreamClosedError)
 
 log = logging.getLogger("mvllm.agent")
-
-
-def engine_trace() -> aiohttp.TraceConfig:
-    """The session's trace hook that tells a relay whether its request went out on a pooled
-    connection (`trace_request_ctx` of that request: a namespace with `reused`)."""
-
-    async def on_reuse(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: object) -> None:
-        attempt = ctx.trace_request_ctx
-        if isinstance(attempt, SimpleNamespace):
-            attempt.reused = True
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_reuseconn.append(on_reuse)
-    return trace
 
 
 def body_model(body: bytes, content_type: str) -> str | None:
@@ -84,11 +66,9 @@ def body_model(body: bytes, content_type: str) -> str | None:
 
 
 class Gatekeeper:
-    def __init__(
-        self, sup: Supervisor, session: aiohttp.ClientSession, metrics: AgentMetrics, load_timeout: float, max_queue: int
-    ) -> None:
+    def __init__(self, sup: Supervisor, upstream: Upstream, metrics: AgentMetrics, load_timeout: float, max_queue: int) -> None:
         self.sup = sup
-        self.session = session
+        self.upstream = upstream  # the relay's client to the engines (common/upstream.py)
         self.metrics = metrics
         self.load_timeout = load_timeout
         self.max_queue = max_queue
@@ -237,37 +217,43 @@ class Gatekeeper:
         """One send to the engine: the response relayed (whole, or cut after its first byte), or the
         failure and whether it was on a pooled connection, when nothing reached the client."""
         headers = copy_headers(request.headers, _DROP_REQUEST)
-        resp: web.StreamResponse | None = None
-        attempt = SimpleNamespace(reused=False)
         try:
-            async with self.session.request(
-                request.method,
-                f"{inst.url}{request.rel_url}",
-                data=body or None,
-                headers=headers,
-                timeout=_UPSTREAM_TIMEOUT,
-                allow_redirects=False,
-                trace_request_ctx=attempt,
-            ) as upstream:
-                resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                resp.headers.extend(copy_headers(upstream.headers, _DROP_RESPONSE))
-                if upstream.content_length is not None:
-                    resp.content_length = upstream.content_length
-                resp.headers["x-mvllm-instance"] = inst.name
-                await resp.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
-                    inst.touch()
-                await resp.write_eof()
-                self.metrics.requests.labels(inst.name, str(upstream.status)).inc()
+            upstream = await self.upstream.request(
+                inst.url, request.method, str(request.rel_url), headers.items(), body, _UPSTREAM_TIMEOUT
+            )
+        except UpstreamError as exc:
+            return exc, exc.reused
+        try:
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            resp.headers.extend(copy_headers(upstream.headers, _DROP_RESPONSE))
+            if upstream.content_length is not None:
+                resp.content_length = upstream.content_length
+            resp.headers["x-mvllm-instance"] = inst.name
+            await resp.prepare(request)  # the head goes out with the first bytes: one write
+            try:
+                first = await upstream.readany()
+                if upstream.at_eof():
+                    last = first
+                else:
+                    await resp.write(first)
+                    # The rest goes from the engine's socket read straight to the client's socket.
+                    sink = ClientSink(request, resp)
+                    last = await upstream.pump(sink.write, sink.drain)
+            except UpstreamError:
+                # Cut after the first byte (the engine died): the client sees the stream end where
+                # the engine's did, as it would from vLLM itself.
+                self.metrics.requests.labels(inst.name, "cut").inc()
                 return resp
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError) as exc:
-            if resp is None or not resp.prepared:
-                return exc, attempt.reused
-            # Cut after the first byte (engine died or client left): the client sees a cut stream,
-            # as it would from vLLM itself; leaving the `async with` closes the upstream request.
+            await resp.write_eof(last)
+            inst.touch()
+            self.metrics.requests.labels(inst.name, str(upstream.status)).inc()
+            return resp
+        except ConnectionError:
+            # The client went away: closing the engine's connection (below) makes it abort.
             self.metrics.requests.labels(inst.name, "cut").inc()
             return resp
+        finally:
+            upstream.release()
 
 
 def _retry_after(err: AgentError) -> dict[str, str] | None:

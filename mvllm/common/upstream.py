@@ -35,19 +35,19 @@ class UpstreamError(OSError):
     answered: bool = False
 
 
-class ConnectFailed(UpstreamError):
+class UpstreamConnectError(UpstreamError):
     """No connection could be opened (refused, unreachable, name unknown)."""
 
 
-class Disconnected(UpstreamError):
+class UpstreamClosedError(UpstreamError):
     """The node closed or reset the connection before its answer was complete."""
 
 
-class BadResponse(UpstreamError):
+class UpstreamProtocolError(UpstreamError):
     """The node's bytes are not HTTP/1.1."""
 
 
-class UpstreamTimeout(UpstreamError, TimeoutError):
+class UpstreamTimeoutError(UpstreamError, TimeoutError):
     """Connect, first byte, idle read or total time ran out."""
 
 
@@ -132,10 +132,10 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(BadResponse(f"the node's answer is not valid HTTP/1.1 ({exc})"))
+            self._fail(UpstreamProtocolError(f"the node's answer is not valid HTTP/1.1 ({exc})"))
             return
         except httptools.HttpParserUpgrade:
-            self._fail(BadResponse("the node switched protocols"))
+            self._fail(UpstreamProtocolError("the node switched protocols"))
             return
         pieces = self.pieces
         if not pieces:
@@ -170,7 +170,7 @@ class _Conn(asyncio.Protocol):
             self._wake()
             return
         what = "mid-answer" if self.headers_done else "before answering"
-        err = Disconnected(f"the node closed the connection {what}" + (f" ({exc})" if exc else ""))
+        err = UpstreamClosedError(f"the node closed the connection {what}" + (f" ({exc})" if exc else ""))
         self._fail(err)
 
     def pause_writing(self) -> None:
@@ -286,14 +286,14 @@ class _Conn(asyncio.Protocol):
             due = self.last_read + timeout
             if now >= due:
                 what = "no byte of the answer" if not self.answered else "no further byte"
-                self._fail(UpstreamTimeout(f"{what} from the node in {timeout:g} s"))
+                self._fail(UpstreamTimeoutError(f"{what} from the node in {timeout:g} s"))
                 return
         self.read_timer = self.loop.call_at(due, self._read_due)
 
     def _total_due(self, seconds: float) -> None:
         self.total_timer = None
         if not self.complete:
-            self._fail(UpstreamTimeout(f"the node's answer took more than {seconds:g} s"))
+            self._fail(UpstreamTimeoutError(f"the node's answer took more than {seconds:g} s"))
 
     async def wait(self) -> None:
         waiter = self.waiter = self.loop.create_future()
@@ -471,8 +471,8 @@ class Upstream:
         timeouts: Timeouts,
     ) -> Response:
         """Send one request to `base_url` + `target` and wait for the answer's status and headers
-        (up to first_byte). Raises UpstreamError (ConnectFailed, Disconnected, BadResponse,
-        UpstreamTimeout) with `reused` set; a cancelled wait drops the connection."""
+        (up to first_byte). Raises UpstreamError (UpstreamConnectError, UpstreamClosedError, UpstreamProtocolError,
+        UpstreamTimeoutError) with `reused` set; a cancelled wait drops the connection."""
         origin = self.origin(base_url)
         head = _request_head(method, origin, target, headers, body)
         loop = asyncio.get_running_loop()
@@ -521,9 +521,9 @@ class Upstream:
                     server_hostname=origin.host if origin.ssl is not None else None,
                 )
         except TimeoutError:
-            raise UpstreamTimeout(f"could not connect to {origin.host_header} within {timeout:g} s") from None
+            raise UpstreamTimeoutError(f"could not connect to {origin.host_header} within {timeout:g} s") from None
         except OSError as exc:
-            raise ConnectFailed(f"could not connect to {origin.host_header}: {exc}") from exc
+            raise UpstreamConnectError(f"could not connect to {origin.host_header}: {exc}") from exc
         return conn
 
     def _put(self, conn: _Conn) -> None:
@@ -581,5 +581,5 @@ def _request_head(method: str, origin: _Origin, target: str, headers: Iterable[t
     head = "".join(lines).encode("utf-8", "surrogateescape")
     # One line feed per line: a header name or value holding one would smuggle a header in.
     if head.count(b"\n") != len(lines) + 1:
-        raise BadResponse("a request header holds a line break")
+        raise UpstreamProtocolError("a request header holds a line break")
     return head
