@@ -1,4 +1,4 @@
-"""Profile the mvllm router's relay with py-spy: `python -m benchmarks.profile_relay [--chunks 16] [-c 32] [--seconds 6]`.
+"""Profile the mvllm router's relay with py-spy: `python -m benchmarks.profile_relay [--chunks 16] [-c 32] [--seconds 6] [--no-stream]`.
 
 Starts the emulated vLLM backend (`benchmarks/fakevllm.py`) and the router, both pinned to CPU 0 as
 in the relay scenario, drives streamed chat completions from CPU 1, records the router with
@@ -97,7 +97,7 @@ async def profile(args: argparse.Namespace) -> str:
         async with Harness("profile-relay") as h:
             backend = await start_backend(h)
             rt = await start_mvllm_router(h, backend.url, auth=False)
-            req = ChatRequest(MODEL, args.chunks, True)
+            req = ChatRequest(MODEL, args.chunks, not args.no_stream)
             async with make_session() as session:
                 await closed_loop(session, rt.url, req, 8, duration=1.0)  # warm-up
                 spy = await asyncio.create_subprocess_exec(
@@ -114,7 +114,7 @@ async def profile(args: argparse.Namespace) -> str:
                 raise RuntimeError(f"py-spy failed ({spy.returncode}): {err.decode(errors='replace')[-500:]}")
     st = result.stats()
     return (
-        f"load: stream {args.chunks} chunks c={args.concurrency}, {st.ok} ok, {st.error_count} errors, "
+        f"load: {'non-streamed' if args.no_stream else 'stream'} {args.chunks} chunks c={args.concurrency}, {st.ok} ok, {st.error_count} errors, "
         f"{st.throughput:.0f} req/s"
     )
 
@@ -140,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--chunks", type=int, default=16, help="content chunks per streamed answer")
     p.add_argument("-c", "--concurrency", type=int, default=32)
+    p.add_argument("--no-stream", action="store_true", help="non-streamed answers (the json legs)")
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=15)
