@@ -62,7 +62,9 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
-class _Origin:
+class Origin:
+    """Where a node's base URL points: the pool's key, the address, TLS, the Host header, a path prefix."""
+
     key: tuple[str, str, int]
     host: str
     port: int
@@ -85,7 +87,7 @@ class _Conn(asyncio.Protocol):
         "read_timer", "reason", "reused", "sink", "status", "total_timer", "transport", "until_eof", "waiter",
     )
 
-    def __init__(self, pool: Upstream, origin: _Origin, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, pool: Upstream, origin: Origin, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.origin = origin
         self.loop = loop
@@ -182,7 +184,7 @@ class _Conn(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------------
 
     def on_status(self, status: bytes) -> None:
-        self.reason = status.decode("latin-1")
+        self.reason += status.decode("latin-1")  # in pieces when the status line is torn
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
@@ -436,12 +438,12 @@ class Upstream:
     def __init__(self, keepalive: float = KEEPALIVE_S) -> None:
         self.keepalive = keepalive
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
-        self._origins: dict[str, _Origin] = {}
+        self._origins: dict[str, Origin] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
-    def origin(self, base_url: str) -> _Origin:
+    def origin(self, base_url: str) -> Origin:
         found = self._origins.get(base_url)
         if found is None:
             parts = urlsplit(base_url)
@@ -452,7 +454,7 @@ class Upstream:
                 self._ssl = ssl.create_default_context()
             default = (secure and port == 443) or (not secure and port == 80)
             shown = f"[{host}]" if ":" in host else host
-            found = _Origin(
+            found = Origin(
                 (parts.scheme, host, port), host, port, self._ssl if secure else None,
                 shown if default else f"{shown}:{port}", parts.path.rstrip("/"),
             )
@@ -474,7 +476,7 @@ class Upstream:
         (up to first_byte). Raises UpstreamError (UpstreamConnectError, UpstreamClosedError, UpstreamProtocolError,
         UpstreamTimeoutError) with `reused` set; a cancelled wait drops the connection."""
         origin = self.origin(base_url)
-        head = _request_head(method, origin, target, headers, body)
+        head = request_head(method, origin, target, headers, body)
         loop = asyncio.get_running_loop()
         conn = self._take(origin, loop)
         if conn is None:
@@ -498,7 +500,7 @@ class Upstream:
             raise
         return Response(conn)
 
-    def _take(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> _Conn | None:
+    def _take(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> _Conn | None:
         idle = self._idle.get(origin.key)
         if not idle:
             return None
@@ -513,7 +515,7 @@ class Upstream:
             return conn
         return None
 
-    async def _connect(self, origin: _Origin, loop: asyncio.AbstractEventLoop, timeout: float | None) -> _Conn:
+    async def _connect(self, origin: Origin, loop: asyncio.AbstractEventLoop, timeout: float | None) -> _Conn:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
@@ -572,7 +574,8 @@ class Upstream:
         self._idle.clear()
 
 
-def _request_head(method: str, origin: _Origin, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+def request_head(method: str, origin: Origin, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+    """The request line and headers of one request, as sent (the body follows them in the same write)."""
     lines = [f"{method} {origin.prefix}{target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
     lines.extend(f"{k}: {v}\r\n" for k, v in headers)
     if body or method not in _NO_BODY_METHODS:
