@@ -87,7 +87,7 @@ _BUFFER_LIMIT = 8 * 1024 * 1024
 # A buffered answer up to this size fits the socket buffers and is handed to aiohttp to write; a
 # bigger one is written under client_timeout (Proxy._send_body), since a client may never read it.
 _UNWATCHED_WRITE = 256 * 1024
-_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_UPSTREAM_ERRORS = (UpstreamError, asyncio.TimeoutError)
 
 
 def is_proxied_path(path: str) -> bool:
@@ -138,17 +138,6 @@ def response_headers(src: Mapping[str, str], node: str, request_id: str, route: 
         out[ROUTE_HEADER] = route  # why this node (mvllm.router.routing)
     out[REQUEST_ID_HEADER] = request_id
     return out
-
-
-def set_read_timeout(up: aiohttp.ClientResponse, seconds: float) -> None:
-    """Let each further read of `up`'s body wait at most `seconds`. aiohttp's sock_read (armed
-    until now with the first-byte wait) is re-armed on every chunk received, so this costs no timer
-    of our own per chunk."""
-    conn = up.connection
-    proto = conn.protocol if conn is not None else None
-    if proto is not None and hasattr(proto, "start_timeout"):
-        proto.read_timeout = seconds
-        proto.start_timeout()
 
 
 class BadRequest(Exception):
@@ -265,7 +254,7 @@ class Proxy:
         # Told of every answer relayed to its end (the access gate settles tokens from its tail).
         self.on_complete = on_complete
         self._timeout_cache: dict[aiohttp.ClientTimeout, Timeouts] = {}
-        self.resumer = StreamResumer(state, NodeBook(self._node_ok, self._node_failed, self._transition, set_read_timeout))
+        self.resumer = StreamResumer(state, NodeBook(self._node_ok, self._node_failed, self._transition, self._node_timeouts))
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -496,7 +485,7 @@ class Proxy:
                     # A static server's --api-key; an agent's token, and time for a load.
                     node.upstream_headers(headers).items(),
                     body,
-                    self._timeouts(node.upstream_timeout(state.timeout)),
+                    self._node_timeouts(node),
                 )
             except _UPSTREAM_ERRORS as exc:
                 kind = classify_exception(exc)
@@ -533,8 +522,9 @@ class Proxy:
             if node.retired:
                 state.registry.release(node)
 
-    def _timeouts(self, timeout: aiohttp.ClientTimeout) -> Timeouts:
-        """The upstream client's timeouts for aiohttp-style ones (config and nodes speak those)."""
+    def _node_timeouts(self, node: Target) -> Timeouts:
+        """The relay client's timeouts for `node`, from the aiohttp-style ones config and nodes speak."""
+        timeout = node.upstream_timeout(self.state.timeout)
         found = self._timeout_cache.get(timeout)
         if found is None:
             if len(self._timeout_cache) > 64:

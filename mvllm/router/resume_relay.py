@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from mvllm.common.upstream import Response, Timeouts, UpstreamError
 from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES
@@ -27,7 +27,7 @@ from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.resume")
 
-_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_UPSTREAM_ERRORS = (UpstreamError, asyncio.TimeoutError)
 _DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -58,7 +58,7 @@ class NodeBook:
     ok: Callable[[Target, float], None]
     failed: Callable[[Target, str, float], None]
     transition: Callable[[Target, Transition | None], None]
-    read_timeout: Callable[[aiohttp.ClientResponse, float], None]
+    timeouts: Callable[[Target], Timeouts]  # a node's connect / first-byte / total for the relay client
 
 
 class WriteWatch(Protocol):
@@ -175,20 +175,19 @@ class StreamResumer:
     ) -> _Relayed:
         state = self.state
         book = self.book
-        session = state.session
-        assert session is not None
+        client = state.upstream
+        assert client is not None
         node.in_flight += 1
         at = time.monotonic()
         book.transition(node, node.breaker.on_dispatch(at))
-        up: aiohttp.ClientResponse | None = None
+        up: Response | None = None
         verdict = False
         out = _Relayed(_Step.REFUSED)
         upstream = node.upstream_headers(headers)
         upstream["Content-Type"] = "application/json"
         try:
             try:
-                up = await session.post(node.url + target, data=orjson.dumps(body), headers=upstream,
-                                        timeout=node.upstream_timeout(state.timeout), allow_redirects=False)
+                up = await client.request(node.url, "POST", target, upstream.items(), orjson.dumps(body), book.timeouts(node))
             except _UPSTREAM_ERRORS as exc:
                 verdict = True
                 kind = classify_exception(exc)
@@ -216,7 +215,7 @@ class StreamResumer:
             tail_prev = tail = b""
             while True:
                 try:
-                    chunk = await up.content.readany()
+                    chunk = await up.readany()
                 except _UPSTREAM_ERRORS as exc:
                     verdict = True
                     up.close()
@@ -233,7 +232,7 @@ class StreamResumer:
                     started = True
                     verdict = True
                     book.ok(node, at)
-                    book.read_timeout(up, state.config.timeouts.stream_idle)
+                    up.set_read_timeout(state.config.timeouts.stream_idle)
                 if not chunk:
                     out.step = _Step.DONE
                     out.tail = tail_prev + tail
