@@ -27,6 +27,8 @@ import aiohttp
 import psutil
 import tomli_w
 
+from mvllm.common.prom import iter_samples
+
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
@@ -130,11 +132,12 @@ class Service:
         return " | ".join(last)[-600:]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of a process and its children (nginx's workers), 0 if it is gone."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User+system CPU seconds of a process and, unless `children` is false, its children (nginx's
+    workers); 0 if it is gone."""
     try:
         proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
+        procs = [proc, *(proc.children(recursive=True) if children else [])]
     except psutil.Error:
         return 0.0
     total = 0.0
@@ -233,13 +236,15 @@ def _num(x: float) -> str:
 
 
 class Harness:
-    """Owns a temp dir, a small HTTP session for readiness checks, and every process it starts."""
+    """Owns a temp dir, a small HTTP session for readiness checks, and every process it starts.
+    `launcher` goes before every command it starts (the relay scenario's `taskset -c 0`)."""
 
     def __init__(self, name: str, *, keep_logs: bool = False) -> None:
         self.name = name
         self.keep_logs = keep_logs
         self.dir = Path(tempfile.mkdtemp(prefix=f"mvllm-bench-{name}-"))
         self.services: list[Service] = []
+        self.launcher: list[str] = []
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Harness:
@@ -264,8 +269,9 @@ class Harness:
             for s in services:  # also on cancellation half-way: no group survives
                 s.signal_group(signal.SIGKILL)
 
-    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Service:
-        svc = Service(name, argv, self.dir / f"{name}.log", dict(env or {}))
+    def spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Service:
+        """Start `argv` (after `launcher`) in its own session, logging to the temp dir; stopped on the way out."""
+        svc = Service(name, [*self.launcher, *argv], self.dir / f"{name}.log", dict(env or {}))
         self.services.append(svc)
         return svc.start()
 
@@ -312,10 +318,24 @@ class Harness:
         for i, spec in enumerate(specs):
             port = free_port()
             argv = [sys.executable, "-m", "mvllm", "sim", "serve", model, "--host", HOST, "--port", str(port), *spec.args()]
-            svc = self._spawn(f"sim{i}-{port}", argv, env)
+            svc = self.spawn(f"sim{i}-{port}", argv, env)
             nodes.append(SimNode(svc, port, model, spec.max_num_seqs))
         await asyncio.gather(*(self.wait_ok(f"{n.url}/health", n.service, n.port) for n in nodes))
         return nodes
+
+    async def wait_idle(self, nodes: Sequence[SimNode], timeout: float = 30.0, interval: float = 0.1) -> None:
+        """Wait (at most `timeout` s) until no node runs or queues anything, so one leg's backlog
+        never leaks into the next."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = 0.0
+            for n in nodes:
+                _, body = await self.get(f"{n.url}/metrics")
+                for s in iter_samples(body.decode(), ("vllm:num_requests_running", "vllm:num_requests_waiting")):
+                    busy += s.value
+            if busy == 0:
+                return
+            await asyncio.sleep(interval)
 
     async def set_fault(self, node: SimNode, kind: str, rate: float) -> None:
         status, body = await self.post_json(f"{node.url}/sim/fault", {"kind": kind, "rate": rate})
@@ -359,7 +379,7 @@ class Harness:
         port = free_port()
         path = self.write_router_config(nodes, port, policy=policy, config=config, policy_keys=policy_keys)
         argv = [sys.executable, "-m", "mvllm", "run", "--console", "--config", str(path), "--port", str(port)]
-        svc = self._spawn(f"router-{port}", argv)
+        svc = self.spawn(f"router-{port}", argv)
         ep = Endpoint("router", svc, port)
         try:
             await self.wait_ok(f"{ep.url}/health", svc, port, ready_timeout)
@@ -368,15 +388,19 @@ class Harness:
             raise
         return ep
 
-    async def start_router_doc(self, doc: Mapping[str, Any], *, ready_timeout: float = 30.0) -> Endpoint:
+    async def start_router_doc(
+        self, doc: Mapping[str, Any], *, ready_timeout: float = 30.0, log_level: str | None = None, name: str = "router"
+    ) -> Endpoint:
         """The router on a free port with the servers.toml `doc` (its [router] host/port set here):
-        for configs start_router does not write ([[agents]], [autoscale])."""
+        for configs start_router does not write ([[agents]], [autoscale], [auth])."""
         port = free_port()
         full = {**doc, "router": {**dict(doc.get("router") or {}), "host": HOST, "port": port}}
         path = self.dir / f"servers-{port}.toml"
         path.write_bytes(tomli_w.dumps(full).encode())
         argv = [sys.executable, "-m", "mvllm", "run", "--console", "--config", str(path), "--port", str(port)]
-        svc = self._spawn(f"router-{port}", argv)
+        if log_level is not None:
+            argv += ["--log-level", log_level]
+        svc = self.spawn(f"{name}-{port}", argv)
         ep = Endpoint("router", svc, port)
         try:
             await self.wait_ok(f"{ep.url}/health", svc, port, ready_timeout)
@@ -388,7 +412,13 @@ class Harness:
     # -- agents -------------------------------------------------------------------------------
 
     async def start_agent(
-        self, name: str, settings: Mapping[str, Any], catalog: str, *, ready_timeout: float = 30.0
+        self,
+        name: str,
+        settings: Mapping[str, Any],
+        catalog: str,
+        *,
+        ready_timeout: float = 30.0,
+        log_level: str | None = None,
     ) -> Endpoint:
         """`mvllm agent` on a free port with agent.toml = `settings` (port and log_dir set here) +
         the `catalog` text ([models.NAME] tables); ready once /health answers."""
@@ -396,7 +426,10 @@ class Harness:
         doc = {**settings, "port": port, "log_dir": str(self.dir / f"{name}-logs")}
         path = self.dir / f"agent-{name}.toml"
         path.write_text(tomli_w.dumps(doc) + "\n" + catalog)
-        svc = self._spawn(f"agent-{name}", [sys.executable, "-m", "mvllm", "agent", "--config", str(path)])
+        argv = [sys.executable, "-m", "mvllm", "agent", "--config", str(path)]
+        if log_level is not None:
+            argv += ["--log-level", log_level]
+        svc = self.spawn(f"agent-{name}", argv)
         ep = Endpoint(name, svc, port)
         await self.wait_ok(f"{ep.url}/health", svc, port, ready_timeout)
         return ep
@@ -458,7 +491,7 @@ http {{
         port = free_port()
         conf = self.nginx_conf(upstreams, port, next_upstream=next_upstream)
         argv = [binary, "-e", str(conf.parent / "error.log"), "-p", str(conf.parent), "-c", str(conf)]
-        svc = self._spawn(f"nginx-{port}", argv)
+        svc = self.spawn(f"nginx-{port}", argv)
         ep = Endpoint("nginx", svc, port)
         # nginx has no health route of its own: its own listening socket is ready.
         if await wait_until(lambda: not svc.alive or listens_on(svc.pid, port), 10.0):

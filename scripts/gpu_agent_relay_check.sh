@@ -10,22 +10,16 @@
 # Knobs: RELAY_CHECK_RATE (100 req/s), RELAY_CHECK_BURSTS (4 bursts of 2 s), RELAY_CHECK_GAP_S (5.5).
 # Files under $OUT: relay_check.log, summary.json, agent.log, engine.log.
 set -u
-ENGINE=${RELAY_CHECK_ENGINE:-vllm}
-OUT=${OUT:-/tmp/gpu_relay_out}
-PY=${PYTHON:-python3}
-export RELAY_CHECK_ENGINE=$ENGINE RELAY_CHECK_OUT=$OUT RELAY_CHECK_PY=$PY
-export RELAY_CHECK_MODEL=${RELAY_CHECK_MODEL:-/root/tiny/tiny-llama}
-export RELAY_CHECK_WORK=${RELAY_CHECK_WORK:-/tmp/mvllm-relay-check}
+source "$(dirname "$0")/gpu_lib.sh"
+gpu_setup RELAY_CHECK /tmp/gpu_relay_out /tmp/mvllm-relay-check
 export RELAY_CHECK_RATE=${RELAY_CHECK_RATE:-100} RELAY_CHECK_BURSTS=${RELAY_CHECK_BURSTS:-4}
 export RELAY_CHECK_GAP_S=${RELAY_CHECK_GAP_S:-5.5}
-mkdir -p "$OUT"
-rm -rf "$RELAY_CHECK_WORK" && mkdir -p "$RELAY_CHECK_WORK"
-export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/relay_check.log"
-import asyncio, json, os, shutil, signal, subprocess, sys, time
+import asyncio, json, os, shutil, subprocess, time
 
 import aiohttp
+
+from scripts.gpu_lib import agent_toml, engine_keys, stop
 
 ENGINE = os.environ["RELAY_CHECK_ENGINE"]
 OUT = os.environ["RELAY_CHECK_OUT"]
@@ -39,29 +33,16 @@ TOKEN = "relay-check-token"
 PORT = 17272
 BASE = f"http://127.0.0.1:{PORT}"
 
-if ENGINE == "sim":
-    engine_lines, tables, extra, sim = 'engine = "sim"\n', "[[sim_gpus]]\nmemory_gib = 80\n", "[]", \
-        "sim = { startup_s = 1, ttft_ms = 20, itl_ms = 5 }\n"
-else:
-    engine_lines, tables, extra, sim = 'engine = "vllm"\nengine_binary = "vllm"\n', "", '["--enforce-eager"]', ""
 with open(os.path.join(WORK, "agent.toml"), "w") as f:
-    f.write(f'''host = "127.0.0.1"
-port = {PORT}
-token = "{TOKEN}"
-{engine_lines}engine_port_range = [18150, 18160]
-log_dir = "{WORK}/logs"
-load_timeout = 240
+    f.write(agent_toml(ENGINE, PORT, TOKEN, (18150, 18160), f"{WORK}/logs", """load_timeout = 240
 ready_timeout = 240
 idle_timeout = 0
-unload_timeout = 0
-{tables}
-[models.tiny]
+unload_timeout = 0""", f'''[models.tiny]
 model = "{MODEL}"
 gpu_memory_utilization = 0.3
 max_model_len = 512
 max_num_seqs = 64
-extra_args = {extra}
-{sim}''')
+{engine_keys(ENGINE, "startup_s = 1, ttft_ms = 20, itl_ms = 5")}'''))
 
 agent_log = open(os.path.join(OUT, "agent.log"), "w")
 agent = subprocess.Popen([PY, "-m", "mvllm", "agent", "--config", os.path.join(WORK, "agent.toml")],
@@ -122,11 +103,7 @@ try:
     with open(os.path.join(OUT, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 finally:
-    agent.send_signal(signal.SIGTERM)
-    try:
-        agent.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(agent.pid, signal.SIGKILL)
+    stop(agent)
     logs = os.path.join(WORK, "logs")
     for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
         if name.startswith("tiny"):

@@ -19,23 +19,17 @@
 # Files under $OUT: gpu_check.log (this output), summary.json, agent.log, tiny-a.log, tiny-b.log,
 # metrics.txt, state.json (at most 8, as the machine sends back).
 set -u
-ENGINE=${GPU_CHECK_ENGINE:-vllm}
-OUT=${OUT:-/tmp/gpu_check_out}
-PY=${PYTHON:-python3}
-export GPU_CHECK_ENGINE=$ENGINE
-export GPU_CHECK_MODEL=${GPU_CHECK_MODEL:-/root/tiny/tiny-llama}
+source "$(dirname "$0")/gpu_lib.sh"
+gpu_setup GPU_CHECK /tmp/gpu_check_out /tmp/mvllm-gpu-check
 export GPU_CHECK_LORA=${GPU_CHECK_LORA:-/root/tiny/tiny-lora}
 export GPU_CHECK_BUDGET_S=${GPU_CHECK_BUDGET_S:-330}   # whole run, teardown included, stays under this
-export GPU_CHECK_WORK=${GPU_CHECK_WORK:-/tmp/mvllm-gpu-check}
-export GPU_CHECK_OUT=$OUT
-mkdir -p "$OUT"
-rm -rf "$GPU_CHECK_WORK" && mkdir -p "$GPU_CHECK_WORK"
-export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader \
   | sed 's/^/INFO gpu /' | tee -a "$OUT/gpu_check.log"
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/gpu_check.log"
 import json, os, shutil, signal, subprocess, sys, time, urllib.error, urllib.request
+
+from scripts.gpu_lib import agent_toml, engine_keys
+from scripts.gpu_lib import api as agent_api
 
 ENGINE = os.environ["GPU_CHECK_ENGINE"]
 MODEL = os.environ["GPU_CHECK_MODEL"]
@@ -84,16 +78,7 @@ def step(name, fn, limit):
 
 
 def api(method, path, body=None, timeout=30.0):
-    req = urllib.request.Request(BASE + path, method=method, headers={"Authorization": f"Bearer {TOKEN}"})
-    data = json.dumps(body).encode() if body is not None else None
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, data=data, timeout=timeout) as r:
-            raw = r.read()
-            return r.status, raw
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return agent_api(BASE, TOKEN, method, path, body, timeout)
 
 
 def state():
@@ -125,47 +110,24 @@ def greedy(model, timeout=60):
 
 
 # ------------------------------------------------------------------ config and agent
-if ENGINE == "sim":
-    engine_lines = 'engine = "sim"\n'
-    tables = '[[sim_gpus]]\nmemory_gib = 80\n'
-    extra = '[]'
-    sim = 'sim = { startup_s = 2, ttft_ms = 20, itl_ms = 5 }\n'
-else:
-    engine_lines = 'engine = "vllm"\nengine_binary = "vllm"\n'
-    tables = ''
-    extra = '["--enforce-eager"]'
-    sim = ''
-toml = f'''host = "127.0.0.1"
-port = {PORT}
-token = "{TOKEN}"
-{engine_lines}engine_port_range = [18100, 18140]
-log_dir = "{WORK}/logs"
-gpu_memory_reserve_gib = 1.0
+entry = f'''model = "{MODEL}"
+gpu_memory_utilization = 0.5
+max_model_len = 512
+max_num_seqs = 16
+sleep_level_on_idle = 2
+{engine_keys(ENGINE, "startup_s = 2, ttft_ms = 20, itl_ms = 5")}'''
+toml = agent_toml(ENGINE, PORT, TOKEN, (18100, 18140), f"{WORK}/logs", """gpu_memory_reserve_gib = 1.0
 load_timeout = 240
 ready_timeout = 240
 stop_timeout = 20
 idle_timeout = 0
 unload_timeout = 0
-
-{tables}
-[models.tiny-a]
-model = "{MODEL}"
-gpu_memory_utilization = 0.5
-max_model_len = 512
-max_num_seqs = 16
-extra_args = {extra}
-sleep_level_on_idle = 2
-lora_adapters = {{ tiny-lora = "{LORA}" }}
+""", f'''[models.tiny-a]
+{entry}lora_adapters = {{ tiny-lora = "{LORA}" }}
 max_lora_rank = 8
-{sim}
+
 [models.tiny-b]
-model = "{MODEL}"
-gpu_memory_utilization = 0.5
-max_model_len = 512
-max_num_seqs = 16
-extra_args = {extra}
-sleep_level_on_idle = 2
-{sim}'''
+{entry}''')
 cfg_path = os.path.join(WORK, "agent.toml")
 with open(cfg_path, "w") as f:
     f.write(toml)

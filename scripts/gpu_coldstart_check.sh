@@ -12,18 +12,13 @@
 #   here (sim):   COLD_CHECK_ENGINE=sim PYTHON=.venv/bin/python OUT=/tmp/cs bash scripts/gpu_coldstart_check.sh
 # Files under $OUT: coldstart.log, summary.json, agent-plain.log, agent-warm.log, engine.log.
 set -u
-ENGINE=${COLD_CHECK_ENGINE:-vllm}
-OUT=${OUT:-/tmp/gpu_cold_out}
-PY=${PYTHON:-python3}
-export COLD_CHECK_ENGINE=$ENGINE COLD_CHECK_OUT=$OUT COLD_CHECK_PY=$PY
-export COLD_CHECK_MODEL=${COLD_CHECK_MODEL:-/root/tiny/tiny-llama}
-export COLD_CHECK_WORK=${COLD_CHECK_WORK:-/tmp/mvllm-cold-check}
-mkdir -p "$OUT"
-rm -rf "$COLD_CHECK_WORK" && mkdir -p "$COLD_CHECK_WORK"
-export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_lib.sh"
+gpu_setup COLD_CHECK /tmp/gpu_cold_out /tmp/mvllm-cold-check
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/coldstart.log"
-import json, os, shutil, signal, subprocess, time, urllib.error, urllib.request
+import json, os, shutil, subprocess, time
+
+from scripts.gpu_lib import agent_toml, engine_keys, stop
+from scripts.gpu_lib import api as agent_api
 
 ENGINE = os.environ["COLD_CHECK_ENGINE"]
 OUT = os.environ["COLD_CHECK_OUT"]
@@ -38,41 +33,22 @@ results = []
 
 
 def api(method, path, body=None, timeout=300.0):
-    req = urllib.request.Request(BASE + path, method=method, headers={"Authorization": f"Bearer {TOKEN}"})
-    data = json.dumps(body).encode() if body is not None else None
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, data=data, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return agent_api(BASE, TOKEN, method, path, body, timeout)
 
 
 def config(warm):
-    if ENGINE == "sim":
-        engine, tables, sim = 'engine = "sim"\n', "[[sim_gpus]]\nmemory_gib = 80\n", "sim = { startup_s = 3 }\n"
-    else:
-        engine, tables, sim = 'engine = "vllm"\nengine_binary = "vllm"\n', "", ""
     path = os.path.join(WORK, f"agent-{'warm' if warm else 'plain'}.toml")
     with open(path, "w") as f:
-        f.write(f'''host = "127.0.0.1"
-port = {PORT}
-token = "{TOKEN}"
-{engine}engine_port_range = [18170, 18180]
-log_dir = "{WORK}/logs"
-engine_cache_dir = "{CACHE}"
+        f.write(agent_toml(ENGINE, PORT, TOKEN, (18170, 18180), f"{WORK}/logs", f'''engine_cache_dir = "{CACHE}"
 warm_launcher = {"true" if warm else "false"}
 load_timeout = 400
 ready_timeout = 400
 idle_timeout = 0
-unload_timeout = 0
-{tables}
-[models.tiny]
+unload_timeout = 0''', f'''[models.tiny]
 model = "{MODEL}"
 gpu_memory_utilization = 0.3
 max_model_len = 512
-{sim}''')
+{engine_keys(ENGINE, "startup_s = 3", eager=False)}'''))
     return path
 
 
@@ -122,11 +98,7 @@ def run_agent(warm):
             cold_start("plain-1")
             cold_start("plain-2")
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(agent.pid, signal.SIGKILL)
+        stop(agent)
 
 
 LEGS = os.environ.get("COLD_CHECK_LEGS", "plain,warm").split(",")

@@ -12,18 +12,8 @@
 # which needs VLLM_SERVER_DEV_MODE=1), so each leg starts cold. Files under $OUT: prefix_check.log,
 # summary.json, engine-a.log, engine-b.log, router.log.
 set -u
-ENGINE=${PREFIX_CHECK_ENGINE:-vllm}
-OUT=${OUT:-/tmp/gpu_prefix_out}
-PY=${PYTHON:-python3}
-export PREFIX_CHECK_ENGINE=$ENGINE
-export PREFIX_CHECK_MODEL=${PREFIX_CHECK_MODEL:-/root/tiny/tiny-llama}
-export PREFIX_CHECK_WORK=${PREFIX_CHECK_WORK:-/tmp/mvllm-prefix-check}
-export PREFIX_CHECK_OUT=$OUT
-export PREFIX_CHECK_PY=$PY
-mkdir -p "$OUT"
-rm -rf "$PREFIX_CHECK_WORK" && mkdir -p "$PREFIX_CHECK_WORK"
-export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_lib.sh"
+gpu_setup PREFIX_CHECK /tmp/gpu_prefix_out /tmp/mvllm-prefix-check
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/prefix_check.log"
 import json, os, random, signal, subprocess, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor

@@ -16,7 +16,7 @@ import asyncio
 import math
 import time
 
-from benchmarks.harness import Harness, SimNode, SimSpec, Unavailable
+from benchmarks.harness import SimNode, SimSpec, Unavailable
 from benchmarks.loadgen import ChatRequest, closed_loop, make_session, open_loop
 from benchmarks.report import Check, Row, ScenarioResult, fmt
 from benchmarks.scenarios import Context
@@ -52,22 +52,6 @@ async def _calibrate(nodes: list[SimNode], seconds: float) -> list[float]:
     return [r.stats().throughput for r in results]
 
 
-async def _wait_idle(h: Harness, nodes: list[SimNode], timeout: float = 30.0) -> None:
-    """Wait until no node runs or queues anything, so one leg's backlog never leaks into the next."""
-    from mvllm.common.prom import iter_samples
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy = 0.0
-        for n in nodes:
-            _, body = await h.get(f"{n.url}/metrics")
-            for s in iter_samples(body.decode(), ("vllm:num_requests_running", "vllm:num_requests_waiting")):
-                busy += s.value
-        if busy == 0:
-            return
-        await asyncio.sleep(0.2)
-
-
 async def run(ctx: Context) -> ScenarioResult:
     res = ScenarioResult("balancing")
     t0 = time.monotonic()
@@ -89,7 +73,7 @@ async def run(ctx: Context) -> ScenarioResult:
                 + f"; total model {sum(modelled):.1f}",
             )
         )
-        await _wait_idle(h, nodes)
+        await h.wait_idle(nodes, interval=0.2)
         stats: dict[tuple[str, float], RunStats] = {}
         for level in LEVELS:
             rate = level * total
@@ -115,7 +99,7 @@ async def run(ctx: Context) -> ScenarioResult:
                 if st.errors:
                     extra += "; errors " + ", ".join(f"{k}={v}" for k, v in st.errors.items())
                 res.rows.append(Row.from_stats("balancing", f"{policy} {level:.0%}", st, extra))
-                await _wait_idle(h, nodes)
+                await h.wait_idle(nodes, interval=0.2)
     res.checks.append(_check(stats))
     res.notes.append(
         f"{duration:g} s of Poisson arrivals per leg, streaming, max_tokens {MAX_TOKENS}; nodes "

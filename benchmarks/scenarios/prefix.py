@@ -148,19 +148,6 @@ async def _reset_caches(h: Harness, nodes: Sequence[SimNode]) -> None:
             raise RuntimeError(f"POST /reset_prefix_cache on {n.url} answered {status}: {body[:200]!r}")
 
 
-async def _wait_idle(h: Harness, nodes: Sequence[SimNode], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy = 0.0
-        for n in nodes:
-            _, body = await h.get(f"{n.url}/metrics")
-            for s in iter_samples(body.decode(), ("vllm:num_requests_running", "vllm:num_requests_waiting")):
-                busy += s.value
-        if busy == 0:
-            return
-        await asyncio.sleep(0.1)
-
-
 async def conversations(url: str, model: str, sched: Schedule, timeout: float) -> list[RequestRecord]:
     records: list[RequestRecord] = []
     t0 = time.monotonic()
@@ -293,7 +280,7 @@ async def run(ctx: Context, policies: Sequence[str] = POLICIES) -> ScenarioResul
                 res.notes.append(f"{policy}: router refused it ({exc})"[:400])
                 continue
             for leg_name in ("conversations", "skewed"):
-                await _wait_idle(h, nodes)
+                await h.wait_idle(nodes)
                 await _reset_caches(h, nodes)
                 before = await _counters(h, nodes)
                 ctx.log(f"prefix: {policy} {leg_name}")
@@ -301,7 +288,7 @@ async def run(ctx: Context, policies: Sequence[str] = POLICIES) -> ScenarioResul
                     records = await conversations(rt.url, nodes[0].model, sched, timeout)
                 else:
                     records = await skewed(rt.url, nodes[0].model, skew_rate, skew_s, timeout)
-                await _wait_idle(h, nodes)
+                await h.wait_idle(nodes)
                 after = await _counters(h, nodes)
                 hits, queries = after[0] - before[0], after[1] - before[1]
                 leg = Leg(run_stats(records), hits / queries if queries else math.nan)

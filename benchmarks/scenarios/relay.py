@@ -31,10 +31,9 @@ from benchmarks.harness import (
     HOST,
     Endpoint,
     Harness,
-    Service,
     Unavailable,
+    cpu_seconds,
     free_port,
-    listens_on,
     wait_until,
 )
 from benchmarks.loadgen import ChatRequest, closed_loop, make_session
@@ -88,26 +87,11 @@ class Measured:
         return run_stats(self.records, self.wall)
 
 
-def relay_cpu(pid: int, children: bool) -> float:
-    """User+system CPU seconds of the relay process (and its children when asked), 0 if gone."""
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *(proc.children(recursive=True) if children else [])]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-def pinned(argv: list[str]) -> list[str]:
-    """`argv` under taskset on the relay CPU (its children inherit it), when the machine has two."""
+def pinned() -> list[str]:
+    """What runs a command on the relay CPU (its children inherit it), when the machine has two."""
     if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
-        return ["taskset", "-c", str(RELAY_CPU), *argv]
-    return argv
+        return ["taskset", "-c", str(RELAY_CPU)]
+    return []
 
 
 @contextlib.contextmanager
@@ -120,12 +104,6 @@ def load_generator_cpu() -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-def spawn(h: Harness, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
-    svc = Service(name, pinned(argv), h.dir / f"{name}.log", dict(env or {}))
-    h.services.append(svc)  # the harness stops it on the way out
-    return svc.start()
 
 
 def vllm_router_command() -> tuple[list[str], dict[str, str]] | None:
@@ -142,27 +120,9 @@ async def start_backend(h: Harness) -> Endpoint:
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.fakevllm", "--port", str(port), "--model", MODEL,
             "--paced-from", str(PACED_TOKENS), "--paced-ms", str(PACED_MS)]  # fmt: skip
-    svc = spawn(h, f"fakevllm-{port}", argv)
+    svc = h.spawn(f"fakevllm-{port}", argv)
     await h.wait_ok(f"http://{HOST}:{port}/health", svc, port)
     return Endpoint("backend", svc, port)
-
-
-async def start_nginx(h: Harness, upstream: str) -> Endpoint:
-    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-    if binary is None:
-        raise Unavailable("nginx not installed")
-    port = free_port()
-    conf = h.nginx_conf([upstream], port)
-    svc = spawn(
-        h,
-        f"nginx-{port}",
-        [binary, "-e", str(conf.parent / "error.log"), "-p", str(conf.parent), "-c", str(conf)],
-    )
-    if not await wait_until(lambda: not svc.alive or listens_on(svc.pid, port), 10.0):
-        raise Unavailable("nginx did not listen within 10 s")
-    if not svc.alive:
-        raise Unavailable(f"nginx exited: {svc.log_tail()}")
-    return Endpoint("nginx", svc, port)
 
 
 async def start_vllm_router(h: Harness, upstream: str) -> Endpoint:
@@ -173,15 +133,13 @@ async def start_vllm_router(h: Harness, upstream: str) -> Endpoint:
     port, prom = free_port(), free_port()
     argv = [*head, "--host", HOST, "--port", str(port), "--worker-urls", upstream, "--policy", "round_robin",
             "--log-level", "warning", "--prometheus-host", HOST, "--prometheus-port", str(prom)]  # fmt: skip
-    svc = spawn(h, f"vllm-router-{port}", argv, env)
+    svc = h.spawn(f"vllm-router-{port}", argv, env)
     await h.wait_ok(f"http://{HOST}:{port}/health", svc, port, timeout=60)
     return Endpoint("vllm-router", svc, port)
 
 
 async def start_mvllm_router(h: Harness, upstream: str, *, auth: bool) -> Endpoint:
-    port = free_port()
     doc: dict[str, Any] = {
-        "router": {"host": HOST, "port": port},
         "policy": {"type": "least-score"},
         "servers": {"servers": [{"name": "n0", "url": upstream, "max_concurrent_requests": 4096}]},
     }
@@ -208,50 +166,29 @@ async def start_mvllm_router(h: Harness, upstream: str, *, auth: bool) -> Endpoi
                 "tokens_per_minute": 10**12,
             },
         }
-    path = h.dir / f"servers-{port}.toml"
-    path.write_bytes(tomli_w.dumps(doc).encode())
-    argv = [
-        sys.executable,
-        "-m",
-        "mvllm",
-        "run",
-        "--console",
-        "--config",
-        str(path),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    svc = spawn(h, f"mvllm-router{'-auth' if auth else ''}-{port}", argv)
-    await h.wait_ok(f"http://{HOST}:{port}/health", svc, port)
-    return Endpoint("mvllm", svc, port)
+    ep = await h.start_router_doc(doc, log_level="warning", name=f"mvllm-router{'-auth' if auth else ''}")
+    return Endpoint("mvllm", ep.service, ep.port)
 
 
 async def start_agent(h: Harness) -> tuple[Endpoint, dict[str, str]]:
     """The agent with two sim engines (instant and paced); returns it and each model's engine URL."""
-    port = free_port()
     base = free_port() % 20000 + 40000
     sim = {"ttft_ms": 0, "prefill_ms_per_token": 0, "batch_slowdown": 0, "weights_gib": 1}
     entry = {"devices": [0], "memory_gib": 8, "max_num_seqs": 1024, "preload": True, "pinned": True}
-    doc = {
+    settings = {
         "host": HOST,
-        "port": port,
         "engine": "sim",
         "engine_port_range": [base, base + 200],
-        "log_dir": str(h.dir / "agent-logs"),
         "log_level": "WARNING",
         "sim_gpus": [{"memory_gib": 80}],
-        "models": {
-            "fast": {**entry, "model": "fast", "sim": {**sim, "itl_ms": 0}},
-            "paced": {**entry, "model": "paced", "sim": {**sim, "itl_ms": PACED_MS}},
-        },
     }
-    path = h.dir / "agent.toml"
-    path.write_bytes(tomli_w.dumps(doc).encode())
-    argv = [sys.executable, "-m", "mvllm", "agent", "-c", str(path), "--log-level", "WARNING"]
-    svc = spawn(h, f"agent-{port}", argv)
-    await h.wait_ok(f"http://{HOST}:{port}/health", svc, port, timeout=60)
+    models = {
+        "fast": {**entry, "model": "fast", "sim": {**sim, "itl_ms": 0}},
+        "paced": {**entry, "model": "paced", "sim": {**sim, "itl_ms": PACED_MS}},
+    }
+    agent = await h.start_agent("agent", settings, tomli_w.dumps({"models": models}), ready_timeout=60,
+                                log_level="WARNING")
+    svc = agent.service
     engines: dict[str, str] = {}
 
     def found() -> bool:
@@ -260,7 +197,7 @@ async def start_agent(h: Harness) -> tuple[Endpoint, dict[str, str]]:
 
     if not await wait_until(found, 60.0, 0.25):
         raise Unavailable(f"agent engines not listening: {engines} {svc.log_tail()}")
-    return Endpoint("agent", svc, port), engines
+    return agent, engines
 
 
 def _engine_urls(agent_pid: int) -> dict[str, str]:
@@ -307,6 +244,7 @@ async def run(ctx: Context) -> ScenarioResult:
     rounds = int(ctx.pick(1, 2))
     with load_generator_cpu():
         async with ctx.harness("relay") as h:
+            h.launcher = pinned()  # relays and backend on the relay CPU
             targets = await _start_targets(h, res)
             measured: dict[tuple[str, str], Measured] = {}
             sessions: dict[str, aiohttp.ClientSession] = {}
@@ -360,13 +298,13 @@ async def _measure(
     paced = leg.max_tokens >= PACED_TOKENS
     req = ChatRequest(t.paced_model if paced else t.model, leg.max_tokens, leg.stream)
     url = t.paced_url if t.paced_url and paced else t.url
-    cpu0 = relay_cpu(t.pid, t.children) if t.pid else 0.0
+    cpu0 = cpu_seconds(t.pid, t.children) if t.pid else 0.0
     result = await closed_loop(session, url, req, leg.concurrency, duration=seconds, timeout=30)
     m = measured.setdefault((t.name, leg.name), Measured())
     m.records += result.records
     m.wall += wall_time(result.records)
     if t.pid:
-        m.cpu += relay_cpu(t.pid, t.children) - cpu0
+        m.cpu += cpu_seconds(t.pid, t.children) - cpu0
 
 
 def _session_with(headers: dict[str, str]) -> aiohttp.ClientSession:
@@ -380,7 +318,7 @@ async def _start_targets(h: Harness, res: ScenarioResult) -> list[Target]:
     up = backend.url
     targets = [Target("direct", up, None, False)]
     starters = (
-        ("nginx", lambda: start_nginx(h, up), True, {}),
+        ("nginx", lambda: h.start_nginx([up]), True, {}),
         ("vllm-router", lambda: start_vllm_router(h, up), True, {}),
         ("mvllm", lambda: start_mvllm_router(h, up, auth=False), False, {}),
         (

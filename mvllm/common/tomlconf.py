@@ -1,4 +1,5 @@
-"""TOML loading with errors that name the file, the key and what was expected."""
+"""TOML loading with errors that name the file, the key and what was expected; `range_problem`,
+the one wording of a number out of its bounds (config files, command-line flags, environment)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,35 @@ class ConfigError(ValueError):
         self.path = str(path) if path else None
         self.key = key
         self.problem = problem
+
+
+def range_problem(
+    value: float,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    within: bool = False,
+    max_name: str | None = None,
+    shown: object = None,
+) -> str | None:
+    """What is wrong with `value` against its bounds, None when nothing: "must be within [MIN, MAX]"
+    (`within`), "must be > ABOVE", "must be >= MIN" or "must be <= MAX" (`max_name` says what MAX
+    is: "must be <= request_timeout (300.0)"), then ", got V" (`shown`: V as the user wrote it).
+    NaN fails `within` and `above` (their comparisons are false) and passes a plain min or max."""
+    got = value if shown is None else shown
+    if within and min is not None and max is not None:
+        if not min <= value <= max:
+            return f"must be within [{min}, {max}], got {got}"
+        return None
+    if above is not None and not value > above:
+        return f"must be > {above}, got {got}"
+    if min is not None and value < min:
+        return f"must be >= {min}, got {got}"
+    if max is not None and value > max:
+        bound = f"{max_name} ({max})" if max_name else f"{max}"
+        return f"must be <= {bound}, got {got}"
+    return None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -136,7 +166,6 @@ class Section:
             raise self.error(unknown[0], "unknown key (misspelt? see the example config for the valid keys)")
 
     def _check_range(self, name: str, value: float, lo: float | None, hi: float | None) -> None:
-        if lo is not None and value < lo:
-            raise self.error(name, f"must be >= {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise self.error(name, f"must be <= {hi}, got {value}")
+        problem = range_problem(value, min=lo, max=hi)
+        if problem is not None:
+            raise self.error(name, problem)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mvllm.common.tomlconf import Section
+from mvllm.common.tomlconf import Section, range_problem
 
 ReplicaState = Literal["awake", "loading", "sleeping", "draining"]
 REPLICA_STATES: tuple[str, ...] = ("awake", "loading", "sleeping", "draining")
@@ -74,8 +74,9 @@ def parse_autoscale(table: Any, file: str | Path | None) -> AutoscaleConfig:
     enabled = s.bool("enabled", d.enabled)
     lo = s.int("min_replicas", d.min_replicas, min=1)
     hi = s.int("max_replicas", d.max_replicas, min=1)
-    if lo > hi:
-        raise s.error("min_replicas", f"must be <= max_replicas ({hi}), got {lo}")
+    problem = range_problem(lo, max=hi, max_name="max_replicas")
+    if problem is not None:
+        raise s.error("min_replicas", problem)
     up_score = s.float("scale_up_score", d.scale_up_score, min=0.0)
     up_after = s.float("scale_up_after", d.scale_up_after, min=0.0)
     down_score = s.float("scale_down_score", d.scale_down_score, min=0.0)

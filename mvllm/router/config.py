@@ -16,7 +16,7 @@ from yarl import URL
 
 from mvllm.common.envvars import ROUTER_ENV, read_env
 from mvllm.common.logfiles import LogConfig, parse_log_keys
-from mvllm.common.tomlconf import ConfigError, Section, load_toml
+from mvllm.common.tomlconf import ConfigError, Section, load_toml, range_problem
 from mvllm.router.access.config import AuthConfig, load_auth, read_node_api_key
 from mvllm.router.autoscale import AutoscaleConfig, parse_autoscale
 
@@ -250,8 +250,9 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> RouterCon
         total=request_timeout,
         stream_idle=cfg.float("stream_idle_timeout", TimeoutConfig.stream_idle, min=0.01),
     )
-    if timeouts.first_byte > timeouts.total:
-        raise cfg.error("first_byte_timeout", f"must be <= request_timeout ({timeouts.total}), got {timeouts.first_byte}")
+    problem = range_problem(timeouts.first_byte, max=timeouts.total, max_name="request_timeout")
+    if problem is not None:
+        raise cfg.error("first_byte_timeout", problem)
     health = HealthConfig(
         enabled=cfg.bool("enable_active_health_check", True),
         interval=cfg.float("health_check_interval", HealthConfig.interval, min=0.05),

@@ -48,7 +48,7 @@ from mvllm.router.retry import (
     backoff_delay,
     classify_exception,
 )
-from mvllm.router.routing import ROUTE_HEADER, ROUTE_KEY, choose_route
+from mvllm.router.routing import ROUTE_HEADER, ROUTE_KEY, next_route
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.proxy")
@@ -222,28 +222,6 @@ class Failed:
     answer: UpstreamAnswer | None = None
 
 
-# When every candidate is stalled, those silent for at most twice the least silent one (plus this
-# slack) stay in: busy nodes alike are left to the policy, a node silent far longer is not.
-_SILENCE_SLACK = 0.0
-
-
-def answering(candidates: list[Target], now: float) -> list[Target]:
-    """The candidates that are not `stalled` (breaker.py: an awake node holding requests it has
-    not answered is likely hanging; a loading one is silent by design). When all are, the ones
-    that answered about as recently as the latest: a node that answers slowly beats one that has
-    not answered at all for far longer."""
-    fresh = [n for n in candidates if not (n.tier == 0 and n.breaker.stalled())]
-    awake = [n for n in candidates if n.tier == 0]
-    if not awake or any(n.tier == 0 for n in fresh):
-        return fresh
-    # Every awake copy is stalled: they stay the choice (a busy replica queueing requests looks
-    # stalled too, and must not set off a cold load elsewhere; one that truly hangs opens its
-    # breaker and leaves the candidates by itself).
-    quiet = [now - n.breaker.last_answer_at for n in awake]
-    bound = 2 * min(quiet) + _SILENCE_SLACK
-    return [n for n, q in zip(awake, quiet, strict=True) if q <= bound]
-
-
 def _ignore(done: ResponseComplete) -> None:
     pass
 
@@ -321,7 +299,7 @@ class Proxy:
             if state.config.resume_streams:
                 plan = plan_resume(request.path, doc)
                 if plan is not None:
-                    request[RESUME_KEY] = ResumeContext(plan, nodes, model)
+                    request[RESUME_KEY] = ResumeContext(plan, nodes, model, text)
         else:
             denied = await state.gate.admit(request, None, None)
             if denied is not None:
@@ -376,9 +354,7 @@ class Proxy:
         succeeded = False
         try:
             while True:
-                now = time.monotonic()
-                candidates = [n for n in nodes if n.routable(now) and n not in tried]
-                picked = choose_route(state.policy, state.prefix_index, answering(candidates, now), model, text, now)
+                picked = next_route(state.policy, state.prefix_index, nodes, tried, model, text, time.monotonic())
                 if picked is None:
                     break
                 node, route = picked

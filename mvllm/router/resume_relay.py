@@ -20,9 +20,9 @@ from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
 from mvllm.router.fleet.agents import AUTH_STATUSES
 from mvllm.router.fleet.targets import Target
-from mvllm.router.policy import choose_tiered
 from mvllm.router.resume import ChunkRewriter, ResumePlan, Transcript, blocker, continuation
 from mvllm.router.retry import RETRY_STATUSES, FailureKind, classify_exception
+from mvllm.router.routing import next_route
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.resume")
@@ -46,6 +46,7 @@ class ResumeContext:
     plan: ResumePlan
     nodes: tuple[Target, ...]
     model: str
+    text: str | None = None  # the prompt's text under cache-aware (routing.next_route's affinity)
 
 
 RESUME_KEY: Any = web.RequestKey("mvllm_resume", ResumeContext) if hasattr(web, "RequestKey") else "mvllm_resume"
@@ -153,9 +154,10 @@ class StreamResumer:
     def _next_node(self, ctx: ResumeContext, tried: list[Target]) -> Target | None:
         if len(tried) > self.state.config.retry.max_retries:
             return None
-        now = time.monotonic()
-        candidates = [n for n in ctx.nodes if n.routable(now) and n not in tried]
-        return choose_tiered(self.state.policy, candidates, ctx.model)
+        # The proxy's own choice (stall filter, tiers, cache affinity): a continuation is one more attempt.
+        state = self.state
+        picked = next_route(state.policy, state.prefix_index, ctx.nodes, tried, ctx.model, ctx.text, time.monotonic())
+        return None if picked is None else picked[0]
 
     @staticmethod
     def _wants_usage(plan: ResumePlan) -> bool:

@@ -1,6 +1,9 @@
 """Explained routing: the policy's choice of a node for one attempt of a request, and why (the
 `x-mvllm-route` header, mvllm_route_decisions_total); for cache-aware, the prefix-affinity choice
 among the awake candidates (mvllm.router.prefix_index) and the index update that follows it.
+`next_route` is the one entry for every choice of a node (a request's attempts, a stream's
+resume, an operator's load without ?node): routable and untried nodes, the stall filter
+(`answering`), then `choose_route`.
 
 Header: `policy=P; reason=R; score=S; runner_up=NODE:SCORE; action=A`, where
     reason: least-score only_candidate | idle | least_score; round-robin rotation; cache-aware
@@ -14,9 +17,9 @@ Header: `policy=P; reason=R; score=S; runner_up=NODE:SCORE; action=A`, where
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -48,6 +51,12 @@ TIER_ACTIONS = {
     TIER_NO_ROOM: "evict",
 }
 
+# When every candidate is stalled, those silent for at most twice the least silent one (plus this
+# slack) stay in: busy nodes alike are left to the policy, a node silent far longer is not.
+_SILENCE_SLACK = 0.0
+
+N = TypeVar("N", bound=Target)
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -66,20 +75,52 @@ class Route:
         )
 
 
-def lowest_tier(candidates: Sequence[Target]) -> list[Target]:
+def lowest_tier(candidates: Sequence[N]) -> list[N]:
     """The candidates of the lowest tier present, released replicas only as the last awake copy
     (policy.tier_pool: choose_tiered's pool)."""
     return tier_pool(candidates)
 
 
-def choose_route(
+def answering(candidates: list[N], now: float) -> list[N]:
+    """The candidates that are not `stalled` (breaker.py: an awake node holding requests it has
+    not answered is likely hanging; a loading one is silent by design). When all are, the ones
+    that answered about as recently as the latest: a node that answers slowly beats one that has
+    not answered at all for far longer."""
+    fresh = [n for n in candidates if not (n.tier == 0 and n.breaker.stalled())]
+    awake = [n for n in candidates if n.tier == 0]
+    if not awake or any(n.tier == 0 for n in fresh):
+        return fresh
+    # Every awake copy is stalled: they stay the choice (a busy replica queueing requests looks
+    # stalled too, and must not set off a cold load elsewhere; one that truly hangs opens its
+    # breaker and leaves the candidates by itself).
+    quiet = [now - n.breaker.last_answer_at for n in awake]
+    bound = 2 * min(quiet) + _SILENCE_SLACK
+    return [n for n, q in zip(awake, quiet, strict=True) if q <= bound]
+
+
+def next_route(
     policy: Policy,
     index: PrefixIndex,
-    candidates: Sequence[Target],
+    nodes: Iterable[N],
+    tried: Sequence[Target],
     model: str,
     text: str | None,
     now: float,
-) -> tuple[Target, Route] | None:
+) -> tuple[N, Route] | None:
+    """The node for the next attempt among `nodes` (routable now, not in `tried`, not stalled)
+    and the explanation; None when no node is left (see choose_route)."""
+    candidates = [n for n in nodes if n.routable(now) and n not in tried]
+    return choose_route(policy, index, answering(candidates, now), model, text, now)
+
+
+def choose_route(
+    policy: Policy,
+    index: PrefixIndex,
+    candidates: Sequence[N],
+    model: str,
+    text: str | None,
+    now: float,
+) -> tuple[N, Route] | None:
     """The node for the next attempt and the explanation; None when no candidate is left.
     Under cache-aware the prompt is recorded for the chosen node (`now`: monotonic seconds)."""
     pool = lowest_tier(candidates)
@@ -98,7 +139,7 @@ def choose_route(
             reason = least_score_reason(policy, chosen, pool)
         else:
             reason = "rotation"
-    runner: Target | None = None
+    runner: N | None = None
     runner_score = float("inf")
     for c in pool:
         if c is not chosen:
@@ -117,8 +158,8 @@ def choose_route(
 
 
 def _cache_aware(
-    policy: CacheAware, index: PrefixIndex, pool: list[Target], model: str, text: str | None, now: float
-) -> tuple[Target, str]:
+    policy: CacheAware, index: PrefixIndex, pool: list[N], model: str, text: str | None, now: float
+) -> tuple[N, str]:
     cands = [CacheCandidate(c.name, policy.score(c), c.kv_cache_usage or 0.0) for c in pool]
     decision = choose_cache_aware(cands, index, model, text, policy.params, now, record=False)
     if decision.reason == "prefix_hit" and decision.chosen is not None:

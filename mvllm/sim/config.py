@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from mvllm.common.tomlconf import range_problem
 
 GIB = 1 << 30
 # What the simulated engine reports as its vLLM version (/version, system_fingerprint).
@@ -45,32 +47,28 @@ def human_readable_int_or_auto(value: str) -> int:
     return human_readable_int(value)
 
 
+def _checked(value: str, parse: Callable[[str], Any], **bounds: Any) -> Any:
+    parsed = parse(value)
+    problem = range_problem(parsed, shown=value, **bounds)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return parsed
+
+
 def _fraction(value: str) -> float:
-    f = float(value)
-    if not 0.0 <= f <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
-    return f
+    return _checked(value, float, min=0, max=1, within=True)
 
 
 def _non_negative(value: str) -> float:
-    f = float(value)
-    if f < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return f
+    return _checked(value, float, min=0)
 
 
 def _positive_float(value: str) -> float:
-    f = float(value)
-    if not f > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return f
+    return _checked(value, float, above=0)
 
 
 def _positive_int(value: str) -> int:
-    i = int(value)
-    if i < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return i
+    return _checked(value, int, min=1)
 
 
 FAIL_KINDS = ("500", "503", "hang", "reset", "midstream", "crash")
@@ -270,8 +268,9 @@ def _env_number(env: Mapping[str, str], name: str, default: float, kind: type) -
         value = kind(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {raw!r}")
+    problem = range_problem(value, above=0, shown=repr(raw))
+    if problem is not None:
+        raise ValueError(f"{name} {problem}")
     return value
 
 

@@ -1,6 +1,7 @@
 """Helpers of the security, hostile-input and fault tests: servers.toml with `[auth]` and a keys
 file, the real router in this process or as a `mvllm run` subprocess, in-process sims, raw-socket
-HTTP, and an engine stand-in that records the headers it was sent."""
+HTTP (and a normal request through it), the requests an engine counted, and an engine stand-in
+that records the headers it was sent."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import psutil
 import tomli_w
 from aiohttp import web
 
+from mvllm.common.prom import iter_samples
 from mvllm.router.app import RunningRouter, running_router
 from mvllm.router.config import load_config
 from mvllm.sim.config import SimConfig
@@ -215,6 +217,29 @@ def http_request(method: str, path: str, body: bytes = b"", headers: dict[str, s
 
 def chat_body(model: str = "sim-model", **extra: Any) -> bytes:
     return json.dumps({"model": model, "messages": MSG, "max_tokens": 4, **extra}).encode()
+
+
+async def serves_normally(port: int, model: str = "sim-model", headers: dict[str, str] | None = None) -> None:
+    """A plain chat through raw HTTP is answered: the router is unharmed by what came before."""
+    resp = await raw_request(port, http_request("POST", "/v1/chat/completions", chat_body(model), headers))
+    assert resp.status == 200, resp.body[:300]
+    assert resp.json()["choices"][0]["message"]["content"]
+
+
+# What an engine serves that is no client's request: the router's probes and scrapes.
+_PROBES = ("/metrics", "/health", "/v1/models")
+
+
+async def engine_requests(session: aiohttp.ClientSession, url: str, handler: str | None = None) -> float:
+    """Requests the engine itself counted (its http_requests_total): on `handler`, or on any path
+    but the router's probes."""
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        s.value
+        for s in iter_samples(text, ["http_requests_total"])
+        if (s.labels.get("handler") == handler if handler is not None else s.labels.get("handler") not in _PROBES)
+    )
 
 
 def assert_openai_error(resp: RawResponse, status: int, code: str | int | None = None) -> dict[str, Any]:

@@ -18,13 +18,14 @@ from tests.integration.security_support import (
     assert_openai_error,
     auth_router,
     chat_body,
+    engine_requests,
     http_request,
     in_process_sims,
     key_entry,
     quick_sim,
     raw_request,
+    serves_normally,
 )
-from tests.integration.test_security_hostile import engine_requests, serves_normally
 from tests.support import node, write_servers
 
 

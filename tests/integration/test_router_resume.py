@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,4 +246,29 @@ async def test_stream_cut_by_an_agents_dying_engine_goes_on_at_another_agent(tmp
                                                           if ch["choices"]) if t]
             assert done == 1 and all("error" not in ch for ch in got)
             assert [ch["usage"] for ch in got if ch.get("usage")] == [want[-1]["usage"]]
+            assert resumes(r) == {"resumed": 1.0}
+
+
+async def test_a_resume_skips_a_stalled_node_as_a_request_would(tmp_path: Path) -> None:
+    # b weighs as much as a: without the proxy's stall filter a continuation would go there
+    # (1000 to 1 against c); stalled, b must be passed over for c, as a new request passes it over.
+    with sims(tmp_path, SLOW, SLOW, SLOW) as (a, b, c):
+        nodes = [node(a.url, "a", weight=1000.0), node(b.url, "b", weight=1000.0), node(c.url, "c")]
+        async with router_for(tmp_path, nodes, health_check_interval=60) as r:
+            stalled = r.state.registry.get("b")
+            assert stalled is not None
+            # Requests sent to b that it never answered: what a hanging node holds (breaker.stalled).
+            for _ in range(stalled.breaker.failure_threshold + 1):
+                stalled.breaker.on_dispatch(time.monotonic())
+            assert stalled.breaker.stalled()
+            body = {"model": MODEL, "prompt": "The river flows", "max_tokens": 24, "temperature": 0, "stream": True}
+            serving: list[str] = []
+
+            def who_resumed(count: int) -> None:
+                if count == 16:  # a died at 6
+                    serving.extend(n for n in ("b", "c") if node_state(r, n)["in_flight"] == 1)
+
+            got, done, served = await raw_stream(r.url, "/v1/completions", body, 6, a, who_resumed)
+            assert served == "a" and done == 1 and all("error" not in ch for ch in got)
+            assert serving == ["c"]
             assert resumes(r) == {"resumed": 1.0}

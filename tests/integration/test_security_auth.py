@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from mvllm.common.prom import iter_samples
 from mvllm.router.app import running_router
 from mvllm.router.config import load_config
 from tests.integration.security_support import (
@@ -29,6 +27,7 @@ from tests.integration.security_support import (
     RecordingNode,
     auth_router,
     chat_body,
+    engine_requests,
     http_request,
     in_process_sims,
     key_entry,
@@ -38,27 +37,6 @@ from tests.integration.security_support import (
     write_keys,
 )
 from tests.support import node, wait_until_async, write_servers
-
-
-async def engine_hits(session: aiohttp.ClientSession, url: str, handler: str = "/v1/chat/completions") -> float:
-    """Requests the engine itself saw on `handler` (its own http_requests_total)."""
-    async with session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    return sum(s.value for s in iter_samples(text, ["http_requests_total"]) if s.labels.get("handler") == handler)
-
-
-@pytest.fixture
-async def oai() -> AsyncIterator[Callable[[str, str], AsyncOpenAI]]:
-    """Make openai clients (router url, key); all closed at the end of the test."""
-    made: list[AsyncOpenAI] = []
-
-    def make(router_url: str, key: str) -> AsyncOpenAI:
-        made.append(AsyncOpenAI(base_url=router_url + "/v1", api_key=key, max_retries=0, timeout=30))
-        return made[-1]
-
-    yield make
-    for c in made:
-        await c.close()
 
 
 async def test_a_wrong_or_missing_key_never_reaches_an_engine(tmp_path: Path, oai: Any) -> None:
@@ -97,7 +75,7 @@ async def test_a_wrong_or_missing_key_never_reaches_an_engine(tmp_path: Path, oa
         # A huge body without a key is refused before it is read.
         async with s.post(url, data=b"x" * (4 * 1024 * 1024), headers={"Content-Type": "application/json"}) as resp:
             assert resp.status == 401
-        assert await engine_hits(s, sim.url) == 0  # nothing above reached the engine
+        assert await engine_requests(s, sim.url, "/v1/chat/completions") == 0  # nothing above reached the engine
 
         # The accepted forms: Bearer (the SDK), bare Authorization, x-api-key.
         out = await oai(r.url, USER_KEY).chat.completions.create(model="sim-model", messages=MSG, max_tokens=2)
@@ -105,7 +83,7 @@ async def test_a_wrong_or_missing_key_never_reaches_an_engine(tmp_path: Path, oa
         for headers in ({"Authorization": USER_KEY}, {"x-api-key": USER_KEY}, {"authorization": f"bearer {USER_KEY}"}):
             async with s.post(url, json=body, headers=headers) as resp:
                 assert resp.status == 200, headers
-        assert await engine_hits(s, sim.url) == 4
+        assert await engine_requests(s, sim.url, "/v1/chat/completions") == 4
         # /health is open; the model list needs a key like the rest.
         async with s.get(r.url + "/health") as resp:
             assert resp.status == 200
@@ -173,7 +151,7 @@ async def test_user_key_cannot_call_admin_nor_a_model_outside_its_list(tmp_path:
             with pytest.raises(openai.PermissionDeniedError) as info:
                 await c.chat.completions.create(model=model, messages=MSG)
             assert info.value.body["code"] == "model_not_allowed"
-        assert await engine_hits(s, b.url) == 0
+        assert await engine_requests(s, b.url, "/v1/chat/completions") == 0
         assert (await c.chat.completions.create(model="alpha-1", messages=MSG, max_tokens=2)).choices
         # The model list shows a key only what it may use; the admin key sees all.
         assert [m.id for m in (await c.models.list()).data] == ["alpha-1"]

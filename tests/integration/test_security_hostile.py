@@ -16,7 +16,6 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from mvllm.common.prom import iter_samples
 from tests.integration.router_support import node_state
 from tests.integration.security_support import (
     MSG,
@@ -24,6 +23,7 @@ from tests.integration.security_support import (
     assert_openai_error,
     auth_router,
     chat_body,
+    engine_requests,
     http_request,
     in_process_sims,
     key_entry,
@@ -32,24 +32,11 @@ from tests.integration.security_support import (
     read_response,
     router_process,
     serve_app,
+    serves_normally,
 )
 from tests.support import node, wait_until_async, write_servers
 
 MIB = 1024 * 1024
-
-
-async def serves_normally(port: int, model: str = "sim-model", headers: dict[str, str] | None = None) -> None:
-    resp = await raw_request(port, http_request("POST", "/v1/chat/completions", chat_body(model), headers))
-    assert resp.status == 200, resp.body[:300]
-    assert resp.json()["choices"][0]["message"]["content"]
-
-
-async def engine_requests(session: aiohttp.ClientSession, url: str) -> float:
-    async with session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    return sum(
-        s.value for s in iter_samples(text, ["http_requests_total"]) if s.labels.get("handler") not in ("/metrics", "/health", "/v1/models")
-    )
 
 
 async def test_malformed_json_wrong_types_missing_and_unknown_model(tmp_path: Path) -> None:

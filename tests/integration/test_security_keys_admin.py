@@ -12,13 +12,11 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
-import pytest
 from openai import AsyncOpenAI
 
 from mvllm.router.access.keys import hash_key
@@ -53,19 +51,6 @@ def keys_config(**over: dict[str, Any]) -> list[dict[str, Any]]:
     for name, fields in over.items():
         entries[name] = {**entries[name], **fields}
     return list(entries.values())
-
-
-@pytest.fixture
-async def oai() -> AsyncIterator[Callable[[str, str], AsyncOpenAI]]:
-    made: list[AsyncOpenAI] = []
-
-    def make(router_url: str, key: str) -> AsyncOpenAI:
-        made.append(AsyncOpenAI(base_url=router_url + "/v1", api_key=key, max_retries=0, timeout=30))
-        return made[-1]
-
-    yield make
-    for c in made:
-        await c.close()
 
 
 async def chat(c: AsyncOpenAI) -> Any:

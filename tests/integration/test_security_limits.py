@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +28,6 @@ from tests.integration.security_support import (
 from tests.support import node, wait_until_async
 
 THIRD_KEY = "sk-test-third-0123456789abcdef"
-
-
-@pytest.fixture
-async def oai() -> AsyncIterator[Callable[[str, str], AsyncOpenAI]]:
-    made: list[AsyncOpenAI] = []
-
-    def make(router_url: str, key: str = "unused") -> AsyncOpenAI:
-        made.append(AsyncOpenAI(base_url=router_url + "/v1", api_key=key, max_retries=0, timeout=30))
-        return made[-1]
-
-    yield make
-    for c in made:
-        await c.close()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

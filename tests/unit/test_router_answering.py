@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mvllm.router.breaker import Breaker
-from mvllm.router.proxy import answering
+from mvllm.router.routing import answering
 
 
 @dataclass

@@ -1,16 +1,19 @@
 """Errors of the admin API: a handler raises `AdminError` where it can explain the problem, and
-`handler` (wrapped around every admin route by admin.register) renders it in OpenAI form."""
+`handler` (wrapped around every admin route by admin.register) renders it in OpenAI form;
+`non_negative_param` reads a query parameter that must be a number >= 0."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 from aiohttp import web
 
 from mvllm.common.errors import error_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Num = TypeVar("Num", int, float)
 
 
 class AdminError(Exception):
@@ -47,3 +50,20 @@ def handler(fn: Handler) -> Handler:
             return exc.response()
 
     return wrapped
+
+
+def non_negative_param(
+    request: web.Request, name: str, parse: Callable[[str], Num], message: str, default: Num | None = None
+) -> Num | None:
+    """Query parameter `name` read by `parse` (`default` when absent or empty); a value that does
+    not parse or is negative is a 400 whose message is `message` formatted with `name` and `raw`."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = parse("-1")
+    if value < 0:
+        raise AdminError(400, message.format(name=name, raw=raw), code="invalid_parameter")
+    return value

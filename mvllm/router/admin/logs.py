@@ -22,7 +22,7 @@ from mvllm.common.logfiles import file_entries, remove_older_than, rotated_files
 from mvllm.common.state import STOPPED
 from mvllm.common.tasks import background_task
 from mvllm.router.admin.agent_calls import call, model_routes
-from mvllm.router.admin.errors import AdminError
+from mvllm.router.admin.errors import AdminError, non_negative_param
 from mvllm.router.appkeys import STATE_KEY
 from mvllm.router.fleet.agent_client import call_agent, describe
 from mvllm.router.fleet.agents import AgentNode, AgentRoute
@@ -84,19 +84,6 @@ async def _agent_json(state: RouterState, agent: AgentNode, method: str, path: s
     return doc if isinstance(doc, dict) else {"error": "the agent's answer is not a JSON object"}
 
 
-def _days(request: web.Request) -> float | None:
-    raw = request.query.get("days")
-    if raw is None or raw == "":
-        return None
-    try:
-        days = float(raw)
-    except ValueError:
-        days = -1.0
-    if days < 0:
-        raise AdminError(400, f"days must be a number >= 0, got {raw!r}", code="invalid_parameter")
-    return days
-
-
 # -- handlers ---------------------------------------------------------------------------------------------
 
 
@@ -120,7 +107,7 @@ async def logs_stats(request: web.Request) -> web.Response:
 
 async def logs_cleanup(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    days = _days(request)
+    days = non_negative_param(request, "days", float, "days must be a number >= 0, got {raw!r}")
     own_days = days if days is not None else state.config.log.retention_days
     if own_days is None:
         router: dict[str, Any] = {"skipped": "no ?days=N and no [router] log_retention_days"}

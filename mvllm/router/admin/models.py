@@ -22,7 +22,7 @@ from mvllm.router.autoscale import REPLICA_STATES
 from mvllm.router.cluster import CLUSTER_KEY
 from mvllm.router.fleet import replicas
 from mvllm.router.fleet.agents import AgentRoute
-from mvllm.router.policy import choose_tiered
+from mvllm.router.routing import next_route
 from mvllm.router.state import RouterState
 
 log = logging.getLogger("mvllm.router.admin")
@@ -40,7 +40,9 @@ def _choose(state: RouterState, action: str, model: str, routes: list[AgentRoute
     """Which agent acts when the request names none (load and wake as a request for the model would)."""
     now = time.monotonic()
     if action == "load":
-        chosen = choose_tiered(state.policy, [r for r in routes if r.routable(now)], model)
+        # The proxy's choice for a request of the model (no prompt: no prefix affinity, nothing indexed).
+        picked = next_route(state.policy, state.prefix_index, routes, (), model, None, now)
+        chosen = None if picked is None else picked[0]
         if chosen is None:
             # Failed wherever it could go: an operator's load is the retry a failed model waits for
             # (the agent starts it afresh), on any agent that is up, without --node.

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mvllm.router.admin.errors import AdminError
+from mvllm.router.admin.errors import AdminError, non_negative_param
 from mvllm.router.appkeys import CONFIG_PATH_KEY, STATE_KEY
 from mvllm.router.cluster import CLUSTER_KEY, add_cluster_view
 from mvllm.router.cluster_store import ClusterUnavailable
@@ -32,6 +32,7 @@ log = logging.getLogger("mvllm.router.admin")
 # Events kept for /admin/events: enough for a screen of log lines and the errors of the last minutes.
 EVENTS_KEPT = 1000
 _EVENTS_LOGGER = "mvllm"
+_COUNT_MESSAGE = "query parameter {name!r} must be a non-negative integer, got {raw!r}"
 
 
 class EventLog(logging.Handler):
@@ -192,23 +193,10 @@ async def reload(request: web.Request) -> web.Response:
     )
 
 
-def _int_param(request: web.Request, name: str, default: int | None) -> int | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise AdminError(400, f"query parameter {name!r} must be a non-negative integer, got {raw!r}", code="invalid_parameter")
-    return value
-
-
 async def get_events(request: web.Request) -> web.Response:
     events = request.app[EVENTS_KEY]
-    since = _int_param(request, "since", 0)
-    limit = _int_param(request, "limit", None)
+    since = non_negative_param(request, "since", int, _COUNT_MESSAGE, 0)
+    limit = non_negative_param(request, "limit", int, _COUNT_MESSAGE)
     assert since is not None
     if request.query.get("scope") == "cluster":
         return await _cluster_events(request, limit)
