@@ -154,6 +154,8 @@ class AgentConfig:
     warm_launcher: bool | None = None
     # vLLM's cache root (torch.compile and CUDA-graph caches) per catalog model: ENGINE_CACHE_DIR/NAME.
     engine_cache_dir: Path | None = None
+    # Where the agent keeps what it measured (load timings) across restarts; None: memory only.
+    state_dir: Path | None = None
 
     @property
     def warm_launcher_on(self) -> bool:
@@ -362,6 +364,12 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
         kw["engine_cache_dir"] = cache_path if cache_path.is_absolute() else base / cache_path
     elif os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory= (deploy/mvllm-agent.service)
         kw["engine_cache_dir"] = Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "engine-cache"
+    state_dir = root.str("state_dir")
+    if state_dir:
+        state_path = Path(state_dir).expanduser()
+        kw["state_dir"] = state_path if state_path.is_absolute() else base / state_path
+    elif os.environ.get("STATE_DIRECTORY"):
+        kw["state_dir"] = Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     kw["log"] = parse_log_keys(root, base)
     kw["engine_log_max_bytes"] = root.int("engine_log_max_bytes", d.engine_log_max_bytes, min=1024) or 1024
     kw["engine_log_backups"] = root.int("engine_log_backups", d.engine_log_backups, min=0, max=100) or 0

@@ -46,6 +46,7 @@ from mvllm.agent.launcher import Launcher, PlainLauncher
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.process import EngineContext, EngineProcess
 from mvllm.agent.states import IDLE_SLEEP, idle_action
+from mvllm.agent.timings import TimingStore
 from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, StaleEngine
 
 log = logging.getLogger("mvllm.agent")
@@ -73,9 +74,11 @@ class Supervisor:
         self.agent_id = agent_id
         self.started_at = time.time()
         self.host = socket.gethostname()
+        self.timings = TimingStore(cfg.state_dir)
         self.ctx = EngineContext(
-            cfg, launcher or PlainLauncher(), EngineClient(session), metrics, agent_id, self.refresh_gpus, self._gpu_pids_of
-        )
+            cfg, launcher or PlainLauncher(), EngineClient(session), metrics, agent_id, self.refresh_gpus, self._gpu_pids_of,
+            self.timings,
+        )  # fmt: skip
         self.instances: dict[str, EngineProcess] = {name: EngineProcess(spec, self.ctx) for name, spec in cfg.models.items()}
         self.sample = GpuSample()
         self.stale: list[StaleEngine] = []
@@ -142,6 +145,7 @@ class Supervisor:
         elif found:
             log.warning("%d stale engine process(es) left alone; start with --reap-stale to stop them", len(found))
         self.stale = [StaleEngine(s.pid, s.cmdline, s.instance, reap) for s in found]
+        await asyncio.to_thread(self.timings.load)
         await self.refresh_gpus()
         for inst in self.instances.values():
             if inst.spec.preload:
