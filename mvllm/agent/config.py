@@ -44,6 +44,10 @@ class ModelSpec:
     idle_timeout: float | None = None  # seconds since last use before sleeping; None = never
     sleep_level_on_idle: int = 1  # 1, 2, or 0 = stop instead of sleeping
     unload_timeout: float | None = None  # seconds since last use before stopping; None = never
+    # At unload_timeout, with memory to spare, sleep at level 2 instead of stopping (the next request
+    # is a wake, not a cold start); stopped when memory is needed, or after stop_idle_timeout.
+    sleep_on_unload: bool = True
+    stop_idle_timeout: float | None = 86400.0
     pinned: bool = False  # never slept, stopped or evicted by the agent on its own
     preload: bool = False  # started when the agent starts
     lora_adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> path
@@ -268,6 +272,8 @@ def _model(sec: Section, name: str, defaults: dict[str, Any], base: Path) -> Mod
         idle_timeout=_duration(sec, "idle_timeout", defaults["idle_timeout"]),
         sleep_level_on_idle=sleep_level,
         unload_timeout=_duration(sec, "unload_timeout", defaults["unload_timeout"]),
+        sleep_on_unload=sec.bool("sleep_on_unload", defaults["sleep_on_unload"]),
+        stop_idle_timeout=_duration(sec, "stop_idle_timeout", defaults["stop_idle_timeout"]),
         pinned=sec.bool("pinned", False),
         preload=sec.bool("preload", False),
         lora_adapters=loras,
@@ -378,6 +384,8 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
         "idle_timeout": root.float("idle_timeout", 600.0, min=0),
         "unload_timeout": root.float("unload_timeout", 3600.0, min=0),
         "sleep_level_on_idle": root.choice("sleep_level_on_idle", 1, (0, 1, 2)),
+        "sleep_on_unload": root.bool("sleep_on_unload", True),
+        "stop_idle_timeout": root.float("stop_idle_timeout", 86400.0, min=0),
     }
     sim_gpus: list[SimGpuSpec] = []
     sims = root.raw("sim_gpus", [])

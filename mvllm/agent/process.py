@@ -142,6 +142,7 @@ class EngineProcess:
         self.room_wait: tuple[str, ...] = ()  # busy models its load or wake waits for, to evict them once idle
         self._tail_task: asyncio.Task | None = None
         self.under_way: LoadUnderWay | None = None  # the cold start or wake running now
+        self.parked = False  # put at its deepest sleep at unload_timeout since its last use (sleep_on_unload)
 
     # ----------------------------------------------------------------- reading
 
@@ -244,6 +245,7 @@ class EngineProcess:
             self.idle.set()
 
     def touch(self) -> None:
+        self.parked = False
         self.last_used = time.monotonic()
         self.last_used_wall = time.time()
 

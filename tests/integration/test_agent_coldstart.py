@@ -84,3 +84,29 @@ def test_phases_timings_and_retry_after_from_the_last_cold_start(tmp_path):
         assert t2 == t, (t2, t)
     finally:
         agent.stop()
+
+
+def test_unload_timeout_sleeps_at_level_2_with_room_then_stop_idle_timeout_stops(tmp_path):
+    catalog = model(
+        "deep",
+        "idle_timeout = 0.4\nunload_timeout = 1.0\nstop_idle_timeout = 2.2\nsleep_level_on_idle = 1",
+    )
+    agent = Agent(tmp_path, catalog, sim_gpus=(24,))
+    agent.start()
+    try:
+        assert agent.chat("deep")
+        pid = agent.inst("deep")["pid"]
+        t0 = time.monotonic()
+        wait_until(lambda: agent.inst("deep")["sleep_level"] == 1, 5, "asleep at level 1 after idle_timeout")
+        # unload_timeout with the GPU to spare: level 2 (through a wake: vLLM sleeps only an awake
+        # engine), the same engine, not stopped.
+        deep = wait_until(lambda: (i := agent.inst("deep"))["sleep_level"] == 2 and i, 5, "level 2 at unload_timeout")
+        assert deep["state"] == "sleeping" and deep["pid"] == pid and deep["loads"] == 1
+        assert time.monotonic() - t0 < 2.2
+        _code, raw = agent.api("GET", "/metrics")
+        assert 'mvllm_agent_sleeps_total{level="2",model="deep",reason="unload"} 1.0' in raw.decode()
+        # Idle timers count from the last request: the deepening wake did not reset them.
+        wait_until(lambda: agent.inst("deep")["state"] == "stopped", 5, "stopped at stop_idle_timeout")
+        assert 2.0 <= time.monotonic() - t0 <= 5.0
+    finally:
+        agent.stop()
