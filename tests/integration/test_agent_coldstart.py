@@ -64,7 +64,7 @@ def test_phases_timings_and_retry_after_from_the_last_cold_start(tmp_path):
         assert agent.api("POST", "/models/cs/unload")[0] == 200
         code, headers, raw = chat(agent)
         assert code == 503, raw
-        assert 1 <= int(headers["Retry-After"]) <= 3, headers
+        assert 1 <= int(headers["Retry-After"]) <= 4, headers
         wait_until(lambda: agent.inst("cs")["state"] == "ready", 10, "second cold start")
 
         # Wakes from each level are measured too.
