@@ -445,7 +445,10 @@ def model_from_table(
     catalog checks run with it in place of the entry of that name among `models` (the catalog at
     run time; default: the file's) (for changes at run time)."""
     base = Path(cfg.path).resolve().parent if cfg.path else Path.cwd()
-    defaults = {"idle_timeout": 600.0, "unload_timeout": 3600.0, "sleep_level_on_idle": 1}
+    defaults = {
+        "idle_timeout": 600.0, "unload_timeout": 3600.0, "sleep_level_on_idle": 1,
+        "sleep_on_unload": True, "stop_idle_timeout": 86400.0,
+    }  # fmt: skip
     spec = _model(Section(table, cfg.path, f"models.{name}"), name, defaults, base)
     others = cfg.models if models is None else models
     trial = AgentConfig(
