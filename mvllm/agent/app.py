@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mvllm.agent import engine_info, engine_metrics, enginelogs, procs, report, runtime_api
 from mvllm.agent.appkeys import CONFIG, GATEKEEPER, METRICS, REAP_STALE, SUPERVISOR
 from mvllm.agent.config import AgentConfig
-from mvllm.agent.errors import BadRequest
+from mvllm.agent.errors import BadRequest, Busy
 from mvllm.agent.gpu import GpuBackend, NvmlBackend, SimBackend
 from mvllm.agent.http_helpers import Handler, api, json_body, wants_wait
 from mvllm.agent.metrics import AgentMetrics
@@ -153,7 +153,13 @@ async def model_sleep(request: web.Request) -> web.Response:
 async def model_wake(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     sup = request.app[SUPERVISOR]
-    await asyncio.wait_for(sup.wake(name), request.app[CONFIG].load_timeout)
+    try:
+        await asyncio.wait_for(sup.wake(name), request.app[CONFIG].load_timeout)
+    except asyncio.TimeoutError:
+        raise Busy.waiting_on_load(
+            f"model {name} is not awake after {request.app[CONFIG].load_timeout:g} s; see GET /state",
+            sup.get(name).predicted_wait_s(),
+        ) from None
     return _instance_json(request, name)
 
 

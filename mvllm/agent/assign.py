@@ -62,6 +62,8 @@ def spec_table(spec: ModelSpec) -> dict[str, Any]:
         "idle_timeout": spec.idle_timeout or 0,
         "sleep_level_on_idle": spec.sleep_level_on_idle,
         "unload_timeout": spec.unload_timeout or 0,
+        "sleep_on_unload": spec.sleep_on_unload,
+        "stop_idle_timeout": spec.stop_idle_timeout or 0,
         "pinned": spec.pinned,
         "preload": spec.preload,
         "max_loras": spec.max_loras,

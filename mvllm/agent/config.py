@@ -44,6 +44,10 @@ class ModelSpec:
     idle_timeout: float | None = None  # seconds since last use before sleeping; None = never
     sleep_level_on_idle: int = 1  # 1, 2, or 0 = stop instead of sleeping
     unload_timeout: float | None = None  # seconds since last use before stopping; None = never
+    # At unload_timeout, with memory to spare, sleep at level 2 instead of stopping (the next request
+    # is a wake, not a cold start); stopped when memory is needed, or after stop_idle_timeout.
+    sleep_on_unload: bool = True
+    stop_idle_timeout: float | None = 86400.0
     pinned: bool = False  # never slept, stopped or evicted by the agent on its own
     preload: bool = False  # started when the agent starts
     lora_adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> path
@@ -154,6 +158,8 @@ class AgentConfig:
     warm_launcher: bool | None = None
     # vLLM's cache root (torch.compile and CUDA-graph caches) per catalog model: ENGINE_CACHE_DIR/NAME.
     engine_cache_dir: Path | None = None
+    # Where the agent keeps what it measured (load timings) across restarts; None: memory only.
+    state_dir: Path | None = None
 
     @property
     def warm_launcher_on(self) -> bool:
@@ -266,6 +272,8 @@ def _model(sec: Section, name: str, defaults: dict[str, Any], base: Path) -> Mod
         idle_timeout=_duration(sec, "idle_timeout", defaults["idle_timeout"]),
         sleep_level_on_idle=sleep_level,
         unload_timeout=_duration(sec, "unload_timeout", defaults["unload_timeout"]),
+        sleep_on_unload=sec.bool("sleep_on_unload", defaults["sleep_on_unload"]),
+        stop_idle_timeout=_duration(sec, "stop_idle_timeout", defaults["stop_idle_timeout"]),
         pinned=sec.bool("pinned", False),
         preload=sec.bool("preload", False),
         lora_adapters=loras,
@@ -362,6 +370,12 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
         kw["engine_cache_dir"] = cache_path if cache_path.is_absolute() else base / cache_path
     elif os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory= (deploy/mvllm-agent.service)
         kw["engine_cache_dir"] = Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "engine-cache"
+    state_dir = root.str("state_dir")
+    if state_dir:
+        state_path = Path(state_dir).expanduser()
+        kw["state_dir"] = state_path if state_path.is_absolute() else base / state_path
+    elif os.environ.get("STATE_DIRECTORY"):
+        kw["state_dir"] = Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     kw["log"] = parse_log_keys(root, base)
     kw["engine_log_max_bytes"] = root.int("engine_log_max_bytes", d.engine_log_max_bytes, min=1024) or 1024
     kw["engine_log_backups"] = root.int("engine_log_backups", d.engine_log_backups, min=0, max=100) or 0
@@ -370,6 +384,8 @@ def parse_config(data: dict[str, Any], path: str | Path | None = None) -> AgentC
         "idle_timeout": root.float("idle_timeout", 600.0, min=0),
         "unload_timeout": root.float("unload_timeout", 3600.0, min=0),
         "sleep_level_on_idle": root.choice("sleep_level_on_idle", 1, (0, 1, 2)),
+        "sleep_on_unload": root.bool("sleep_on_unload", True),
+        "stop_idle_timeout": root.float("stop_idle_timeout", 86400.0, min=0),
     }
     sim_gpus: list[SimGpuSpec] = []
     sims = root.raw("sim_gpus", [])
@@ -429,7 +445,10 @@ def model_from_table(
     catalog checks run with it in place of the entry of that name among `models` (the catalog at
     run time; default: the file's) (for changes at run time)."""
     base = Path(cfg.path).resolve().parent if cfg.path else Path.cwd()
-    defaults = {"idle_timeout": 600.0, "unload_timeout": 3600.0, "sleep_level_on_idle": 1}
+    defaults = {
+        "idle_timeout": 600.0, "unload_timeout": 3600.0, "sleep_level_on_idle": 1,
+        "sleep_on_unload": True, "stop_idle_timeout": 86400.0,
+    }  # fmt: skip
     spec = _model(Section(table, cfg.path, f"models.{name}"), name, defaults, base)
     others = cfg.models if models is None else models
     trial = AgentConfig(

@@ -33,6 +33,29 @@ def read_log_tail(path: Path, lines: int) -> list[str]:
     return data.decode(errors="replace").splitlines()[-lines:]
 
 
+def read_log_from(path: Path, offset: int, limit: int = 256 * 1024) -> tuple[bytes, int]:
+    """What an engine log holds after `offset` (at most `limit` bytes) and the offset after it;
+    from the start again when the file is shorter (rotated). Blocking: use a thread."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < offset:
+                offset = 0
+            f.seek(offset)
+            data = f.read(limit)
+    except OSError:
+        return b"", offset
+    return data, offset + len(data)
+
+
+def log_size(path: Path) -> int:
+    """The size of an engine log now, 0 when there is none (blocking: use a thread)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 class EngineClient:
     """vLLM's HTTP endpoints as the agent uses them, over the agent's pooled session. `name` is the
     catalog name (for messages), `url` the engine's base URL."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mvllm.agent.loadphase import retry_after_s
+
 
 class AgentError(Exception):
     status = 500
@@ -56,6 +58,14 @@ class Busy(AgentError):
 
     status = 503
     retry_after = 5.0
+
+    @classmethod
+    def waiting_on_load(cls, message: str, remaining_s: float | None) -> Busy:
+        """A request that waited on a load or wake: Retry-After from the time it should still take
+        (mvllm.agent.loadphase.retry_after_s), the default without a prediction."""
+        err = cls(message)
+        err.retry_after = float(retry_after_s(remaining_s, cls.retry_after))
+        return err
 
 
 class EngineError(AgentError):

@@ -51,6 +51,8 @@ def residents(engines: Iterable[EngineProcess], gpus: dict[int, placement.Gpu]) 
             pinned=i.spec.pinned,
             sleep_level_on_idle=i.spec.sleep_level_on_idle,
             lora_enabled=i.spec.lora_enabled,
+            wake_s=i.timings.wake_s(i.life.sleep_level if i.state == SLEEPING else i.spec.effective_sleep_level_on_idle),
+            cold_s=i.timings.cold_start_s,
         )
         for i in engines
         if i.has_process
@@ -75,6 +77,7 @@ def plan_for(
     reserve_bytes: int,
     *,
     include_in_flight: bool = False,
+    now: float | None = None,
 ) -> placement.Plan:
     """How `inst` fits among `engines` (every engine of the agent), with what evicted if it does not."""
     gpus = gpu_map(sample)
@@ -90,6 +93,7 @@ def plan_for(
         reserve_bytes,
         pending(engines, gpus, inst.name),
         include_in_flight=include_in_flight,
+        now=now,
     )
 
 

@@ -25,6 +25,7 @@ class ProcessHandle:
     """One engine process, the leader of its own session (vLLM's engine core and workers join it)."""
 
     popen: subprocess.Popen
+    warm: bool = False  # handed to the warm launcher's standby (imports done ahead)
 
     @property
     def pid(self) -> int:

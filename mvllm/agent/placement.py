@@ -7,7 +7,9 @@ engines still starting will take but do not hold yet (their budget minus what th
 A model with budget `need(d)` on each of its devices fits when `headroom(d) ≥ need(d)` for each.
 
 Eviction (when it does not fit): candidates are the instances that hold memory on a short GPU,
-are unpinned, have no request in flight and no operation under way; least recently used first.
+are unpinned, have no request in flight and no operation under way; the cheapest to lose first
+(`eviction_key`: what bringing it back would cost, from measured wake and cold-start times, per
+second it has been idle; with no measures, or costs alike, that is least recently used first).
   pass 1 — awake candidates are put to sleep at their `sleep_level_on_idle` (stopped if it is 0;
            level 1 instead of 2 for a LoRA engine, see `effective_sleep_level`);
            a sleep is expected to free all but `sleep_residual` of what they hold;
@@ -21,6 +23,11 @@ Fair switches (`switch_step`): a load that waits for busy models in its way wait
 `max_switch_wait` seconds for one of them to go idle; then it drains them (no new requests on this
 agent, those in flight finish) and evicts each once idle. No request in flight is ever cut.
 
+Sleep before stop (`unload_step`): at unload_timeout, a model the GPU has room for is put at the
+deepest sleep it survives (level 2, 1 for LoRA) instead of being stopped, so its next request is a
+wake, not a cold start; it is stopped when a waiting load needs the memory (or by eviction, or
+after stop_idle_timeout).
+
 Launch fraction (VLLM.md §1.5): vLLM refuses to start when free < total × utilization, so a
 co-located engine gets `min(need, free − reserve) / total`, floored to 0.001.
 """
@@ -29,9 +36,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from mvllm.common.state import READY, SLEEPING
+from mvllm.common.state import READY, SLEEPING, STOPPED
 
 GIB = 1024**3
 DEFAULT_UTILIZATION = 0.9  # a model given neither a budget nor a fraction (vLLM's own default is 0.92)
@@ -39,6 +46,12 @@ SLEEP_RESIDUAL = GIB  # what a sleeping engine keeps per GPU (CUDA context; ~960
 
 ACTION_SLEEP = "sleep"
 ACTION_STOP = "stop"
+
+# Costs of bringing an evicted model back, when nothing was measured (seconds).
+DEFAULT_WAKE_S = 1.0
+DEFAULT_COLD_S = 60.0
+# Costs below this are alike to a user: between them, recency alone decides.
+COST_FLOOR_S = 1.0
 
 
 def max_sleep_level(lora_enabled: bool) -> int:
@@ -72,6 +85,23 @@ class Resident:
     pinned: bool = False
     sleep_level_on_idle: int = 1
     lora_enabled: bool = False  # caps its sleep at level 1
+    wake_s: float | None = None  # measured wake from the level it sleeps (or would sleep) at
+    cold_s: float | None = None  # measured cold start
+
+
+def eviction_key(r: Resident, action: str, now: float | None) -> tuple[float, float]:
+    """Order of eviction candidates, lowest first: the seconds that bringing `r` back would cost
+    after `action` (a sleep: its wake; a stop: its cold start less the wake it would have had),
+    floored at COST_FLOOR_S, per second it has been idle. Ties (and `now` None): least recently used."""
+    if now is None:
+        return (0.0, r.last_used)
+    wake = r.wake_s if r.wake_s is not None else DEFAULT_WAKE_S
+    if action == ACTION_SLEEP:
+        cost = wake
+    else:
+        cold = r.cold_s if r.cold_s is not None else DEFAULT_COLD_S
+        cost = cold - wake if r.state == SLEEPING else cold
+    return (max(cost, COST_FLOOR_S) / max(now - r.last_used, 1e-3), r.last_used)
 
 
 @dataclass(frozen=True)
@@ -146,6 +176,7 @@ def plan(
     pending: Mapping[int, int] | None = None,
     sleep_residual: int = SLEEP_RESIDUAL,
     include_in_flight: bool = False,
+    now: float | None = None,
 ) -> Plan:
     """Whether `target` fits with `need` more bytes per GPU, and if not, what to evict (see module doc)."""
     short = shortfall(need, gpus, reserve, pending)
@@ -158,7 +189,7 @@ def plan(
             for r in residents
             if _evictable(r, target, include_in_flight) and any(r.memory.get(d, 0) > 0 for d in short)
         ),
-        key=lambda r: r.last_used,
+        key=lambda r: eviction_key(r, ACTION_SLEEP if r.state == READY and r.sleep_level_on_idle else ACTION_STOP, now),
     )
     steps: list[Step] = []
     slept: list[Resident] = []
@@ -184,7 +215,8 @@ def plan(
     if missing:
         # Pass 2: stop sleeping ones, least recently used first; those slept above free their residual.
         residual_of = {r.name: {d: min(m, sleep_residual) for d, m in r.memory.items()} for r in slept}
-        for r in sorted([*slept, *(c for c in cands if c.state == SLEEPING)], key=lambda r: r.last_used):
+        asleep = [*(replace(r, state=SLEEPING) for r in slept), *(c for c in cands if c.state == SLEEPING)]
+        for r in sorted(asleep, key=lambda r: eviction_key(r, ACTION_STOP, now)):
             if not missing:
                 break
             if not any(d in missing for d in r.memory):
@@ -195,6 +227,27 @@ def plan(
         stopped = {s.name for s in steps if s.action == ACTION_STOP}
         steps = [s for s in steps if not (s.action == ACTION_SLEEP and s.name in stopped)]
     return Plan(fits=False, feasible=not missing, steps=steps, short=short)
+
+
+UNLOAD_STOP = "stop"  # stop the engine, as without sleep_on_unload
+UNLOAD_SLEEP = "sleep"  # awake: sleep at the deepest level it survives
+UNLOAD_DEEPEN = "deepen"  # asleep at level 1: wake it, then sleep at level 2
+UNLOAD_KEEP = "keep"  # asleep as deep as it goes (or no room to deepen): leave it
+
+
+def unload_step(*, state: str, sleep_level: int, lora_enabled: bool, memory_wanted: bool, wake_fits: bool) -> str:
+    """What unload_timeout does to an idle model with sleep_on_unload (see the module doc).
+
+    `memory_wanted`: a load waiting on one of its GPUs does not fit; `wake_fits`: waking it (to go
+    from level 1 to level 2: vLLM sleeps only an awake engine) fits now without evicting anyone."""
+    if memory_wanted or state not in (READY, SLEEPING):
+        return UNLOAD_STOP if state != STOPPED else UNLOAD_KEEP
+    deepest = max_sleep_level(lora_enabled)
+    if state == READY:
+        return UNLOAD_SLEEP
+    if sleep_level >= deepest or not wake_fits:
+        return UNLOAD_KEEP
+    return UNLOAD_DEEPEN
 
 
 @dataclass(frozen=True)

@@ -13,28 +13,32 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvllm.agent import lora_dir, placement
+from mvllm.agent import loadphase, lora_dir, placement
 from mvllm.agent.config import AgentConfig, ModelSpec
-from mvllm.agent.engine import EngineClient, read_log_tail
+from mvllm.agent.engine import EngineClient, log_size, read_log_from, read_log_tail
 from mvllm.agent.errors import BadRequest, Conflict, EngineError, EngineExited, LoadFailed
 from mvllm.agent.failcause import START_HEADER, failure_text, since_start
 from mvllm.agent.launch import launch_plan
 from mvllm.agent.launcher import Launcher, ProcessHandle
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.states import Lifecycle, RestartPolicy
-from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, STOPPING
+from mvllm.agent.timings import TimingStore
+from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, STOPPING, LoadProgress, LoadTimings
 
 log = logging.getLogger("mvllm.agent")
 
 _READY_POLL_S = 0.2
 _PORT_RACE_RETRIES = 3  # engine starts retried on another port after losing a bind race
 FAILED_TAIL_LINES = 40  # log lines kept in /state for a failed model
+_FOLLOW_S = 0.25  # how often a starting engine's log is read for its phase
+_LINE_END = re.compile(rb"[\r\n]")  # tqdm bars (CUDA graphs, safetensors) end their updates with \r
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class EngineContext:
     agent_id: str
     measure: Callable[[], Awaitable[object]]
     gpu_pids_held: Callable[[set[int]], Awaitable[set[int]]]
+    timings: TimingStore = field(default_factory=TimingStore)  # measured load and wake times per model
     seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))  # start order, for shutdown
 
 
@@ -73,6 +78,35 @@ class EngineHistory:
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)  # captured when it failed
     start_seq: int = 0  # order of starts, for stopping in reverse at shutdown
+
+
+@dataclass
+class LoadUnderWay:
+    """A cold start (its phases read from the engine's log) or a wake, while it runs."""
+
+    kind: str  # "cold" or "wake"
+    t0: float  # monotonic time of the spawn (or of the wake call)
+    wall0: float
+    tracker: loadphase.PhaseTracker = field(default_factory=loadphase.PhaseTracker)
+    warm: bool | None = None
+    level: int = 0  # wake: from this level
+
+    def report(self, timings: LoadTimings, now: float) -> LoadProgress:
+        """Where it stands `now` (monotonic), with the time it should still take."""
+        elapsed = max(0.0, now - self.t0)
+        if self.kind == "wake":
+            left = loadphase.wake_remaining_s(elapsed, timings.wake_s(self.level))
+            return LoadProgress("wake", loadphase.WAKING, self.wall0, self.wall0, elapsed, left, level=self.level)
+        t = self.tracker
+        since = t.since_phase(elapsed)
+        left = loadphase.remaining_s(t.phase, elapsed, since, last_start(timings))
+        return LoadProgress("cold", t.phase, self.wall0, self.wall0 + t.offsets.get(t.phase, 0.0), elapsed, left, self.warm)
+
+
+def last_start(timings: LoadTimings) -> loadphase.LastStart | None:
+    if timings.cold_start_s is None:
+        return None
+    return loadphase.LastStart(timings.cold_start_s, dict(timings.cold_start_phases))
 
 
 class EngineProcess:
@@ -107,6 +141,8 @@ class EngineProcess:
         self.retired = False  # an ad-hoc instance being removed: it never starts again
         self.room_wait: tuple[str, ...] = ()  # busy models its load or wake waits for, to evict them once idle
         self._tail_task: asyncio.Task | None = None
+        self.under_way: LoadUnderWay | None = None  # the cold start or wake running now
+        self.parked = False  # put at its deepest sleep at unload_timeout since its last use (sleep_on_unload)
 
     # ----------------------------------------------------------------- reading
 
@@ -149,6 +185,27 @@ class EngineProcess:
     def log_path(self) -> Path:
         return self.ctx.cfg.log_dir / f"{self.name}.log"
 
+    @property
+    def timings(self) -> LoadTimings:
+        return self.ctx.timings.get(self.name)
+
+    def load_progress(self) -> LoadProgress | None:
+        """The cold start or wake under way, for /state; None when none is."""
+        under = self.under_way
+        return under.report(self.timings, time.monotonic()) if under is not None else None
+
+    def predicted_wait_s(self) -> float | None:
+        """Seconds until it should be able to serve: what is left of the load or wake under way,
+        else what waking it (asleep) or a cold start would take by the last measures."""
+        under = self.under_way
+        if under is not None:
+            return under.report(self.timings, time.monotonic()).remaining_s
+        if self.state == READY:
+            return None
+        if self.state == SLEEPING:
+            return self.timings.wake_s(self.life.sleep_level)
+        return loadphase.remaining_s(loadphase.SPAWNED, 0.0, 0.0, last_start(self.timings))
+
     # -------------------------------------------------------------- operations
 
     def claim(self, op: str) -> None:
@@ -188,6 +245,7 @@ class EngineProcess:
             self.idle.set()
 
     def touch(self) -> None:
+        self.parked = False
         self.last_used = time.monotonic()
         self.last_used_wall = time.time()
 
@@ -259,7 +317,10 @@ class EngineProcess:
             self.port = free_port()
             plan = launch_plan(ctx.cfg, spec, self.port, utilization, gpu_total, ctx.agent_id, os.environ)
             header = f"\n{START_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: {' '.join(plan.argv)}\n"
+            offset = await asyncio.to_thread(log_size, self.log_path)
             self.handle = await ctx.launcher.launch(plan, self.log_path, header, ctx.cfg.log_dir)
+            under = self.under_way = LoadUnderWay("cold", time.monotonic(), time.time(), warm=self.handle.warm)
+            follow = asyncio.create_task(self._follow_log(under, offset))
             self.expect_exit = False
             self.utilization = utilization
             self.loras.clear()
@@ -269,6 +330,7 @@ class EngineProcess:
             log.info("%s: started pid %d on port %d (utilization %s)", spec.name, self.handle.pid, self.port, utilization)
             try:
                 await self._wait_ready()
+                await self._record_cold_start(under, follow)
             except EngineExited as exited:
                 await self.handle.kill_leftovers()
                 port = self.port
@@ -286,6 +348,9 @@ class EngineProcess:
                 ctx.metrics.loads.labels(spec.name, "failed").inc()
                 await self.stop(reason="start_failed")
                 raise
+            finally:
+                follow.cancel()
+                self.under_way = None
             break
         self.life.to(READY)
         self.history.ready_at = time.time()
@@ -299,6 +364,35 @@ class EngineProcess:
                 await self._load_lora(lname, lpath)
             except EngineError as exc:
                 log.error("%s: LoRA %s not loaded: %s", self.name, lname, exc)
+
+    async def _follow_log(self, under: LoadUnderWay, offset: int) -> None:
+        """Read what the engine writes to its log while it starts (in a thread, every _FOLLOW_S s)
+        and move `under`'s phase on (mvllm.agent.loadphase). Ends when cancelled."""
+        rest = b""
+        while True:
+            data, offset = await asyncio.to_thread(read_log_from, self.log_path, offset)
+            if data:
+                *lines, rest = _LINE_END.split(rest + data)
+                elapsed = time.monotonic() - under.t0
+                for line in lines:
+                    if line:
+                        under.tracker.feed(line.decode(errors="replace"), elapsed)
+                if len(rest) > 64 * 1024:
+                    rest = rest[-4096:]  # a line that never ends (a progress bar): only its end can matter
+            await asyncio.sleep(_FOLLOW_S)
+
+    async def _record_cold_start(self, under: LoadUnderWay, follow: asyncio.Task) -> None:
+        """Ready: the start's measures become the model's last cold start (saved in the state_dir)."""
+        total = time.monotonic() - under.t0
+        follow.cancel()
+        # What the engine wrote last (the ready lines) may not have been read yet: read it now.
+        under.tracker.offsets.setdefault(loadphase.READY, total)
+        t = self.timings
+        t.cold_start_s = round(total, 3)
+        t.cold_start_warm = under.warm
+        t.cold_start_at = time.time()
+        t.cold_start_phases = {p: round(v, 3) for p, v in under.tracker.offsets.items()}
+        await self.ctx.timings.save()
 
     async def _wait_ready(self) -> None:
         assert self.handle is not None and self.url is not None
@@ -461,10 +555,19 @@ class EngineProcess:
         assert self.url is not None
         level = self.life.sleep_level
         t0 = time.monotonic()
-        await self.ctx.client.wake(self.name, self.url, level)
+        self.under_way = LoadUnderWay("wake", t0, time.time(), level=level)
+        try:
+            await self.ctx.client.wake(self.name, self.url, level)
+        finally:
+            self.under_way = None
         self.life.to(READY)
         self.touch()
         dt = time.monotonic() - t0
+        if level == 1:
+            self.timings.wake_1_s = round(dt, 3)
+        else:
+            self.timings.wake_2_s = round(dt, 3)
+        await self.ctx.timings.save()
         self.ctx.metrics.wakes.labels(self.name, str(level)).inc()
         self.ctx.metrics.wake_seconds.labels(self.name, str(level)).observe(dt)
         await self.ctx.measure()

@@ -134,7 +134,9 @@ class Gatekeeper:
                     f"requests after {self.load_timeout:g} s (a busy model is never evicted); try again"
                 ) from None
             self.metrics.rejected.labels(inst.name, "load_timeout").inc()
-            raise Busy(f"model {inst.name} is still {inst.state} after {self.load_timeout:g} s; try again") from None
+            raise Busy.waiting_on_load(
+                f"model {inst.name} is still {inst.state} after {self.load_timeout:g} s; try again", inst.predicted_wait_s()
+            ) from None
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -185,7 +187,10 @@ class Gatekeeper:
                     log.warning("%s: %d: the engine did not come back after a crash: %s", inst.name, err.status, err.message)
                     return error_response(err.status, err.message, code=err.code, headers=_retry_after(err))
                 except asyncio.TimeoutError:
-                    err = Busy(f"the engine of {inst.name} crashed and is not back after {self.load_timeout:g} s; try again")
+                    err = Busy.waiting_on_load(
+                        f"the engine of {inst.name} crashed and is not back after {self.load_timeout:g} s; try again",
+                        inst.predicted_wait_s(),
+                    )
                     log.warning("%s: 503: %s", inst.name, err.message)
                     return error_response(err.status, err.message, code=err.code, headers=_retry_after(err))
                 self.metrics.relay_retries.labels(inst.name, "restart").inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from mvllm import __version__
 from mvllm.agent.process import EngineProcess
@@ -51,6 +52,8 @@ def instance_state(sup: Supervisor, inst: EngineProcess) -> InstanceState:
         log_tail=list(inst.history.log_tail) if inst.state == FAILED else [],
         adhoc=inst.spec.adhoc is not None,
         expires_at=inst.spec.adhoc.expires_at() if inst.spec.adhoc is not None else None,
+        load=inst.load_progress(),
+        timings=replace(inst.timings, cold_start_phases=dict(inst.timings.cold_start_phases)),
     )
 
 

@@ -78,6 +78,9 @@ class RestartPolicy:
 # What the idle timers ask for.
 IDLE_SLEEP = "sleep"
 IDLE_STOP = "stop"
+# unload_timeout with sleep_on_unload: sleep deep instead of stopping, when memory allows
+# (mvllm.agent.placement.unload_step decides how).
+IDLE_UNLOAD = "unload"
 
 
 def idle_action(
@@ -90,16 +93,26 @@ def idle_action(
     idle_timeout: float | None,
     unload_timeout: float | None,
     sleep_level_on_idle: int,
+    sleep_on_unload: bool = False,
+    stop_idle_timeout: float | None = None,
+    parked: bool = False,
 ) -> str | None:
-    """IDLE_SLEEP, IDLE_STOP or None for an instance idle for `idle_for` seconds since its last use.
+    """IDLE_SLEEP, IDLE_STOP, IDLE_UNLOAD or None for an instance idle for `idle_for` seconds since
+    its last use.
 
     `busy` is an operation in progress on it (load, wake, sleep). Timers count from the last use,
-    so `unload_timeout` is the total idle time before stopping, sleeping included.
+    so `unload_timeout` is the total idle time before stopping, sleeping included. With
+    `sleep_on_unload`, unload_timeout asks for IDLE_UNLOAD once (`parked`: it was done since the
+    last use), and `stop_idle_timeout` (counted like unload_timeout, and only with it) stops it.
     """
     if pinned or busy or in_flight > 0 or state not in (READY, SLEEPING):
         return None
     if unload_timeout is not None and idle_for >= unload_timeout:
-        return IDLE_STOP
+        if not sleep_on_unload or (stop_idle_timeout is not None and idle_for >= stop_idle_timeout):
+            return IDLE_STOP
+        if not parked:
+            return IDLE_UNLOAD
+        return None
     if state == READY and idle_timeout is not None and idle_for >= idle_timeout:
         return IDLE_STOP if sleep_level_on_idle == 0 else IDLE_SLEEP
     return None

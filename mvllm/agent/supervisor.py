@@ -45,7 +45,8 @@ from mvllm.agent.gpu import EngineRef, GpuBackend, GpuSample
 from mvllm.agent.launcher import Launcher, PlainLauncher
 from mvllm.agent.metrics import AgentMetrics
 from mvllm.agent.process import EngineContext, EngineProcess
-from mvllm.agent.states import IDLE_SLEEP, idle_action
+from mvllm.agent.states import IDLE_SLEEP, IDLE_UNLOAD, idle_action
+from mvllm.agent.timings import TimingStore
 from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, StaleEngine
 
 log = logging.getLogger("mvllm.agent")
@@ -73,9 +74,11 @@ class Supervisor:
         self.agent_id = agent_id
         self.started_at = time.time()
         self.host = socket.gethostname()
+        self.timings = TimingStore(cfg.state_dir)
         self.ctx = EngineContext(
-            cfg, launcher or PlainLauncher(), EngineClient(session), metrics, agent_id, self.refresh_gpus, self._gpu_pids_of
-        )
+            cfg, launcher or PlainLauncher(), EngineClient(session), metrics, agent_id, self.refresh_gpus, self._gpu_pids_of,
+            self.timings,
+        )  # fmt: skip
         self.instances: dict[str, EngineProcess] = {name: EngineProcess(spec, self.ctx) for name, spec in cfg.models.items()}
         self.sample = GpuSample()
         self.stale: list[StaleEngine] = []
@@ -142,6 +145,7 @@ class Supervisor:
         elif found:
             log.warning("%d stale engine process(es) left alone; start with --reap-stale to stop them", len(found))
         self.stale = [StaleEngine(s.pid, s.cmdline, s.instance, reap) for s in found]
+        await asyncio.to_thread(self.timings.load)
         await self.refresh_gpus()
         for inst in self.instances.values():
             if inst.spec.preload:
@@ -205,7 +209,17 @@ class Supervisor:
 
     def plan_for(self, inst: EngineProcess, *, include_in_flight: bool = False) -> placement.Plan:
         engines = list(self.instances.values())
-        return gpu_view.plan_for(inst, engines, self.sample, self.cfg.reserve_bytes, include_in_flight=include_in_flight)
+        return gpu_view.plan_for(
+            inst, engines, self.sample, self.cfg.reserve_bytes, include_in_flight=include_in_flight, now=time.monotonic()
+        )
+
+    def memory_wanted(self, inst: EngineProcess) -> bool:
+        """A request waits for another model on one of `inst`'s GPUs that does not fit now."""
+        devs = set(inst.spec.devices)
+        return any(
+            o is not inst and o.queued > 0 and o.state != READY and devs & set(o.spec.devices) and not self.plan_for(o).fits
+            for o in self.instances.values()
+        )
 
     # ------------------------------------------------------------------ locks
 
@@ -510,12 +524,15 @@ class Supervisor:
                 idle_timeout=spec.idle_timeout,
                 unload_timeout=spec.unload_timeout,
                 sleep_level_on_idle=spec.sleep_level_on_idle,
+                sleep_on_unload=spec.sleep_on_unload,
+                stop_idle_timeout=spec.stop_idle_timeout,
+                parked=inst.parked,
             )
             # Never wait behind a start on the same GPU (the model could not serve meanwhile):
             # try again on the next tick.
             if action is None or not self._locks_free(inst):
                 continue
-            inst.claim("sleep" if action == IDLE_SLEEP else "stop")
+            inst.claim({IDLE_SLEEP: "sleep", IDLE_UNLOAD: "sleep"}.get(action, "stop"))
             self._spawn_task(self._idle(inst, action))
 
     async def _idle(self, inst: EngineProcess, action: str) -> None:
@@ -525,10 +542,38 @@ class Supervisor:
                     return
                 if action == IDLE_SLEEP and inst.state == READY:
                     await inst.sleep(inst.spec.sleep_level_on_idle, reason="idle")
-                elif action != IDLE_SLEEP and inst.state in (READY, SLEEPING):
+                elif action == IDLE_UNLOAD and inst.state in (READY, SLEEPING):
+                    await self._unload_idle(inst)
+                elif action not in (IDLE_SLEEP, IDLE_UNLOAD) and inst.state in (READY, SLEEPING):
                     await inst.stop(reason="idle")
         finally:
             inst.release()
+
+    async def _unload_idle(self, inst: EngineProcess) -> None:
+        """unload_timeout with sleep_on_unload (placement.unload_step): sleep deep rather than stop
+        while the GPU has room; the caller holds its locks and `op`."""
+        await self.refresh_gpus()
+        step = placement.unload_step(
+            state=inst.state,
+            sleep_level=inst.life.sleep_level,
+            lora_enabled=inst.spec.lora_enabled,
+            memory_wanted=self.memory_wanted(inst),
+            wake_fits=inst.state == SLEEPING and self.plan_for(inst).fits,
+        )
+        if step == placement.UNLOAD_STOP:
+            log.info("%s: idle past unload_timeout and a waiting load needs its memory: stopping it", inst.name)
+            await inst.stop(reason="idle")
+            return
+        if step == placement.UNLOAD_DEEPEN:
+            # vLLM puts only an awake engine to sleep: wake it (room checked), then level 2. Its idle
+            # time is kept, so stop_idle_timeout still counts from its last request.
+            used, used_wall = inst.last_used, inst.last_used_wall
+            await inst.wake()
+            inst.last_used, inst.last_used_wall = used, used_wall
+        if step in (placement.UNLOAD_SLEEP, placement.UNLOAD_DEEPEN):
+            log.info("%s: idle past unload_timeout with memory to spare: sleeping at level 2 instead of stopping", inst.name)
+            await inst.sleep(2, reason="unload")
+        inst.parked = True
 
 
 async def _until_one_idle(busy: list[EngineProcess], timeout: float) -> None:

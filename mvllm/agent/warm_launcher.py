@@ -142,7 +142,7 @@ class WarmLauncher:
         log.info("warm launcher: engine handed to standby pid %d (imports done in %.1f s ahead)",
                  standby.popen.pid, standby.import_s or 0.0)
         self._start_refill()
-        return ProcessHandle(standby.popen)
+        return ProcessHandle(standby.popen, warm=True)
 
     def _start_refill(self) -> None:
         if not self._closed and (self._refill is None or self._refill.done()):

@@ -57,6 +57,23 @@ class InstanceView:
     def state_text(self) -> str:
         return f"sleeping({self.sleep_level})" if self.state == "sleeping" and self.sleep_level else self.state
 
+    @property
+    def load_text(self) -> str:
+        """The load or wake under way as the agent reports it ("weights, ~20s left, last 37s warm"),
+        "" when none is; what its last cold start took when nothing predicts the rest."""
+        load = self.raw.get("load")
+        if not isinstance(load, Mapping):
+            return ""
+        parts = [str(load.get("phase") or "?").replace("_", " ")]
+        left = _num(load.get("remaining_s"))
+        if left is not None:
+            parts.append(f"~{left:.0f}s left")
+        timings = self.raw.get("timings")
+        last = _num(timings.get("cold_start_s")) if isinstance(timings, Mapping) else None
+        if load.get("kind") == "cold" and last is not None:
+            parts.append(f"last {last:.0f}s" + (" warm" if timings.get("cold_start_warm") else ""))
+        return ", ".join(parts)
+
 
 @dataclass
 class NodeView:
@@ -122,8 +139,14 @@ class ModelView:
     loadable: list[str] = field(default_factory=list)  # agents whose catalog has it, stopped
     failed: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)  # awake nodes the autoscaler released (in `awake` too)
+    load_detail: dict[str, str] = field(default_factory=dict)  # node -> InstanceView.load_text of its load
     running: float = 0
     queue: float = 0  # waiting at engines + queued at agents for a load
+
+    def loading_text(self, node: str) -> str:
+        """How a copy loading on `node` is shown: "loading", or "loading: weights, ~20s left"."""
+        detail = self.load_detail.get(node)
+        return f"loading: {detail}" if detail else "loading"
 
     @property
     def replicas(self) -> int:
@@ -357,9 +380,12 @@ def _models(nodes: list[NodeView]) -> list[ModelView]:
                     if inst.released:
                         v.released.append(n.name)
                 elif inst.state == "sleeping":
-                    v.asleep.append(f"{n.name}({inst.sleep_level})" if inst.sleep_level else n.name)
+                    waking = ", waking" if inst.load_text else ""
+                    v.asleep.append(f"{n.name}({inst.sleep_level}{waking})" if inst.sleep_level else n.name)
                 elif inst.state == "starting":
                     v.starting.append(n.name)
+                    if inst.load_text:
+                        v.load_detail[n.name] = inst.load_text
                 elif inst.state == "stopping":
                     v.stopping.append(n.name)
                 elif inst.state == "failed":

@@ -104,6 +104,53 @@ class GpuState:
 
 
 @dataclass
+class LoadTimings:
+    """What the agent last measured of one model's loads (kept across agent restarts when the agent
+    has a state_dir). A minor addition to version 1."""
+
+    cold_start_s: float | None = None  # spawn -> ready of its last cold start
+    cold_start_warm: bool | None = None  # that start was handed to the warm launcher's standby
+    cold_start_at: float | None = None  # unix time it became ready
+    cold_start_phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds after spawn it began
+    wake_1_s: float | None = None  # last wake from sleep level 1
+    wake_2_s: float | None = None  # last wake from sleep level 2 (weights reloaded)
+
+    def wake_s(self, level: int) -> float | None:
+        return self.wake_1_s if level == 1 else self.wake_2_s if level == 2 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoadTimings:
+        t = _from(cls, data)
+        t.cold_start_phases = {str(k): float(v) for k, v in (data.get("cold_start_phases") or {}).items()}
+        return t
+
+
+@dataclass
+class LoadProgress:
+    """A load or wake under way (mvllm.agent.loadphase): where it is and the time it should still take.
+    A minor addition to version 1."""
+
+    kind: str  # "cold" (engine start) or "wake"
+    phase: str  # cold: spawned, imported, weights, compile, kv_cache, graphs, ready; wake: waking
+    started_at: float  # unix time of the spawn (or of the wake call)
+    phase_at: float  # unix time the phase began
+    elapsed_s: float
+    remaining_s: float | None = None  # predicted; null when nothing predicts it
+    warm: bool | None = None  # cold: handed to the warm launcher's standby
+    level: int = 0  # wake: the sleep level it wakes from
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoadProgress:
+        return _from(cls, data)
+
+
+@dataclass
 class InstanceState:
     """One catalog model's engine on this host (present for stopped models too)."""
 
@@ -135,6 +182,8 @@ class InstanceState:
     log_tail: list[str] = field(default_factory=list)  # last log lines, filled when failed
     adhoc: bool = False  # started by POST /instances (not from the catalog file)
     expires_at: float | None = None  # ad hoc: unix time its ttl ends (stopped then, once idle)
+    load: LoadProgress | None = None  # the load or wake under way, else null
+    timings: LoadTimings = field(default_factory=LoadTimings)
 
     @property
     def awake(self) -> bool:
@@ -146,6 +195,8 @@ class InstanceState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InstanceState:
         inst = _from(cls, data)
+        inst.load = LoadProgress.from_dict(data["load"]) if isinstance(data.get("load"), dict) else None
+        inst.timings = LoadTimings.from_dict(data["timings"]) if isinstance(data.get("timings"), dict) else LoadTimings()
         if inst.state not in INSTANCE_STATES:
             raise ValueError(f"instance {inst.name!r}: unknown state {inst.state!r}")
         return inst

@@ -44,7 +44,7 @@ def models_table(fleet: FleetView) -> str:
     for m in fleet.models:
         awake = [
             *(f"{s} (released)" if s in m.released else s for s in m.awake),
-            *(f"{s} (loading)" for s in m.starting),
+            *(f"{s} ({m.loading_text(s)})" for s in m.starting),
             *(f"{s} (unloading)" for s in m.stopping),
         ]
         failed = [_join(m.failed)] if any_failed else []

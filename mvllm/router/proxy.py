@@ -33,7 +33,7 @@ from mvllm.common.upstream import Response, Timeouts, UpstreamError
 from mvllm.router.bounds import check_choices
 from mvllm.router.breaker import Transition
 from mvllm.router.fleet.agent_client import describe
-from mvllm.router.fleet.agents import AUTH_STATUSES, no_room_answer, unread_catalogs
+from mvllm.router.fleet.agents import AUTH_STATUSES, load_wait_s, no_room_answer, unread_catalogs
 from mvllm.router.fleet.targets import Health, Target
 from mvllm.router.policy import CacheAware
 from mvllm.router.prefix_index import prompt_text
@@ -420,10 +420,10 @@ class Proxy:
         for n in nodes:
             if n.draining:
                 continue
-            if n.health is Health.DOWN:
-                waits.append(cfg.health.interval)
-            else:
-                waits.append(n.breaker.retry_after(now))
+            wait = cfg.health.interval if n.health is Health.DOWN else n.breaker.retry_after(now)
+            # An agent loading or waking the model: not before that load should be done.
+            loading = load_wait_s(n, now)
+            waits.append(max(wait, loading) if loading is not None else wait)
         retry_after = max(1, math.ceil(min(waits))) if waits else max(1, math.ceil(cfg.health.interval))
         self._count(model, "-", 503)
         what = f"model `{model}`" if model else "this request"

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from mvllm.sim.config import SimConfig, add_serve_arguments, config_from_args, ignored_flags
 
@@ -56,11 +57,8 @@ async def serve(cfg: SimConfig) -> int:
     sock = _bind(cfg.host, cfg.port)
     try:
         print(f"INFO:     Started server process [{os.getpid()}]", flush=True)
-        if cfg.startup_s > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), cfg.startup_s)
-            if stop.is_set():
-                return 0
+        if not await _startup_phases(cfg, stop):
+            return 0
         try:
             check_kv_fits(cfg)
         except ValueError as exc:
@@ -85,6 +83,43 @@ async def serve(cfg: SimConfig) -> int:
         return 0
     finally:
         sock.close()
+
+
+# vLLM 0.25's startup lines the agent reads phases from (mvllm.agent.loadphase), at the share of
+# --sim-startup-s each came at in a cold start on an H200 (imports ~25%, weights ~65%, ...).
+_STARTUP_LINES: tuple[tuple[float, str, str], ...] = (
+    (0.25, "APIServer", "[api_utils.py:273] non-default args: {{'model': '{model}', 'port': {port}}}"),
+    (0.65, "EngineCore", "[model_runner.py:281] Loading model from scratch..."),
+    (0.66, "EngineCore", "[default_loader.py:430] Loading weights took 0.01 seconds"),
+    (0.69, "EngineCore", "[backends.py:1148] Dynamo bytecode transform time: 0.01 s"),
+    (0.78, "EngineCore", "[monitor.py:53] torch.compile took 0.01 s in total"),
+    (0.82, "EngineCore", "[gpu_worker.py:538] Available KV cache memory: {kv_gib:.2f} GiB"),
+    (0.82, "EngineCore", "[kv_cache_utils.py:2146] GPU KV cache size: {kv_tokens:,} tokens"),
+    (0.83, "EngineCore", "Capturing CUDA graphs (PIECEWISE): 100%|##########| 51/51"),
+    (0.84, "EngineCore", "[model_runner.py:722] Graph capturing finished in 0 secs, took 0.00 GiB"),
+    (1.00, "APIServer", "[api_server.py:616] Starting vLLM server on http://{host}:{port}"),
+)
+
+
+async def _startup_phases(cfg: SimConfig, stop: asyncio.Event) -> bool:
+    """Print vLLM's startup lines spread over `--sim-startup-s`; False when SIGTERM came first."""
+    kv_bytes = max(0, int(cfg.gpu_memory_gib * cfg.gpu_memory_utilization * 1024**3) - int(cfg.weights_gib * 1024**3))
+    values = {
+        "model": cfg.model, "host": cfg.host, "port": cfg.port,
+        "kv_gib": kv_bytes / 1024**3, "kv_tokens": kv_bytes // max(1, cfg.kv_bytes_per_token),
+    }  # fmt: skip
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for share, proc, text in _STARTUP_LINES:
+        wait = t0 + share * cfg.startup_s - loop.time()
+        if wait > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+        if stop.is_set():
+            return False
+        stamp = time.strftime("%m-%d %H:%M:%S")
+        print(f"({proc} pid={os.getpid()}) INFO {stamp} {text.format(**values)}", flush=True)
+    return True
 
 
 def _bind(host: str, port: int) -> socket.socket:

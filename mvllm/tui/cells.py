@@ -65,7 +65,7 @@ def _kv_style(usage: float | None) -> str:
 def model_cells(m: ModelView) -> tuple[Text, ...]:
     awake = Text(_names([f"{s} (released)" if s in m.released else s for s in m.awake], 30), style="green")
     if m.starting:
-        awake.append((", " if awake.plain else "") + _names([f"{s} (loading)" for s in m.starting], 30), style="yellow")
+        awake.append((", " if awake.plain else "") + _names([f"{s} ({m.loading_text(s)})" for s in m.starting], 60), style="yellow")
     if m.stopping:
         awake.append((", " if awake.plain else "") + _names([f"{s} (unloading)" for s in m.stopping], 30), style="yellow")
     if m.failed:

@@ -70,7 +70,8 @@ async def test_first_request_loads_and_concurrent_requests_share_one_load(tmp_pa
 
 
 def test_idle_model_sleeps_then_stops_then_loads_again(tmp_path):
-    catalog = model("idle", "idle_timeout = 1\nunload_timeout = 3\nsleep_level_on_idle = 1")
+    # Stopped at unload_timeout as it was before sleep_on_unload (test_agent_coldstart has that path).
+    catalog = model("idle", "idle_timeout = 1\nunload_timeout = 3\nsleep_level_on_idle = 1\nsleep_on_unload = false")
     with running_agent(tmp_path, catalog, sim_gpus=(24,)) as agent:
         assert agent.chat("idle")
         pid = agent.inst("idle")["pid"]

@@ -1,5 +1,7 @@
 """Placement policy: fit checks, LRU eviction among idle unpinned models, launch utilization."""
 
+from dataclasses import replace
+
 import pytest
 
 from mvllm.agent.placement import (
@@ -162,3 +164,42 @@ def test_max_switch_wait_at_or_above_load_timeout_never_drains():
     left = 10.0
     for waited in (0.0, 5.0, 9.9):
         assert not switch_step(waited, 10.0, left - waited).drain
+
+
+def test_unload_sleeps_deep_while_there_is_room_and_stops_when_memory_is_wanted():
+    from mvllm.agent.placement import UNLOAD_DEEPEN, UNLOAD_KEEP, UNLOAD_SLEEP, UNLOAD_STOP, unload_step
+
+    def step(state=READY, level=0, lora=False, wanted=False, fits=True):
+        return unload_step(state=state, sleep_level=level, lora_enabled=lora, memory_wanted=wanted, wake_fits=fits)
+
+    assert step() == UNLOAD_SLEEP  # awake: straight to level 2
+    assert step(SLEEPING, 1) == UNLOAD_DEEPEN  # level 1: wake (it fits), then level 2
+    assert step(SLEEPING, 1, fits=False) == UNLOAD_KEEP  # no room to wake it: it stays at level 1
+    assert step(SLEEPING, 2) == UNLOAD_KEEP
+    assert step(SLEEPING, 1, lora=True) == UNLOAD_KEEP  # LoRA: level 1 is as deep as it goes
+    assert step(READY, wanted=True) == UNLOAD_STOP and step(SLEEPING, 2, wanted=True) == UNLOAD_STOP
+    assert step(STARTING) == UNLOAD_STOP
+
+
+def test_eviction_weighs_measured_wake_and_cold_costs_against_idle_time():
+    from mvllm.agent.placement import eviction_key
+
+    now = 1000.0
+    # Two sleeping models, 30 GiB short: one must be stopped. `old` is the least recently used,
+    # but its cold start takes 100 s against `recent`'s 5 s: stopping `recent` loses less.
+    old = res("old", SLEEPING, 2, last=900.0, cold_s=100.0, wake_s=0.5)
+    recent = res("recent", SLEEPING, 2, last=950.0, cold_s=5.0, wake_s=0.5)
+    p = plan("new", {0: 22 * GIB}, gpus(4), [old, recent], reserve=0, now=now)
+    assert p.steps == [Step("recent", ACTION_STOP)]
+    # Without measures (or without `now`): least recently used first, as before.
+    bare = [replace(old, cold_s=None, wake_s=None), replace(recent, cold_s=None, wake_s=None)]
+    assert plan("new", {0: 22 * GIB}, gpus(4), bare, reserve=0, now=now).steps == [Step("old", ACTION_STOP)]
+    assert plan("new", {0: 22 * GIB}, gpus(4), [old, recent], reserve=0).steps == [Step("old", ACTION_STOP)]
+    # Costs below a second are alike: recency decides (a sim's 0.02 s against 0.05 s wakes).
+    a = res("a", last=100.0, wake_s=0.05)
+    b = res("b", last=200.0, wake_s=0.02)
+    assert eviction_key(a, ACTION_SLEEP, now) < eviction_key(b, ACTION_SLEEP, now)
+    assert plan("new", {0: 10 * GIB}, gpus(20), [b, a], reserve=0, now=now).steps == [Step("a", ACTION_SLEEP, 1)]
+    # A wake that costs much more (a level-2 wake reloading weights) moves an awake one back.
+    slow = res("slow", last=100.0, wake_s=40.0, sleep_level_on_idle=2)
+    assert plan("new", {0: 10 * GIB}, gpus(20), [slow, b], reserve=0, now=now).steps == [Step("b", ACTION_SLEEP, 1)]

@@ -2,7 +2,15 @@
 
 import pytest
 
-from mvllm.agent.states import IDLE_SLEEP, IDLE_STOP, InvalidTransition, Lifecycle, RestartPolicy, idle_action
+from mvllm.agent.states import (
+    IDLE_SLEEP,
+    IDLE_STOP,
+    IDLE_UNLOAD,
+    InvalidTransition,
+    Lifecycle,
+    RestartPolicy,
+    idle_action,
+)
 from mvllm.common.state import FAILED, READY, SLEEPING, STARTING, STOPPED, STOPPING
 
 
@@ -74,3 +82,15 @@ def test_idle_timers():
 @pytest.mark.parametrize("kw", [{"in_flight": 1}, {"busy": True}, {"pinned": True}, {"state": STARTING}, {"state": FAILED}])
 def test_idle_never_touches_busy_pinned_or_transient(kw):
     assert idle(idle_for=1e6, **kw) is None
+
+
+def test_sleep_on_unload_asks_once_then_stops_after_stop_idle_timeout():
+    kw = {"sleep_on_unload": True, "stop_idle_timeout": 1000.0}
+    assert idle(idle_for=100, **kw) == IDLE_UNLOAD  # awake past both timers: sleep deep, not stop
+    assert idle(state=SLEEPING, idle_for=100, **kw) == IDLE_UNLOAD
+    assert idle(state=SLEEPING, idle_for=500, parked=True, **kw) is None  # done since its last use
+    assert idle(state=SLEEPING, idle_for=1000, parked=True, **kw) == IDLE_STOP
+    assert idle(state=SLEEPING, idle_for=1e9, stop_idle_timeout=None, sleep_on_unload=True, parked=True) is None
+    assert idle(state=SLEEPING, idle_for=100, sleep_on_unload=False, stop_idle_timeout=1000.0) == IDLE_STOP
+    # stop_idle_timeout only counts for a model with an unload_timeout (ad-hoc ones have none).
+    assert idle(state=SLEEPING, idle_for=5000, unload_timeout=None, **kw) is None

@@ -396,3 +396,26 @@ def test_an_engine_that_sleeps_wakes_restarts_or_stops_marks_the_agents_cache_lo
         assert not node.cache_lost, changed  # the same /state again: no new loss
     apply(reg, node, agent_state(catalog=[]))  # the entry left the catalog
     assert node.cache_lost
+
+
+def test_a_load_under_way_tells_how_long_until_it_should_be_done() -> None:
+    from mvllm.common.state import LoadProgress, LoadTimings
+    from mvllm.router.fleet.agents import load_wait_s
+
+    reg, node = registry_with_agent()
+    loading = InstanceState(
+        "c", "starting", served_model_names=["c"],
+        load=LoadProgress("cold", "weights", 1.0, 2.0, 30.0, 12.5, warm=True),
+        timings=LoadTimings(cold_start_s=40.0, cold_start_phases={"spawned": 0.0, "weights": 25.0}),
+    )  # fmt: skip
+    # Through the /state document, as the router reads it.
+    doc = json.loads(json.dumps(agent_state(loading, STATE.instances[0], catalog=STATE.catalog).to_dict()))
+    st = AgentState.from_dict(doc)
+    assert st.instance("c").load == loading.load and st.instance("c").timings == loading.timings
+    assert st.instance("a").load is None and st.instance("a").timings == LoadTimings()
+    apply(reg, node, st, sent_at=100.0)  # arrived at 100.01
+    c, a = reg.nodes_for("c")[0], reg.nodes_for("a")[0]
+    assert load_wait_s(c, 102.01) == pytest.approx(10.5)  # the agent's prediction less the document's age
+    assert load_wait_s(c, 200.0) == 0.0
+    assert load_wait_s(a, 102.0) is None  # awake: nothing under way
+    assert load_wait_s(reg.get("s"), 102.0) is None  # a static node never loads

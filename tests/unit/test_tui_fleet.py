@@ -180,3 +180,27 @@ def test_find_instance_prefers_the_one_changing() -> None:
     assert find_instance(d, "llama", None).node == "gpu-b"
     assert find_instance(d, "llama", "gpu-a").state == "stopped"
     assert find_instance(d, "nope", None) is None
+
+
+def test_a_load_shows_its_phase_time_left_and_last_cold_start() -> None:
+    a, b = agent("gpu-a"), agent("gpu-b")
+    a["agent"]["instances"][3] = instance(
+        "llama", "starting",
+        load={"kind": "cold", "phase": "kv_cache", "started_at": 1.0, "phase_at": 9.0, "elapsed_s": 9.0, "remaining_s": 11.6},
+        timings={"cold_start_s": 37.1, "cold_start_warm": True},
+    )  # fmt: skip
+    b["agent"]["instances"][1] = instance(
+        "phi", "sleeping", sleep_level=2,
+        load={"kind": "wake", "phase": "waking", "started_at": 1.0, "phase_at": 1.0, "elapsed_s": 0.2, "remaining_s": None},
+    )  # fmt: skip
+    f = build_fleet(doc(a, b))
+    llama = f.model("llama")
+    assert llama.loading_text("gpu-a") == "loading: kv cache, ~12s left, last 37s warm"
+    row = next(line for line in ps_text(f).splitlines() if line.startswith("llama"))
+    assert "gpu-a (loading: kv cache, ~12s left, last 37s warm)" in row
+    assert "gpu-a (loading: kv cache, ~12s left" in model_cells(llama)[1].plain
+    assert f.model("phi").asleep == ["gpu-a(2)", "gpu-b(2, waking)"]
+    # Nothing reported (an older agent): just "loading".
+    c = agent("gpu-c")
+    c["agent"]["instances"][3] = instance("llama", "starting")
+    assert build_fleet(doc(c)).model("llama").loading_text("gpu-c") == "loading"

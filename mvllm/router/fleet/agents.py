@@ -387,6 +387,19 @@ def no_room_answer(model: str, answers: Sequence[FailedAnswer]) -> web.Response 
     )
 
 
+def load_wait_s(target: Target, now: float) -> float | None:
+    """Seconds until the load or wake of `target`'s model under way on its agent should be done, by
+    the agent's prediction in its last /state less that document's age; None when none is under way
+    (or the agent predicts nothing)."""
+    if not isinstance(target, AgentRoute) or target.instance is None or target.instance.load is None:
+        return None
+    left = target.instance.load.remaining_s
+    if left is None:
+        return None
+    seen = target.agent.state_at
+    return max(0.0, left - (now - seen)) if seen is not None else left
+
+
 def unread_catalogs(nodes: Iterable[Node]) -> str:
     """For a 404: the agents whose catalog is unknown (never read), since the model may be theirs."""
     agents = [cast(AgentNode, n) for n in nodes if n.via_agent]
