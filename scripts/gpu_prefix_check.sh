@@ -150,8 +150,12 @@ def run_leg(policy):
 try:
     t0 = time.monotonic()
     for n, p in PORTS.items():
+        # One after the other: an engine that profiles its memory while the other is still
+        # allocating sees no room for its KV cache (vLLM: "No available memory for the cache blocks").
         start_engine(n, p)
-    ok = all(wait_ok(f"http://127.0.0.1:{p}/health", 240) for p in PORTS.values())
+        ok = wait_ok(f"http://127.0.0.1:{p}/health", 240)
+        if not ok:
+            break
     print(f"INFO engines ready={ok} after {time.monotonic() - t0:.1f}s")
     results = [run_leg("least-score"), run_leg("cache-aware")] if ok else []
     for r in results:

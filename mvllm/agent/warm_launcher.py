@@ -30,6 +30,18 @@ STANDBY_MARKER = "(standby)"  # MARKER_ENGINE of a standby: a later agent reaps 
 STOP_GRACE_S = 5.0
 
 
+def handoff_env(kind: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The environment an engine gets from a standby. `vllm serve` sets its engine core's start
+    method to `spawn` unless told otherwise, and a spawned engine core imports vLLM all over again
+    (18-22 s of a cold start on the H200): the standby has those modules imported and no CUDA
+    context, so forking it costs nothing. vLLM itself still switches to spawn if CUDA was started;
+    a catalog entry's own VLLM_WORKER_MULTIPROC_METHOD wins."""
+    out = dict(env)
+    if kind == "vllm":
+        out.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
+    return out
+
+
 @dataclass
 class Standby:
     """One waiting standby process and what it said."""
@@ -135,7 +147,8 @@ class WarmLauncher:
             self.fallbacks += 1
             self._start_refill()
             return await self.fallback.launch(plan, log_path, header, cwd)
-        job = {"argv": plan.argv, "env": plan.env, "cwd": str(cwd), "log_path": str(log_path), "header": header}
+        job = {"argv": plan.argv, "env": handoff_env(self.kind, plan.env), "cwd": str(cwd), "log_path": str(log_path),
+               "header": header}
         await asyncio.to_thread(standby.hand_off, job)
         self.handoffs += 1
         self.last_import_s = standby.import_s
