@@ -42,10 +42,10 @@ def test_a_request_right_after_an_engine_crash_waits_for_the_restart(tmp_path):
 
 
 async def test_an_engine_that_closes_idle_connections_costs_no_request(tmp_path):
-    """The sim closes a connection idle for 1 s, as vLLM's uvicorn does after 5 s; bursts of
+    """The sim closes a connection idle for 0.25 s, as vLLM's uvicorn does after 5 s; bursts of
     requests spaced around that, so that the agent's pooled connections meet the engine's closes
     (2-7 of 200 requests failed so on a real H200 at 100 req/s), all succeed."""
-    sim = "sim = { ttft_ms = 1, itl_ms = 1, weights_gib = 2, keepalive_s = 1 }"
+    sim = "sim = { ttft_ms = 1, itl_ms = 1, weights_gib = 2, keepalive_s = 0.25 }"
     with running_agent(tmp_path, model("ka", sim=sim)) as agent:
         client = agent.aclient()
         failures: list[tuple[int, int, str]] = []
@@ -63,7 +63,7 @@ async def test_an_engine_that_closes_idle_connections_costs_no_request(tmp_path)
         for i in range(40):
             await asyncio.gather(*(one(i) for _ in range(BURST)))
             n += BURST
-            await asyncio.sleep(0.85 + i * 0.004)  # around the engine's 1 s keep-alive
+            await asyncio.sleep(0.2125 + i * 0.001)  # around the engine's 0.25 s keep-alive
         await client.close()
         assert not failures, f"{len(failures)}/{n} failed: {failures[:3]}"
         text = agent.api("GET", "/metrics")[1].decode()
