@@ -57,7 +57,7 @@ async def serve(cfg: SimConfig) -> int:
     sock = _bind(cfg.host, cfg.port)
     try:
         print(f"INFO:     Started server process [{os.getpid()}]", flush=True)
-        if not await _startup_phases(cfg, stop):
+        if cfg.startup_s > 0 and not await _startup_phases(cfg, stop):
             return 0
         try:
             check_kv_fits(cfg)
