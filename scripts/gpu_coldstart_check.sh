@@ -17,7 +17,7 @@ gpu_setup COLD_CHECK /tmp/gpu_cold_out /tmp/mvllm-cold-check
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/coldstart.log"
 import json, os, shutil, subprocess, time
 
-from scripts.gpu_lib import agent_toml, engine_keys, stop
+from scripts.gpu_lib import agent_toml, engine_keys, start_agent, stop
 from scripts.gpu_lib import api as agent_api
 
 ENGINE = os.environ["COLD_CHECK_ENGINE"]
@@ -79,16 +79,9 @@ def run_agent(warm):
     name = "warm" if warm else "plain"
     log_path = os.path.join(OUT, f"agent-{name}.log")
     log = open(log_path, "w")
-    agent = subprocess.Popen([PY, "-m", "mvllm", "agent", "--config", config(warm)], stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.monotonic()
+    agent = start_agent(PY, config(warm), log, BASE, TOKEN)
     try:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 60:
-            try:
-                if api("GET", "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.3)
         if warm:
             print(f"INFO standby ready: {standby_ready(log_path, 1)} after {time.monotonic() - t0:.1f} s", flush=True)
             cold_start("warm-1")

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -33,18 +34,39 @@ def engine_keys(engine: str, sim: str, eager: bool = True) -> str:
     return 'extra_args = ["--enforce-eager"]\n' if eager else ""
 
 
-def api(base: str, token: str, method: str, path: str, body: object = None,
-        timeout: float = 30.0) -> tuple[int, bytes]:
-    """One call to the agent with its token: the status and the body, errors included."""
+def call(base: str, token: str, method: str, path: str, body: object = None,
+         timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """One call to the agent with its token: the status, the headers and the body, errors included."""
     req = urllib.request.Request(base + path, method=method, headers={"Authorization": f"Bearer {token}"})
     data = json.dumps(body).encode() if body is not None else None
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, data=data, timeout=timeout) as r:
-            return r.status, r.read()
+            return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        return e.code, dict(e.headers), e.read()
+
+
+def api(base: str, token: str, method: str, path: str, body: object = None,
+        timeout: float = 30.0) -> tuple[int, bytes]:
+    """`call` without the headers."""
+    status, _, raw = call(base, token, method, path, body, timeout)
+    return status, raw
+
+
+def start_agent(py: str, config_path: str, log, base: str, token: str, limit_s: float = 60.0) -> subprocess.Popen:
+    """`mvllm agent` in a session of its own (its engines join it), once its /health answers."""
+    agent = subprocess.Popen([py, "-m", "mvllm", "agent", "--config", config_path], stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        try:
+            if api(base, token, "GET", "/health", timeout=2)[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.3)
+    return agent
 
 
 def stop(proc: subprocess.Popen, wait_s: float = 60.0) -> None:

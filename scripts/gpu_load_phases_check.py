@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+
+from gpu_lib import call, stop
+from gpu_lib import start_agent as gpu_lib_start_agent
 
 ENGINE = os.environ.get("PHASES_CHECK_ENGINE", "vllm")
 OUT = os.environ.get("OUT", "/tmp/gpu_phases_out")
@@ -58,15 +58,7 @@ def verdict(leg: str, ok: bool, detail: object) -> None:
 
 
 def api(method: str, path: str, body: dict | None = None, timeout: float = 300.0) -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(BASE + path, method=method, headers={"Authorization": f"Bearer {TOKEN}"})
-    data = json.dumps(body).encode() if body is not None else None
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, data=data, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+    return call(BASE, TOKEN, method, path, body, timeout)
 
 
 def inst() -> dict:
@@ -109,25 +101,11 @@ max_model_len = 512
 
 
 def start_agent(timers: str = NO_TIMERS) -> subprocess.Popen:
-    log = open(os.path.join(OUT, "agent.log"), "a")
-    agent = subprocess.Popen([sys.executable, "-m", "mvllm", "agent", "--config", config(timers)], stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 60:
-        try:
-            if api("GET", "/health", timeout=2)[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.3)
-    return agent
+    return gpu_lib_start_agent(sys.executable, config(timers), open(os.path.join(OUT, "agent.log"), "a"), BASE, TOKEN)
 
 
 def stop_agent(agent: subprocess.Popen) -> None:
-    agent.send_signal(signal.SIGTERM)
-    try:
-        agent.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(agent.pid, signal.SIGKILL)
+    stop(agent)
 
 
 def standby_ready(count: int, limit: float = 180) -> bool:
