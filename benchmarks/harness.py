@@ -378,15 +378,7 @@ class Harness:
     ) -> Endpoint:
         port = free_port()
         path = self.write_router_config(nodes, port, policy=policy, config=config, policy_keys=policy_keys)
-        argv = [sys.executable, "-m", "mvllm", "run", "--console", "--config", str(path), "--port", str(port)]
-        svc = self.spawn(f"router-{port}", argv)
-        ep = Endpoint("router", svc, port)
-        try:
-            await self.wait_ok(f"{ep.url}/health", svc, port, ready_timeout)
-        except Unavailable:
-            await self.stop(svc)
-            raise
-        return ep
+        return await self._launch_router(path, port, "router", None, ready_timeout)
 
     async def start_router_doc(
         self, doc: Mapping[str, Any], *, ready_timeout: float = 30.0, log_level: str | None = None, name: str = "router"
@@ -397,6 +389,12 @@ class Harness:
         full = {**doc, "router": {**dict(doc.get("router") or {}), "host": HOST, "port": port}}
         path = self.dir / f"servers-{port}.toml"
         path.write_bytes(tomli_w.dumps(full).encode())
+        return await self._launch_router(path, port, name, log_level, ready_timeout)
+
+    async def _launch_router(
+        self, path: Path, port: int, name: str, log_level: str | None, ready_timeout: float
+    ) -> Endpoint:
+        """`mvllm run --console` with the config at `path`, once its /health answers (stopped if never)."""
         argv = [sys.executable, "-m", "mvllm", "run", "--console", "--config", str(path), "--port", str(port)]
         if log_level is not None:
             argv += ["--log-level", log_level]

@@ -24,6 +24,7 @@ from urllib.parse import quote
 import aiohttp
 
 from mvllm.common.state import FAILED, READY, SLEEPING, InstanceState
+from mvllm.common.tasks import TaskSet
 from mvllm.router.autoscale import AutoscalePolicy, ModelObservation, Replica, ScaleDown, ScaleUp
 from mvllm.router.fleet.agent_client import call_agent, describe
 from mvllm.router.fleet.agents import AgentNode, AgentRoute
@@ -49,7 +50,7 @@ class Autoscaler:
         self.probe_soon = probe_soon
         self.pending: dict[tuple[str, str], float] = {}  # -> monotonic deadline
         self._no_candidate: set[str] = set()  # models whose "no agent can add one" was logged
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -62,11 +63,7 @@ class Autoscaler:
                 log.exception("autoscale step failed; trying again at the next interval")
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.close()
 
     def step(self, now: float) -> None:
         """One tick: follow a reload, observe, decide, act (agent calls run as tasks)."""
@@ -156,9 +153,7 @@ class Autoscaler:
         agent = route.agent
         self.pending[(d.model, agent.name)] = now + agent.cfg.load_timeout + _CALL_MARGIN_S
         log.info("autoscale: scale up %s: %s on %s (%s; %s)", d.model, action, agent.name, tier, d.reason)
-        task = asyncio.get_running_loop().create_task(self._call(d.model, route, action), name="mvllm-autoscale-call")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._call(d.model, route, action), name="mvllm-autoscale-call")
 
     async def _call(self, model: str, route: AgentRoute, action: str) -> None:
         agent: AgentNode = route.agent

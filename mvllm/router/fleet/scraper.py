@@ -8,15 +8,15 @@ interval from the current config, so a reload changes them without restarting an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Iterable
+from typing import cast
 
 import aiohttp
 
 from mvllm.common.prom import iter_samples
+from mvllm.common.tasks import TaskSet
 from mvllm.router.fleet.agent_client import describe, poll_agent
 from mvllm.router.fleet.agents import AgentNode
 from mvllm.router.fleet.engines import missing_metrics_message, parse_sglang_load
@@ -70,7 +70,7 @@ def parse_cache(text: str) -> tuple[float | None, float | None, float | None]:
 class Scraper:
     def __init__(self, state: RouterState) -> None:
         self.state = state
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     @property
     def _session(self) -> aiohttp.ClientSession:
@@ -93,19 +93,10 @@ class Scraper:
         await asyncio.gather(*(self._probe_one(n) for n in nodes))
 
     def probe_soon(self, nodes: list[Node]) -> None:
-        self._spawn(self.probe(nodes))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self.probe(nodes))
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.close()
 
     async def _probe_one(self, node: Node) -> None:
         await asyncio.gather(self.check_health(node), self.discover(node), self.scrape(node))
@@ -200,7 +191,7 @@ class Scraper:
             node.health_error = None
             if node.discovered_at is None and not node.cfg.models:
                 # Up, but its models were never read (it was down when it joined): read them now.
-                self._spawn(self.discover(node))
+                self._tasks.spawn(self.discover(node))
             if node.health is not Health.UP:
                 was_down = node.health is Health.DOWN
                 node.health = Health.UP
